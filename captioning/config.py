@@ -1,0 +1,199 @@
+"""Config checks that run before any heavy work: every bad value fails with its key named."""
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+# Where the Hydra configs live: inside the installed package (wheel), else the checkout's conf/.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def config_dir() -> str:
+    for candidate in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"captioning: Hydra configs not found next to {_PACKAGE_DIR} (reinstall the package)")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(condition: bool, key: str, message: str, value) -> None:
+    if not condition:
+        raise ConfigError(f"{key} {message} (got {value!r})")
+
+
+def _positive_int(cfg, key: str, allow_none: bool = False, minimum: int = 1) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key,
+             f"must be an integer >= {minimum}", value)
+
+
+def _choice(cfg, key: str, choices: tuple) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(value in choices, key, f"must be one of {list(choices)}", value)
+
+
+def resolve_target(target: str, key: str):
+    module_name, _, attr = str(target).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"{key}._target_: cannot import {target!r}") from None
+
+
+def check_target_arguments(node, key: str, provided_later: tuple[str, ...]) -> None:
+    """Every argument of a `_target_` node exists in its signature, without building it (torchtune habit)."""
+    if node is None:
+        return
+    target = resolve_target(node._target_, key)
+    params = inspect.signature(target).parameters
+    accepts_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for name in node:
+        if name.startswith("_"):
+            continue
+        _require(accepts_kwargs or name in params, f"{key}.{name}", f"is not an argument of {node._target_}", name)
+    missing = [n for n, p in params.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+               p.KEYWORD_ONLY) and n not in node and n not in provided_later]
+    _require(not missing, key, f"misses required arguments {missing} of {node._target_}", dict(node))
+
+
+def validate_data(cfg: DictConfig) -> None:
+    _choice(cfg, "data.name", ("synthetic", "coco"))
+    if cfg.data.name == "coco":
+        _require(OmegaConf.select(cfg, "data.root", throw_on_missing=False) not in (None, "???"), "data.root",
+                 "must be set for data=coco (the COCO folder; check it with tools/check_coco.py)", None)
+    for key in ("image_size", "captions_per_image", "max_len", "batch_size", "eval_batch_size"):
+        _positive_int(cfg, f"data.{key}")
+    _positive_int(cfg, "data.resize_size", allow_none=True)
+    _positive_int(cfg, "data.num_workers", minimum=0)
+    _positive_int(cfg, "data.word_count_threshold", minimum=0)
+    _positive_int(cfg, "data.max_image_pixels")
+    _choice(cfg, "data.on_bad_image", ("skip", "error"))
+    _choice(cfg, "data.on_bad_caption", ("skip", "error"))
+    if cfg.data.resize_size is not None:
+        _require(cfg.data.resize_size >= cfg.data.image_size, "data.resize_size", "must be >= data.image_size",
+                 cfg.data.resize_size)
+    if cfg.data.name == "synthetic":
+        for key in ("num_train", "num_val", "num_test", "image_size"):
+            _positive_int(cfg, f"data.synthetic.{key}")
+        _positive_int(cfg, "data.synthetic.seed", minimum=0)
+
+
+def validate_model(cfg: DictConfig) -> None:
+    _choice(cfg, "model.decoder.cell", ("lstm", "gru", "rnn"))
+    for key in ("num_layers", "embed_dim", "hidden_dim"):
+        _positive_int(cfg, f"model.decoder.{key}")
+    dropout = cfg.model.decoder.dropout
+    _require(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "model.decoder.dropout", "must be in [0, 1)",
+             dropout)
+    _require(isinstance(cfg.model.encoder.trainable, bool), "model.encoder.trainable", "must be true or false",
+             cfg.model.encoder.trainable)
+    import torchvision
+
+    name = cfg.model.encoder.name
+    _require(name in torchvision.models.list_models(module=torchvision.models), "model.encoder.name",
+             "must be a torchvision classification model (resnet18, resnet50, resnet101, efficientnet_b0...)", name)
+
+
+def validate_decode(cfg: DictConfig) -> None:
+    from captioning.decoding import validate_decode_params
+
+    d = cfg.decode
+    try:
+        validate_decode_params(d.strategy, **decode_kwargs(d))
+    except ValueError as e:
+        raise ConfigError(f"decode: {e}") from None
+
+
+def decode_kwargs(d) -> dict:
+    """The keyword arguments the chosen decoder takes, from the `decode` config."""
+    if d.strategy == "greedy":
+        return {"max_len": d.max_len}
+    if d.strategy == "sample":
+        return {"max_len": d.max_len, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "n": d.n}
+    if d.strategy == "beam":
+        return {"max_len": d.max_len, "beam_size": d.beam_size, "length_penalty": d.length_penalty,
+                "n_best": d.n_best}
+    if d.strategy == "diverse_beam":
+        return {"max_len": d.max_len, "beam_size": d.beam_size, "num_groups": d.num_groups,
+                "diversity_strength": d.diversity_strength, "length_penalty": d.length_penalty, "n_best": d.n_best}
+    raise ConfigError(f"decode.strategy must be one of ['greedy', 'sample', 'beam', 'diverse_beam'] "
+                      f"(got {d.strategy!r})")
+
+
+def validate_schedule(cfg: DictConfig) -> None:
+    from captioning.schedules import validate_sampling_options, validate_schedule_params
+
+    s = cfg.schedule
+    try:
+        validate_schedule_params(s.name, k=s.k, c=s.c, eps_min=s.eps_min, p=s.p, unit=s.unit,
+                                 warmup_steps=s.warmup_steps)
+        validate_sampling_options(s.token_source, s.granularity, s.temperature, s.mode)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate_trainer(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    _require(t.max_steps is not None or t.max_epochs is not None, "trainer.max_steps",
+             "or trainer.max_epochs must be set", None)
+    _positive_int(cfg, "trainer.max_steps", allow_none=True)
+    _positive_int(cfg, "trainer.max_epochs", allow_none=True)
+    _positive_int(cfg, "trainer.val_every_n_steps")
+    _positive_int(cfg, "trainer.val_max_images", allow_none=True)
+    _positive_int(cfg, "trainer.log_every_n_steps")
+    _positive_int(cfg, "trainer.num_threads", allow_none=True)
+    _choice(cfg, "trainer.precision", ("fp32", "bf16", "fp16"))
+    device = str(t.device)
+    _require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "trainer.device",
+             "must be auto, cpu, cuda or cuda:N", device)
+    if device.startswith("cuda"):
+        import torch
+
+        _require(torch.cuda.is_available(), "trainer.device", "asks for CUDA but no CUDA device is available", device)
+    resume = str(t.resume)
+    if resume not in ("auto", "never"):
+        _require(Path(resume).expanduser().is_file(), "trainer.resume", "must be auto, never or an existing "
+                 "checkpoint file", resume)
+    _require(str(t.monitor).startswith("val/"), "trainer.monitor", "must be a val/ metric such as val/CIDEr",
+             t.monitor)
+
+
+def validate_optim(cfg: DictConfig) -> None:
+    o = cfg.optim
+    check_target_arguments(o.optimizer, "optim.optimizer", provided_later=("params",))
+    check_target_arguments(o.lr_scheduler, "optim.lr_scheduler", provided_later=("optimizer", "T_max"))
+    _require(o.optimizer.get("lr", 1.0) > 0, "optim.optimizer.lr", "must be > 0", o.optimizer.get("lr"))
+    _require(o.encoder_lr is None or o.encoder_lr > 0, "optim.encoder_lr", "must be > 0 or null", o.encoder_lr)
+    _require(o.grad_clip_norm is None or o.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0 or null",
+             o.grad_clip_norm)
+
+
+def validate_logger(cfg: DictConfig) -> None:
+    w = cfg.logger.wandb
+    if w is not None:
+        _require(w.mode in (None, "online", "offline", "disabled"), "logger.wandb.mode",
+                 "must be online, offline, disabled or null", w.mode)
+        _require(bool(w.project), "logger.wandb.project", "must be set", w.project)
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """All checks for a training run; cheap (no data, no model)."""
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"missing mandatory config value(s): {sorted(missing)}")
+    _positive_int(cfg, "seed", minimum=0)
+    validate_data(cfg)
+    validate_model(cfg)
+    validate_schedule(cfg)
+    validate_decode(cfg)
+    validate_optim(cfg)
+    validate_trainer(cfg)
+    validate_logger(cfg)

@@ -1,0 +1,594 @@
+"""Synthetic shape scenes written exactly in the COCO 2014 + Karpathy-split formats.
+
+This is the project's default data set: it needs no download, generates in seconds, and exercises the
+very same reading code as real COCO (image folders, `captions_*2014.json` loadable with pycocotools,
+Karpathy's `dataset_coco.json`). Each image shows 1 to 3 shapes on a plain grey-ish background; each
+shape has a shape (circle, square, triangle, star, cross, diamond), a named colour, a size class
+(small / large) and a position relative to the others. Five reference captions per image come from a
+small grammar with synonyms and varied word order; every caption is true of its image, and multi-object
+scenes always get at least one long caption (12-16 words) so that one early wrong word derails the rest,
+which is exactly where teacher forcing and scheduled sampling differ.
+
+Everything is driven by seeded `random.Random` instances (never the global RNG), one per image keyed by
+(seed, split, index), so the same arguments give byte-identical files, and the val/test images do not
+change when only `num_train` changes.
+
+Layout under `root` (same as a real COCO 2014 + Karpathy download):
+
+    root/train2014/COCO_train2014_%012d.jpg      Karpathy "train" images
+    root/val2014/COCO_val2014_%012d.jpg          Karpathy "restval", "val" and "test" images
+    root/annotations/captions_train2014.json     COCO caption format
+    root/annotations/captions_val2014.json
+    root/dataset_coco.json                       Karpathy split file
+    root/synthetic_objects.json                  per-image scene metadata (shapes, colours, boxes)
+    root/synthetic_meta.json                     generation arguments; written LAST (completion marker)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "FORMAT_VERSION",
+    "COLORS",
+    "SHAPES",
+    "SceneObject",
+    "Scene",
+    "sample_scene",
+    "draw_scene",
+    "caption_scene",
+    "tokenize",
+    "generate_synthetic",
+    "ensure_synthetic",
+]
+
+FORMAT_VERSION = 1  # bump whenever the generated files change, so cached folders are regenerated
+
+META_FILE = "synthetic_meta.json"
+OBJECTS_FILE = "synthetic_objects.json"
+KARPATHY_FILE = "dataset_coco.json"
+INCOMPLETE_MARKER = ".synthetic_incomplete"  # exists while a generation is in progress
+LOCK_FILE = ".synthetic.lock"
+OWNED_DIRS = ("train2014", "val2014", "annotations")
+OWNED_FILES = (KARPATHY_FILE, OBJECTS_FILE, META_FILE)
+
+# ---------------------------------------------------------------------------------------------------
+# Scene vocabulary: what can be in an image
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "blue": (30, 70, 230),
+    "green": (30, 170, 50),
+    "yellow": (245, 225, 30),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 20),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+SIZE_EXTENT = {"small": 0.16, "large": 0.30}  # object extent as a fraction of the image side
+SINGLE_POSITIONS = {"center": (0.5, 0.5), "left": (0.25, 0.5), "right": (0.75, 0.5),
+                    "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
+
+
+@dataclass
+class SceneObject:
+    """One shape; `cx`, `cy`, `extent` are fractions of the image side (resolution independent)."""
+
+    shape: str
+    color: str
+    size: str  # "small" | "large"
+    cx: float
+    cy: float
+    extent: float
+    rgb: tuple[int, int, int]  # the drawn colour: the named colour plus a little jitter
+
+
+@dataclass
+class Scene:
+    """Objects in reading order: left to right ("horizontal") or top to bottom ("vertical")."""
+
+    background: tuple[int, int, int]
+    layout: str  # "single" | "horizontal" | "vertical"
+    position: str | None  # for single-object scenes: a key of SINGLE_POSITIONS
+    objects: list[SceneObject]
+
+
+def sample_scene(rng: random.Random) -> Scene:
+    """Draw a random scene: 1-3 objects with distinct shapes, clearly separated along one axis."""
+    n = rng.choices([1, 2, 3], weights=[0.2, 0.4, 0.4])[0]
+    shapes = rng.sample(SHAPES, n)  # distinct shapes, so "the circle" always names one object
+    colors = [rng.choice(list(COLORS)) for _ in range(n)]
+    sizes = [rng.choice(["small", "large"]) for _ in range(n)]
+    if n == 3 and all(s == "large" for s in sizes):  # three large shapes do not fit in a row with gaps
+        sizes[rng.randrange(3)] = "small"
+    grey = rng.randint(105, 150)
+    background = tuple(grey + rng.randint(-6, 6) for _ in range(3))
+    extents = [SIZE_EXTENT[s] for s in sizes]
+
+    if n == 1:
+        position = rng.choice(list(SINGLE_POSITIONS))
+        x, y = SINGLE_POSITIONS[position]
+        centers = [(x + rng.uniform(-0.04, 0.04), y + rng.uniform(-0.04, 0.04))]
+        layout = "single"
+    else:
+        position = None
+        layout = rng.choice(["horizontal", "vertical"])
+        # Along the axis: objects in order, separated by random gaps of at least `min_gap`.
+        min_gap = 0.04
+        extra = 1.0 - sum(extents) - (n + 1) * min_gap
+        weights = [rng.random() + 0.5 for _ in range(n + 1)]
+        gaps = [min_gap + extra * w / sum(weights) for w in weights]
+        along, pos = [], gaps[0]
+        for e, g in zip(extents, gaps[1:]):
+            along.append(pos + e / 2)
+            pos += e + g
+        # Across the axis: small jitter only, so the relation is clearly left/right (or above/below).
+        across = [0.5 + rng.uniform(-0.06, 0.06) for _ in range(n)]
+        centers = list(zip(along, across)) if layout == "horizontal" else list(zip(across, along))
+
+    objects = []
+    for shape, color, size, extent, (cx, cy) in zip(shapes, colors, sizes, extents, centers):
+        rgb = tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in COLORS[color])
+        objects.append(SceneObject(shape, color, size, cx, cy, extent, rgb))
+    return Scene(background, layout, position, objects)
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Polygon vertices (pixels) of a non-circle shape with half-extent r."""
+    if shape == "square":
+        s = 0.88 * r  # slightly smaller than the circle so both look about as heavy
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + 0.85 * r), (cx - r, cy + 0.85 * r)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
+    if shape == "cross":
+        t = r / 3  # half the arm thickness
+        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t),
+                (cx + r, cy + t), (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r),
+                (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
+    if shape == "star":
+        points = []
+        for k in range(10):  # 5 outer and 5 inner vertices, first one pointing up
+            radius = r if k % 2 == 0 else 0.45 * r
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        return points
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def draw_scene(scene: Scene, image_size: int) -> Image.Image:
+    """Render a scene as an RGB PIL image of image_size x image_size pixels."""
+    image = Image.new("RGB", (image_size, image_size), scene.background)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        cx, cy, r = obj.cx * image_size, obj.cy * image_size, obj.extent * image_size / 2
+        if obj.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=obj.rgb)
+        else:
+            draw.polygon(_shape_polygon(obj.shape, cx, cy, r), fill=obj.rgb)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------------
+# Caption grammar. Templates build lowercase text with spaced punctuation (" , ", " : "); the surface
+# step then gives some captions COCO's raw look (capital first letter, final period, attached commas).
+
+SHAPE_WORDS = {"circle": ["circle", "disc", "round shape"], "square": ["square", "box"],
+               "triangle": ["triangle"], "star": ["star"], "cross": ["cross"], "diamond": ["diamond"]}
+SIZE_WORDS = {"large": ["large", "big"], "small": ["small", "little", "tiny"]}
+RELATION_WORDS = {"left": ["to the left of", "left of", "on the left of"],
+                  "right": ["to the right of", "right of", "on the right of"],
+                  "above": ["above", "on top of", "over"],
+                  "below": ["below", "under", "beneath", "underneath"]}
+RELATION_TO_IT = {"left": ["to its left", "on its left"], "right": ["to its right", "on its right"],
+                  "above": ["above it", "over it"], "below": ["below it", "under it", "beneath it"]}
+POSITION_WORDS = {"center": ["in the middle", "in the center", "at the center"],
+                  "left": ["on the left", "on the left side"], "right": ["on the right", "on the right side"],
+                  "top": ["at the top", "near the top"], "bottom": ["at the bottom", "near the bottom"]}
+VERBS = ["is", "sits", "lies", "is placed"]
+THINGS = ["shapes", "objects"]
+PICTURE = ["a picture of", "an image of", "an image showing", "a picture showing"]
+GREY = ["grey", "gray"]
+
+
+def _article(phrase: str) -> str:
+    """'a' or 'an' for the phrase that follows (all grammar words starting with a vowel take 'an')."""
+    return "an" if phrase[0] in "aeiou" else "a"
+
+
+def _np(obj: SceneObject, rng: random.Random, definite: bool = False, shape_word: str | None = None,
+        size_prob: float = 0.5) -> str:
+    """Noun phrase for one object: '[a|the] [size] colour shape', e.g. 'a small red disc'."""
+    words = [rng.choice(SIZE_WORDS[obj.size])] if rng.random() < size_prob else []
+    words += [obj.color, shape_word or rng.choice(SHAPE_WORDS[obj.shape])]
+    body = " ".join(words)
+    return f"{'the' if definite else _article(body)} {body}"
+
+
+def _maybe(rng: random.Random, text: str, p: float = 0.5) -> str:
+    return text if rng.random() < p else ""
+
+
+def _join(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
+# -- one object
+
+def _one_position(s: Scene, rng: random.Random) -> str:
+    return _join(_np(s.objects[0], rng), _maybe(rng, rng.choice(VERBS)), _position(s, rng))
+
+
+def _one_single(s: Scene, rng: random.Random) -> str:
+    return _join("a single", _np(s.objects[0], rng).split(" ", 1)[1], _maybe(rng, _position(s, rng)))
+
+
+def _one_picture(s: Scene, rng: random.Random) -> str:
+    return _join(rng.choice(PICTURE), _np(s.objects[0], rng), _maybe(rng, _position(s, rng)))
+
+
+def _one_background(s: Scene, rng: random.Random) -> str:
+    return _join(_np(s.objects[0], rng), "on a", _maybe(rng, "plain"), rng.choice(GREY), "background")
+
+
+def _one_count(s: Scene, rng: random.Random) -> str:
+    lead = rng.choice(["there is only one", "there is one", "only one", "one"])
+    return _join(lead, rng.choice(["shape", "object"]), ":", _np(s.objects[0], rng))
+
+
+def _position(s: Scene, rng: random.Random) -> str:
+    return _join(rng.choice(POSITION_WORDS[s.position]), _maybe(rng, rng.choice(["of the image", "of the picture"]), 0.3))
+
+
+# -- two objects: objects[0] is left of / above objects[1]
+
+def _subject_pair(s: Scene, rng: random.Random) -> tuple[SceneObject, SceneObject, str]:
+    """Pick which object is the sentence subject; return (subject, other, relation of subject to other)."""
+    first, second = s.objects
+    if rng.random() < 0.5:
+        return first, second, "left" if s.layout == "horizontal" else "above"
+    return second, first, "right" if s.layout == "horizontal" else "below"
+
+
+def _pair_plain(s: Scene, rng: random.Random) -> str:
+    a, b, rel = _subject_pair(s, rng)
+    return _join(_np(a, rng), rng.choice(RELATION_WORDS[rel]), _np(b, rng))
+
+
+def _pair_verb(s: Scene, rng: random.Random) -> str:
+    a, b, rel = _subject_pair(s, rng)
+    return _join(_np(a, rng), rng.choice(VERBS), rng.choice(RELATION_WORDS[rel]), _np(b, rng))
+
+
+def _pair_there(s: Scene, rng: random.Random) -> str:
+    a, b, rel = _subject_pair(s, rng)
+    return _join("there is", _np(a, rng), rng.choice(RELATION_WORDS[rel]), _np(b, rng))
+
+
+def _pair_count(s: Scene, rng: random.Random) -> str:
+    a, b, _ = _subject_pair(s, rng)
+    return _join("two", rng.choice(THINGS), ":", _np(a, rng), "and", _np(b, rng))
+
+
+def _pair_with(s: Scene, rng: random.Random) -> str:
+    a, b, rel = _subject_pair(s, rng)
+    return _join(_np(b, rng), "with", _np(a, rng), rng.choice(RELATION_TO_IT[rel]))
+
+
+def _pair_together(s: Scene, rng: random.Random) -> str:
+    a, b, _ = _subject_pair(s, rng)
+    how = ["side by side", "next to each other"] if s.layout == "horizontal" else ["one above the other"]
+    return _join(_np(a, rng), "and", _np(b, rng), rng.choice(how))
+
+
+def _pair_definite(s: Scene, rng: random.Random) -> str:
+    a, b, rel = _subject_pair(s, rng)
+    return _join(_np(a, rng, definite=True), rng.choice(VERBS), rng.choice(RELATION_WORDS[rel]),
+                 _np(b, rng, definite=True))
+
+
+def _pair_picture(s: Scene, rng: random.Random) -> str:  # long
+    a, b, rel = _subject_pair(s, rng)
+    return _join(rng.choice(PICTURE), "two", rng.choice(THINGS), ":", _np(a, rng), rng.choice(VERBS),
+                 rng.choice(RELATION_WORDS[rel]), _np(b, rng))
+
+
+def _pair_refer(s: Scene, rng: random.Random) -> str:  # long: the second half refers back to the first
+    a, b, rel = _subject_pair(s, rng)
+    word_a, word_b = rng.choice(SHAPE_WORDS[a.shape]), rng.choice(SHAPE_WORDS[b.shape])
+    return _join(_np(a, rng, shape_word=word_a), "and", _np(b, rng, shape_word=word_b), ", the", word_a,
+                 rng.choice(VERBS), rng.choice(RELATION_WORDS[rel]), "the", word_b)
+
+
+def _pair_sides(s: Scene, rng: random.Random) -> str:  # long
+    first, second = s.objects
+    side1, side2 = ("on the left", "on the right") if s.layout == "horizontal" else ("at the top", "at the bottom")
+    return _join(side1, "there is", _np(first, rng), "and", side2, _maybe(rng, "there is"), _np(second, rng))
+
+
+def _pair_background(s: Scene, rng: random.Random) -> str:  # long
+    a, b, rel = _subject_pair(s, rng)
+    return _join(_np(a, rng), _maybe(rng, rng.choice(VERBS)), rng.choice(RELATION_WORDS[rel]), _np(b, rng),
+                 "on a", _maybe(rng, "plain"), rng.choice(GREY), "background")
+
+
+# -- three objects, in reading order (left to right or top to bottom)
+
+def _line(s: Scene, rng: random.Random) -> str:
+    return rng.choice(["in a row", "in a line"] if s.layout == "horizontal" else ["in a column", "in a line"])
+
+
+def _reading_order(s: Scene) -> str:
+    return "from left to right" if s.layout == "horizontal" else "from top to bottom"
+
+
+def _tri_count(s: Scene, rng: random.Random) -> str:
+    o1, o2, o3 = s.objects
+    return _join("three", rng.choice(THINGS), ":", _np(o1, rng), ",", _np(o2, rng), "and", _np(o3, rng),
+                 _line(s, rng))
+
+
+def _tri_between(s: Scene, rng: random.Random) -> str:
+    o1, o2, o3 = s.objects
+    if rng.random() < 0.5:
+        o1, o3 = o3, o1
+    return _join(_np(o2, rng), _maybe(rng, rng.choice(VERBS)), "between",
+                 _np(o1, rng), "and", _np(o3, rng))
+
+
+def _tri_order(s: Scene, rng: random.Random) -> str:
+    o1, o2, o3 = s.objects
+    listing = _join(_np(o1, rng), ",", _np(o2, rng), "and", _np(o3, rng))
+    if rng.random() < 0.5:
+        return _join(_reading_order(s), ":", listing)
+    return _join(listing, _reading_order(s))
+
+
+def _tri_chain(s: Scene, rng: random.Random) -> str:  # long
+    o1, o2, o3 = s.objects
+    rel = "left" if s.layout == "horizontal" else "above"
+    if rng.random() < 0.5:  # describe the chain from the other end
+        o1, o3 = o3, o1
+        rel = {"left": "right", "above": "below"}[rel]
+    return _join(_np(o1, rng), rng.choice(RELATION_WORDS[rel]), _np(o2, rng), ", which", rng.choice(VERBS),
+                 rng.choice(RELATION_WORDS[rel]), _np(o3, rng))
+
+
+def _tri_there(s: Scene, rng: random.Random) -> str:
+    return _join("there are three", rng.choice(THINGS), _line(s, rng), "on a", _maybe(rng, "plain"),
+                 rng.choice(GREY), "background")
+
+
+def _tri_sides(s: Scene, rng: random.Random) -> str:  # long
+    o1, o2, o3 = s.objects
+    side1, side2 = ("on the left", "on the right") if s.layout == "horizontal" else ("at the top", "at the bottom")
+    return _join(_np(o2, rng), _maybe(rng, rng.choice(VERBS)), "between", _np(o1, rng), side1, "and",
+                 _np(o3, rng), side2)
+
+
+def _tri_middle(s: Scene, rng: random.Random) -> str:
+    line = "row" if s.layout == "horizontal" else "column"
+    return _join(_np(s.objects[1], rng), "in the middle of a", line, "of three", rng.choice(THINGS))
+
+
+# (template, relative weight); vague templates are drawn less often.
+TEMPLATES = {
+    1: [(_one_position, 1.0), (_one_single, 1.0), (_one_picture, 1.0), (_one_background, 1.0), (_one_count, 0.7)],
+    2: [(_pair_plain, 1.0), (_pair_verb, 1.0), (_pair_there, 1.0), (_pair_count, 0.7), (_pair_with, 1.0),
+        (_pair_together, 0.5), (_pair_definite, 1.0), (_pair_picture, 1.0), (_pair_refer, 1.0),
+        (_pair_sides, 1.0), (_pair_background, 1.0)],
+    3: [(_tri_count, 1.0), (_tri_between, 1.0), (_tri_order, 1.0), (_tri_chain, 1.0), (_tri_there, 0.25),
+        (_tri_sides, 1.0), (_tri_middle, 0.5)],
+}
+MIN_WORDS, MAX_WORDS, LONG_MIN_WORDS = 5, 16, 12
+
+
+def tokenize(caption: str) -> list[str]:
+    """Karpathy-style tokens: lowercase alphanumeric words, punctuation dropped."""
+    return re.findall(r"[a-z0-9]+", caption.lower())
+
+
+def _surface(text: str, rng: random.Random) -> str:
+    """Give a template caption the look of a raw COCO caption (case, period, comma spacing, whitespace)."""
+    if rng.random() < 0.3:
+        text = text.replace(" ,", ",").replace(" :", ":")
+    if rng.random() < 0.4:
+        text = text[0].upper() + text[1:] + "."
+    roll = rng.random()
+    if roll < 0.03:
+        text = text + " "
+    elif roll < 0.06:
+        spaces = [i for i, ch in enumerate(text) if ch == " "]
+        i = rng.choice(spaces)
+        text = text[:i] + "  " + text[i + 1:]
+    return text
+
+
+def caption_scene(scene: Scene, rng: random.Random, num_captions: int = 5) -> list[str]:
+    """Distinct true captions of `scene`, MIN_WORDS..MAX_WORDS words each; for 2-3 object scenes the
+    first caption drawn is long (LONG_MIN_WORDS..MAX_WORDS words). Returned in random order."""
+    templates, weights = zip(*TEMPLATES[len(scene.objects)])
+    captions: list[str] = []
+    seen: set[str] = set()
+    for k in range(num_captions):
+        low = LONG_MIN_WORDS if (k == 0 and len(scene.objects) > 1) else MIN_WORDS
+        for _ in range(1000):
+            text = rng.choices(templates, weights)[0](scene, rng)
+            tokens = tokenize(text)
+            if low <= len(tokens) <= MAX_WORDS and " ".join(tokens) not in seen:
+                break
+        else:  # the grammar always has enough variety; reaching this is a bug in the templates
+            raise RuntimeError(f"could not draw caption {k} for scene {scene}")
+        seen.add(" ".join(tokens))
+        captions.append(_surface(text, rng))
+    rng.shuffle(captions)
+    return captions
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing the COCO folder
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name, then rename: a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(path, json.dumps(obj).encode("utf-8"))
+
+
+def _cocoid(split_code: int, index: int, seed: int) -> int:
+    """Unique, non-contiguous COCO-like image id (an affine bijection modulo a prime, like real ids
+    they are sparse, which catches code that confuses ids with list positions)."""
+    prime = 999_983
+    key = split_code * 300_000 + index  # injective while index < 300_000
+    return (key * 7_919 + seed * 104_729) % prime + 1
+
+
+def _check_args(num_train: int, num_val: int, num_test: int, image_size: int, seed: int) -> None:
+    for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("num_test", num_test, 1),
+                             ("image_size", image_size, 16), ("seed", seed, 0)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+        if value >= 300_000:
+            raise ValueError(f"{name} must be < 300000 for unique synthetic ids, got {value}")
+    if image_size > 2048:
+        raise ValueError(f"image_size must be <= 2048, got {image_size}")
+
+
+def _clear_previous(root: Path) -> None:
+    """Remove a previous (possibly partial) synthetic generation. Refuses folders it did not create,
+    so pointing it at a real COCO download by mistake cannot delete anything."""
+    ours = any((root / name).exists() for name in (META_FILE, INCOMPLETE_MARKER, OBJECTS_FILE))
+    present = [name for name in OWNED_DIRS + OWNED_FILES if (root / name).exists()]
+    if present and not ours:
+        raise ValueError(
+            f"{root} already contains {present} but none of {META_FILE}, {OBJECTS_FILE}, {INCOMPLETE_MARKER}: it does not look like a synthetic "
+            f"data set generated here (a real COCO folder?); refusing to overwrite it. "
+            f"Use an empty folder for the synthetic data.")
+    (root / INCOMPLETE_MARKER).touch()
+    (root / META_FILE).unlink(missing_ok=True)
+    for name in OWNED_DIRS:
+        shutil.rmtree(root / name, ignore_errors=True)
+    for name in OWNED_FILES:
+        (root / name).unlink(missing_ok=True)
+        (root / (name + ".tmp")).unlink(missing_ok=True)
+
+
+def _meta(num_train: int, num_val: int, num_test: int, image_size: int, seed: int) -> dict:
+    return {"format_version": FORMAT_VERSION,
+            "kwargs": {"num_train": num_train, "num_val": num_val, "num_test": num_test,
+                       "image_size": image_size, "seed": seed}}
+
+
+def generate_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250, num_test: int = 250,
+                       image_size: int = 64, seed: int = 0) -> Path:
+    """Write a synthetic COCO 2014 + Karpathy data set into `root` and return `root` as a Path.
+
+    `num_train` counts Karpathy "train" + "restval" images (like the 113,287 of real COCO); every
+    tenth of them is "restval" and lives in val2014, the rest in train2014. val and test images live
+    in val2014. Overwrites a previous synthetic generation in `root`; refuses any other COCO-like
+    content. Not safe to run concurrently on the same folder: use `ensure_synthetic` for that.
+    """
+    _check_args(num_train, num_val, num_test, image_size, seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _clear_previous(root)
+    for name in OWNED_DIRS:
+        (root / name).mkdir()
+
+    # (split, folder, split_code, index): the scene of an image depends only on (seed, split_code, index).
+    plan = [("restval" if i % 10 == 9 else "train", "val2014" if i % 10 == 9 else "train2014", 0, i)
+            for i in range(num_train)]
+    plan += [("val", "val2014", 1, i) for i in range(num_val)]
+    plan += [("test", "val2014", 2, i) for i in range(num_test)]
+
+    karpathy_images, scenes_meta = [], {}
+    coco = {folder: {"info": {"description": f"Synthetic shape scenes in COCO format ({folder})",
+                              "version": str(FORMAT_VERSION), "year": 2014,
+                              "contributor": "captioning.data.synthetic", "date_created": "2014-01-01"},
+                     "licenses": [], "images": [], "annotations": []}
+            for folder in ("train2014", "val2014")}
+    sentid = 0
+    for imgid, (split, folder, split_code, index) in enumerate(plan):
+        rng = random.Random(f"synthetic-v{FORMAT_VERSION}:{seed}:{split_code}:{index}")
+        scene = sample_scene(rng)
+        captions = caption_scene(scene, rng)
+        cocoid = _cocoid(split_code, index, seed)
+        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
+
+        buffer = io.BytesIO()
+        draw_scene(scene, image_size).save(buffer, format="JPEG", quality=90)
+        _write_atomic(root / folder / filename, buffer.getvalue())
+
+        coco[folder]["images"].append({"id": cocoid, "file_name": filename,
+                                       "width": image_size, "height": image_size})
+        sentences = []
+        for j, caption in enumerate(captions):
+            coco[folder]["annotations"].append({"id": cocoid * 10 + j, "image_id": cocoid, "caption": caption})
+            sentences.append({"tokens": tokenize(caption), "raw": caption, "imgid": imgid, "sentid": sentid + j})
+        karpathy_images.append({"filepath": folder, "sentids": list(range(sentid, sentid + len(captions))),
+                                "filename": filename, "imgid": imgid, "split": split,
+                                "sentences": sentences, "cocoid": cocoid})
+        sentid += len(captions)
+        scenes_meta[str(cocoid)] = {
+            "split": split, "file": f"{folder}/{filename}", "background": list(scene.background),
+            "layout": scene.layout, "position": scene.position,
+            "objects": [{"shape": o.shape, "color": o.color, "size": o.size,
+                         # COCO-style box [x, y, width, height] in pixels
+                         "bbox": [round((o.cx - o.extent / 2) * image_size, 2),
+                                  round((o.cy - o.extent / 2) * image_size, 2),
+                                  round(o.extent * image_size, 2), round(o.extent * image_size, 2)]}
+                        for o in scene.objects]}
+
+    _write_json(root / "annotations" / "captions_train2014.json", coco["train2014"])
+    _write_json(root / "annotations" / "captions_val2014.json", coco["val2014"])
+    _write_json(root / KARPATHY_FILE, {"images": karpathy_images, "dataset": "coco"})
+    _write_json(root / OBJECTS_FILE, {"format_version": FORMAT_VERSION, "image_size": image_size,
+                                      "images": scenes_meta})
+    _write_json(root / META_FILE, _meta(num_train, num_val, num_test, image_size, seed))  # LAST: marks completion
+    (root / INCOMPLETE_MARKER).unlink()
+    return root
+
+
+def ensure_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250, num_test: int = 250,
+                     image_size: int = 64, seed: int = 0) -> Path:
+    """Return `root` holding the synthetic data set for these arguments, generating it only if needed.
+
+    Reuses a complete generation with identical arguments and format version; regenerates (in place)
+    when the completion marker is missing (interrupted run) or the arguments differ. Safe to call from
+    several processes at once (e.g. every DDP rank): generation happens under an exclusive file lock,
+    and processes that wait on the lock then find the finished data set and reuse it.
+    """
+    _check_args(num_train, num_val, num_test, image_size, seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = _meta(num_train, num_val, num_test, image_size, seed)
+    with open(root / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        try:
+            existing = json.loads((root / META_FILE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            existing = None
+        if existing != wanted or (root / INCOMPLETE_MARKER).exists():
+            generate_synthetic(root, num_train, num_val, num_test, image_size, seed)
+    return root

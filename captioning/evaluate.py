@@ -1,0 +1,153 @@
+"""`captioning-eval checkpoint=PATH`: decode a split with a checkpoint and score it.
+
+Writes RUN_DIR/results_<split>_<strategy>.json (COCO server format) and
+RUN_DIR/<split>_metrics.json, prints the metric table, next to the trivial reference
+"the most common training caption for every image" scored the same way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from captioning.cli import exit_on_user_error
+from captioning.config import ConfigError, config_dir, decode_kwargs, validate_decode
+from captioning.data import build as data_build
+from captioning.inference import decode_records, most_common_caption, references_of, score, write_results
+from captioning.models.captioner import build_captioner
+from captioning.training.checkpoint import load_checkpoint
+from captioning.training.distributed import DistInfo
+from captioning.data.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+def load_model(checkpoint_path, device: torch.device):
+    """Model, vocabulary and training config from one checkpoint (no pretrained download: weights come
+    from the checkpoint)."""
+    state = load_checkpoint(checkpoint_path, map_location="cpu")
+    cfg = OmegaConf.create(state["config"])
+    vocab = Vocabulary.from_state_dict(state["vocab"])
+    model_cfg = cfg.model.copy()
+    model_cfg.encoder.weights = None
+    model = build_captioner(model_cfg, len(vocab))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), vocab, cfg, state
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Metric table: one column per system (model, reference), one row per metric."""
+    systems = list(rows)
+    metrics = list(rows[systems[0]])
+    width = max(len(m) for m in metrics) + 2
+    column = max(12, *(len(s) + 2 for s in systems))
+    lines = [" " * width + "".join(f"{s:>{column}}" for s in systems)]
+    for m in metrics:
+        lines.append(f"{m:<{width}}" + "".join(f"{rows[s].get(m, float('nan')):>{column}.4f}" for s in systems))
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device: torch.device | str = "auto",
+                        data_overrides: dict | None = None, spice: bool = False, logger=None, step: int | None = None,
+                        info: DistInfo = DistInfo(), records=None, batch_size: int | None = None) -> dict[str, float]:
+    """Decode `split` with the checkpoint and score it; returns {"split/metric": value, ...}."""
+    if isinstance(device, str):
+        device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                              "cpu" if device == "auto" else device)
+    model, vocab, train_cfg, state = load_model(checkpoint_path, device)
+    cfg_data = train_cfg.data
+    if data_overrides:
+        cfg_data = OmegaConf.merge(cfg_data, {k: v for k, v in data_overrides.items() if v is not None})
+    if records is None:
+        records = data_build.load_records(cfg_data)
+    if split not in records:
+        raise ValueError(f"split must be one of {sorted(records)} (got {split!r})")
+    split_records = records[split]
+    strategy = decode_cfg.strategy
+    captions = decode_records(model, split_records, vocab, cfg_data, strategy, decode_kwargs(decode_cfg), device,
+                              info, batch_size=batch_size)
+    if not info.is_main:
+        return {}
+    out_dir = Path(out_dir)
+    predictions = {i: hyps[0][0] for i, hyps in captions.items()}
+    references = references_of(split_records, predictions)
+    metrics = score(references, predictions, spice=spice)
+    baseline_caption = most_common_caption(records["train"])
+    baseline = score(references, {i: baseline_caption for i in predictions}, spice=spice)
+
+    from captioning.metrics import diversity_report
+
+    nbest = {i: [c for c, _ in hyps] for i, hyps in captions.items()}
+    if max(len(v) for v in nbest.values()) > 1:
+        metrics.update(diversity_report(nbest, references))
+    result = {f"{split}/{k}": v for k, v in metrics.items()}
+    result.update({f"{split}/most_common_caption/{k}": v for k, v in baseline.items()})
+    write_results(out_dir / f"results_{split}_{strategy}.json", captions)
+    (out_dir / f"{split}_metrics.json").write_text(json.dumps(
+        {**result, "checkpoint": str(checkpoint_path), "checkpoint_step": state["step"], "decode": strategy,
+         "decode_params": decode_kwargs(decode_cfg), "most_common_caption": baseline_caption,
+         "images": len(predictions)}, indent=2))
+    print(f"\n{split} split, {len(predictions)} images, decode={strategy} "
+          f"{json.dumps(decode_kwargs(decode_cfg))}, checkpoint step {state['step']}")
+    print(format_table({"model": metrics, "most common caption": baseline}))
+    print(f'(most common training caption: "{baseline_caption}")\n')
+    if logger is not None:
+        logger.log_metrics(result, step if step is not None else state["step"])
+        rows = [[r.path, captions[r.image_id][0][0], " | ".join(r.captions)] for r in split_records[:16]]
+        logger.log_table(f"{split}/samples", ["image", "generated", "references"], rows,
+                         step if step is not None else state["step"])
+    return result
+
+
+def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
+    """The plain function behind `captioning-eval`."""
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"missing mandatory config value(s): {sorted(missing)} "
+                          "(e.g. captioning-eval checkpoint=outputs/DATE/TIME/checkpoints/best.pt)")
+    validate_decode(OmegaConf.create({"decode": cfg.decode}))
+    if not Path(str(cfg.checkpoint)).expanduser().is_file():
+        raise FileNotFoundError(f"checkpoint: file not found: {cfg.checkpoint}")
+    if cfg.split not in ("train", "val", "test"):
+        raise ConfigError(f"split must be train, val or test (got {cfg.split!r})")
+    from captioning.metrics import check_java
+
+    check_java()
+    from captioning.loggers.base import MultiLogger
+    from captioning.loggers.jsonl import JsonlLogger
+
+    out_dir = Path(out_dir)
+    loggers = [JsonlLogger(out_dir / "metrics.jsonl")]
+    if cfg.logger.wandb is not None:
+        from captioning.loggers.wandb_logger import WandbLogger
+
+        w = cfg.logger.wandb
+        loggers.append(WandbLogger(out_dir, w.project, w.entity, w.group, w.name, list(w.tags) +
+                                   [f"decode:{cfg.decode.strategy}"], w.mode, "eval",
+                                   OmegaConf.to_container(cfg, resolve=True)))
+    logger = MultiLogger(loggers)
+    try:
+        return evaluate_checkpoint(Path(str(cfg.checkpoint)).expanduser(), cfg.split, cfg.decode, out_dir,
+                                   device=cfg.device, data_overrides={"root": cfg.data_root}, spice=cfg.spice,
+                                   logger=logger, batch_size=cfg.batch_size)
+    finally:
+        logger.finish()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    exit_on_user_error(evaluate)(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

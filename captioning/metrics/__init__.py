@@ -1,0 +1,36 @@
+"""Caption metrics: pycocoevalcap scorers called directly (offline) and n-best diversity metrics.
+
+Metric functions return plain names ("BLEU-4", "CIDEr", ...); callers prefix `split/`.
+"""
+
+from captioning.metrics.coco import (
+    close_meteor,
+    load_references,
+    load_results,
+    score_captions,
+    tokenize,
+    tokenize_lines,
+)
+from captioning.metrics.diversity import (
+    distinct_n,
+    diversity_report,
+    diversity_report_tokenized,
+    oracle_scores,
+    self_bleu4,
+)
+from captioning.metrics.java import check_java
+
+__all__ = [
+    "check_java",
+    "close_meteor",
+    "distinct_n",
+    "diversity_report",
+    "diversity_report_tokenized",
+    "load_references",
+    "load_results",
+    "oracle_scores",
+    "score_captions",
+    "self_bleu4",
+    "tokenize",
+    "tokenize_lines",
+]

@@ -1,0 +1,68 @@
+"""Show and Tell: the image feature, projected to the word-embedding size, is the decoder's first
+input (before <bos>); then one word per step.
+
+The step interface serves training and every decoder:
+    state = model.init_state(images)               # encode once
+    log_probs, state = model.step(tokens, state)   # tokens (N,) -> (N, V)
+    state = model.reorder_state(state, index)      # beams pick their parents / images expand to beams
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from captioning.models.decoder import RNNDecoder, State
+from captioning.models.encoder import ImageEncoder
+
+
+class Captioner(nn.Module):
+    def __init__(self, encoder: ImageEncoder, decoder: RNNDecoder, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.image_proj = nn.Linear(encoder.feature_dim, decoder.embed.embedding_dim)
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.vocab_size = decoder.out.out_features
+
+    # -- encoding -------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)  # (B, 3, H, W) -> (B, F)
+
+    def state_from_features(self, features: torch.Tensor) -> State:
+        """Feed the projected image feature as the step before <bos>."""
+        image_embedding = self.decoder.dropout(self.image_proj(features))  # (N, E)
+        _, state = self.decoder.run(image_embedding[:, None], None)
+        return state
+
+    # -- step interface -------------------------------------------------------------------
+    def init_state(self, images: torch.Tensor) -> State:
+        return self.state_from_features(self.encode(images))
+
+    def step_logits(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        inputs = self.decoder.dropout(self.decoder.embed(tokens))[:, None]  # (N, 1, E)
+        outputs, state = self.decoder.run(inputs, state)  # (N, 1, H)
+        return self.decoder.logits(outputs[:, 0]), state  # (N, V)
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        logits, state = self.step_logits(tokens, state)
+        return torch.log_softmax(logits.float(), dim=-1), state  # (N, V)
+
+    @staticmethod
+    def reorder_state(state: State, index: torch.Tensor) -> State:
+        return tuple(s.index_select(1, index) for s in state)
+
+    # -- teacher forcing: one fused sequence call --------------------------------------------
+    def forward_teacher_forcing(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """features (N, F), inputs (N, T) starting with <bos> -> logits (N, T, V) for the next words."""
+        image_embedding = self.image_proj(features)[:, None]  # (N, 1, E)
+        words = self.decoder.embed(inputs)  # (N, T, E)
+        sequence = self.decoder.dropout(torch.cat([image_embedding, words], dim=1))  # (N, T+1, E)
+        outputs, _ = self.decoder.run(sequence, None)  # (N, T+1, H)
+        return self.decoder.logits(outputs[:, 1:])  # (N, T, V)
+
+
+def build_captioner(cfg_model, vocab_size: int) -> Captioner:
+    enc, dec = cfg_model.encoder, cfg_model.decoder
+    encoder = ImageEncoder(enc.name, enc.weights, trainable=bool(enc.trainable))
+    decoder = RNNDecoder(vocab_size, dec.embed_dim, dec.hidden_dim, dec.num_layers, dec.cell, dec.dropout)
+    return Captioner(encoder, decoder)

@@ -1,0 +1,95 @@
+"""End to end on tiny synthetic data: train, validate, checkpoint, resume, evaluate (CPU, seconds)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from captioning.evaluate import evaluate_checkpoint
+from captioning.loggers.jsonl import read_jsonl
+from captioning.training import objective
+from captioning.training.checkpoint import load_checkpoint
+from captioning.training.loop import PREEMPTION_EXIT_CODE, train
+from conftest import compose, requires_java, tiny_overrides
+
+pytestmark = [requires_java(), pytest.mark.java]
+
+
+def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
+    cfg = compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=20", "trainer.val_every_n_steps=10"])
+    summary = train(cfg, tmp_path)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all("step" in r for r in records)
+    train_records = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_records] == list(range(2, 21, 2))
+    assert all(r["train/teacher_forcing_prob"] == 1.0 for r in records if "train/teacher_forcing_prob" in r)
+    assert train_records[-1]["train/loss"] < train_records[0]["train/loss"]  # it learns
+    val = [r for r in records if "val/CIDEr" in r]
+    assert [r["step"] for r in val] == [10, 20]
+    for key in ("val/BLEU-1", "val/BLEU-4", "val/METEOR", "val/ROUGE-L", "val/CIDEr"):
+        assert all(0 <= r[key] <= 10 for r in val), key
+    assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["step"] == summary["best_step"]
+    assert set(best) >= {"model", "optimizer", "lr_scheduler", "scaler", "step", "epoch", "rng", "vocab", "config"}
+
+    test = summary["test"]
+    for key in ("test/BLEU-1", "test/BLEU-2", "test/BLEU-3", "test/BLEU-4", "test/METEOR", "test/ROUGE-L",
+                "test/CIDEr", "test/most_common_caption/CIDEr"):
+        assert key in test and 0 <= test[key] <= 10
+    results = json.loads((tmp_path / "results_test_beam.json").read_text())
+    assert len(results) == 10 and all(set(r) == {"image_id", "caption"} for r in results)
+    written = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert written["test/CIDEr"] == test["test/CIDEr"]
+
+    # Evaluating the best checkpoint again reproduces the training run's figures exactly.
+    again = evaluate_checkpoint(tmp_path / "checkpoints" / "best.pt", "test", cfg.decode, tmp_path / "eval",
+                                device="cpu")
+    assert again == test
+
+
+def _param_vector(path):
+    state = load_checkpoint(path)["model"]
+    return torch.cat([v.flatten().float() for v in state.values()])
+
+
+@pytest.mark.parametrize("schedule", [["schedule=teacher_forcing", "model.decoder.dropout=0.3"],
+                                      ["schedule=inverse_sigmoid", "schedule.k=2"]])
+def test_resume_after_preemption_equals_straight_run(tiny_data_root, tmp_path, monkeypatch, schedule):
+    overrides = tiny_overrides(tiny_data_root) + schedule + ["trainer.max_steps=8", "trainer.val_every_n_steps=4",
+                                                             "trainer.log_every_n_steps=1", "data.batch_size=4",
+                                                             "trainer.evaluate_after_training=false"]
+    straight = train(compose(overrides), tmp_path / "straight")
+    assert straight["steps"] == 8
+
+    # A SIGTERM during step 3 (mid-epoch, not at a validation): the run saves after that step and exits.
+    calls = {"n": 0}
+    original = objective.CaptionLoss.forward
+
+    def forward_then_signal(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(objective.CaptionLoss, "forward", forward_then_signal)
+    first = train(compose(overrides), tmp_path / "resumed")
+    monkeypatch.setattr(objective.CaptionLoss, "forward", original)
+    assert first["preempted"] and first["exit_code"] == PREEMPTION_EXIT_CODE and first["steps"] == 3
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 3
+    second = train(compose(overrides), tmp_path / "resumed")  # trainer.resume=auto picks up last.pt
+    assert second["steps"] == 8 and not second["preempted"]
+
+    def losses(run):
+        return {r["step"]: r["train/loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r}
+
+    assert losses("straight") == losses("resumed")
+    assert torch.equal(_param_vector(tmp_path / "straight" / "checkpoints" / "last.pt"),
+                       _param_vector(tmp_path / "resumed" / "checkpoints" / "last.pt"))
+    records = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    probs = [r["train/teacher_forcing_prob"] for r in records if "train/loss" in r]
+    assert probs == [r["train/teacher_forcing_prob"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+                     if "train/loss" in r]  # the schedule position survives the resume
