@@ -71,6 +71,7 @@ def grouped_beam_search(
     pool_num_words = torch.zeros((B, G, P), dtype=torch.long, device=device)
     done = torch.zeros((B, G), dtype=torch.bool, device=device)
     row_base = (torch.arange(B * G, device=device) * K).view(B, G, 1)  # (B, G, 1) first row of each group
+    eos_index = torch.tensor([eos], device=device)
 
     for t in range(1, L + 1):
         if t > 1:
@@ -111,7 +112,7 @@ def grouped_beam_search(
                 continue
 
             # The K best candidates that do not end with eos stay live.
-            live_select = select.view(B, K, V).index_fill(-1, torch.tensor([eos], device=device), neg_inf)
+            live_select = select.view(B, K, V).index_fill(-1, eos_index, neg_inf)  # (B, K, V)
             live_index = live_select.view(B, K * V).topk(K, dim=1).indices  # (B, K)
             parent, token = live_index // V, live_index % V
             next_scores.append(raw.gather(1, live_index))

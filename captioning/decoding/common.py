@@ -109,9 +109,10 @@ def gnmt_length_penalty(length: int, alpha: float) -> float:
 
 def never_generated(log_probs: torch.Tensor, model) -> torch.Tensor:
     """Return log_probs (N, V) with bos and pad set to -inf (out of place), in at least float32."""
-    dtype = torch.promote_types(log_probs.dtype, torch.float32)
-    ids = torch.tensor([model.bos_id, model.pad_id], device=log_probs.device)
-    return log_probs.to(dtype).index_fill(-1, ids, float("-inf"))  # (N, V)
+    out = log_probs.to(dtype=torch.promote_types(log_probs.dtype, torch.float32), copy=True)  # (N, V)
+    out[..., model.bos_id] = float("-inf")  # scalar indexing: no host-to-device copy per step
+    out[..., model.pad_id] = float("-inf")
+    return out
 
 
 def to_hypotheses(words: torch.Tensor, num_words: torch.Tensor, scores: torch.Tensor) -> list[list[Hypothesis]]:

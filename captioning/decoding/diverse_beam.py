@@ -8,9 +8,10 @@ time step the groups choose in order 0, 1, ..., G-1, and group g selects its can
 
 where count_t(token) is how many times groups 0..g-1 chose that token at this same time step for this
 same image (a group's choice at step t = its top group_size candidates with finite score, see beam.py;
-a group that has early-stopped keeps choosing, so early stopping never changes any result). As in the paper's objective, the penalty only steers selection:
-stored and returned scores are model log-prob sums (divided by the GNMT length penalty when
-length_penalty != 0), so scores are comparable across groups. With diversity_strength = 0 every group
+a group that has early-stopped keeps choosing, so early stopping never changes any result).
+As in the paper's objective, the penalty only steers selection: stored and returned scores are model
+log-prob sums (divided by the GNMT length penalty when length_penalty != 0), so scores are comparable
+across groups. With diversity_strength = 0 every group
 runs exactly beam_search(beam_size=beam_size // num_groups).
 
 Returned per image: the union of the G groups' finished pools (each group keeps its

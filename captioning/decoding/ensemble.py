@@ -13,7 +13,10 @@ import torch
 
 
 class EnsembleModel:
-    """Average of `models`; they must share vocab_size, bos_id, eos_id and pad_id. State is a tuple of member states."""
+    """Average of `models` (same vocab_size, bos_id, eos_id, pad_id); state is a tuple of member states.
+
+    Members are used as they are (call .eval() on them first); all get the same images.
+    """
 
     def __init__(self, models: Sequence) -> None:
         models = list(models)
