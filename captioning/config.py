@@ -95,6 +95,8 @@ def validate_model(cfg: DictConfig) -> None:
              dropout)
     _require(isinstance(cfg.model.encoder.trainable, bool), "model.encoder.trainable", "must be true or false",
              cfg.model.encoder.trainable)
+    _choice(cfg, "model.encoder.pool", ("avg", "grid"))
+    _positive_int(cfg, "model.encoder.grid_size")
     import torchvision
 
     name = cfg.model.encoder.name

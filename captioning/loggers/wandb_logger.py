@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ class WandbLogger:
         self.wandb = wandb
         run_dir = Path(run_dir)
         id_file = run_dir / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         self.run = wandb.init(project=project, entity=entity, group=group, name=name, tags=list(tags or []),
                               mode=resolve_mode(mode), dir=str(run_dir), id=run_id, resume="allow",
                               job_type=job_type, config=config)

@@ -63,6 +63,7 @@ class Captioner(nn.Module):
 
 def build_captioner(cfg_model, vocab_size: int) -> Captioner:
     enc, dec = cfg_model.encoder, cfg_model.decoder
-    encoder = ImageEncoder(enc.name, enc.weights, trainable=bool(enc.trainable))
+    encoder = ImageEncoder(enc.name, enc.weights, trainable=bool(enc.trainable), pool=enc.get("pool", "avg"),
+                           grid_size=enc.get("grid_size", 2))
     decoder = RNNDecoder(vocab_size, dec.embed_dim, dec.hidden_dim, dec.num_layers, dec.cell, dec.dropout)
     return Captioner(encoder, decoder)

@@ -56,9 +56,23 @@ def build_backbone(name: str, weights: str | None) -> nn.Module:
 
 
 class ImageEncoder(nn.Module):
-    def __init__(self, name: str = "resnet18", weights: str | None = None, trainable: bool = True):
+    """`pool`: "avg" is the classifier's own global average (Show and Tell); "grid" average-pools the last feature
+    map to a `grid_size` x `grid_size` grid and concatenates the cells, which keeps where things are (left of,
+    above...) at `grid_size**2` times the feature size."""
+
+    def __init__(self, name: str = "resnet18", weights: str | None = None, trainable: bool = True,
+                 pool: str = "avg", grid_size: int = 2):
         super().__init__()
         self.backbone = build_backbone(name, weights)
+        if pool not in ("avg", "grid"):
+            raise ValueError(f"model.encoder.pool must be avg or grid (got {pool!r})")
+        cells = 1
+        if pool == "grid":
+            if not isinstance(getattr(self.backbone, "avgpool", None), nn.AdaptiveAvgPool2d):
+                raise ValueError(f"model.encoder.pool=grid needs a backbone with a global average pool "
+                                 f"(resnet, regnet, efficientnet, mobilenet...); {name} has none")
+            self.backbone.avgpool = nn.AdaptiveAvgPool2d(grid_size)
+            cells = grid_size * grid_size
         last_linear = None
         for parent in self.backbone.modules():
             for child_name, child in parent.named_children():
@@ -69,7 +83,7 @@ class ImageEncoder(nn.Module):
                              "pick a backbone ending in a linear layer (resnet, efficientnet, convnext, vgg...)")
         parent, child_name, linear = last_linear
         setattr(parent, child_name, nn.Identity())
-        self.feature_dim = linear.in_features
+        self.feature_dim = linear.in_features * cells
         self.set_trainable(trainable)
 
     def set_trainable(self, trainable: bool) -> None:
@@ -87,3 +101,19 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)  # (B, 3, H, W) -> (B, F)
+
+
+class PrecomputedFeatures(nn.Module):
+    """Stands in for the CNN when training reads cached features: its input already is the (B, F) feature."""
+
+    def __init__(self, feature_dim: int):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.trainable = False
+
+    def set_trainable(self, trainable: bool) -> None:
+        if trainable:
+            raise ValueError("model.encoder.trainable: cached features cannot be fine-tuned")
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features  # (B, F)

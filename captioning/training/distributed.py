@@ -1,8 +1,13 @@
-"""Distributed set-up read from torchrun's or SLURM's environment; rank 0 alone logs and saves."""
+"""Distributed set-up read from torchrun's or SLURM's environment; rank 0 alone logs and saves.
+
+Launch: `torchrun --nproc_per_node=N -m captioning.train trainer=ddp` (see conf/trainer/ddp.yaml). Every
+helper here is a no-op returning the single-process answer when the world has one process, so the
+training loop calls them unconditionally.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -13,6 +18,9 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # A gloo group over the same processes for small host-side exchanges (e.g. the preemption flag):
+    # under NCCL it avoids a GPU round trip and a host sync at every step. None: use the default group.
+    cpu_group: object = field(default=None, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -33,27 +41,74 @@ def read_env() -> DistInfo:
     return DistInfo()
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
+def backend_for(device: str) -> str:
+    """NCCL when the run trains on CUDA, gloo otherwise: `trainer.device=cpu` on a GPU node must not get NCCL,
+    which cannot reduce CPU tensors."""
+    if device == "cpu":
+        return "gloo"
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return "nccl"
+    return "gloo"
+
+
+def init_distributed(backend: str | None = None, device: str = "auto") -> DistInfo:
+    """Join the process group when the environment describes more than one process; `device` is the
+    `trainer.device` value and picks the backend unless `backend` is given."""
     info = read_env()
     if info.enabled and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # plain srun: rank 0's node is the first in the node list
-            os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-            os.environ.setdefault("MASTER_PORT", "29500")
-            os.environ["RANK"], os.environ["WORLD_SIZE"] = str(info.rank), str(info.world_size)
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            os.environ["MASTER_ADDR"] = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = backend or backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        # rank and world size passed explicitly: under srun they are not in RANK/WORLD_SIZE.
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+        if backend != "gloo":
+            info.cpu_group = dist.new_group(backend="gloo")
     return info
 
 
 def all_reduce_mean(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
+    """The mean over ranks of each value (every rank gets the same dict)."""
     if not info.enabled:
         return values
     keys = sorted(values)
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return {k: v / info.world_size for k, v in zip(keys, tensor.tolist())}
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if `flag` is true on any rank, so that all ranks take the same branch (a rank that
+    leaves the loop alone would leave the others waiting in the next gradient all-reduce)."""
+    if not info.enabled:
+        return bool(flag)
+    tensor = torch.tensor([int(bool(flag))], dtype=torch.int32)  # CPU: gloo default group or info.cpu_group
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=info.cpu_group)
+    return bool(tensor.item())
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    """Rank `src`'s (picklable) object, on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj if info.rank == src else None]
+    dist.broadcast_object_list(box, src=src, group=info.cpu_group)
+    return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running statistics) into every rank's module.
+
+    DDP broadcasts buffers at the start of each training forward, but the forward then updates them from
+    each rank's own batch, so after the last step the ranks' running statistics differ. Call this before
+    evaluating in eval mode, so that all ranks decode with the statistics rank 0 saves in its checkpoint.
+    """
+    if not info.enabled:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)
 
 
 def gather_objects(obj, info: DistInfo) -> list:
@@ -71,5 +126,6 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group (end of train()); without it the process may hang or warn at exit."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

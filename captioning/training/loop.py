@@ -35,6 +35,9 @@ def pick_device(name: str, info: dist_utils.DistInfo) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         return torch.device("cuda", info.local_rank)
+    if name.startswith("cuda:") and info.enabled:
+        raise ValueError(f"trainer.device={name} would put every process on one GPU; under torchrun use "
+                         "trainer.device=cuda or auto (rank r uses cuda:LOCAL_RANK)")
     return torch.device(name)
 
 
@@ -65,6 +68,20 @@ class PreemptionFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class WithTeacherForcingProb:
+    """Every metrics record of a training run carries `train/teacher_forcing_prob`, so any chart or table can put
+    a metric next to the schedule position it was measured at."""
+
+    def __init__(self, logger, current_prob):
+        self.logger, self.current_prob = logger, current_prob
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logger.log_metrics({"train/teacher_forcing_prob": self.current_prob(), **metrics}, step)
+
+    def __getattr__(self, name):
+        return getattr(self.logger, name)
 
 
 @dataclass
@@ -108,7 +125,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     check_java()  # before any heavy work: validation and evaluation need pycocoevalcap's Java tools
     run_dir = Path(run_dir)
-    info = dist_utils.init_distributed()
+    info = dist_utils.init_distributed(device=str(cfg.trainer.device))
+    run_dir = Path(dist_utils.broadcast_object(str(run_dir), info))  # rank 0's: ${now} in a path may differ by rank
     device = pick_device(str(cfg.trainer.device), info)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -172,6 +190,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, progress.step, progress.epoch,
                  progress.batch_in_epoch)
 
+    # The probability the latest optimizer step used (what every metrics record is tagged with).
+    last_prob = {"value": schedule.teacher_forcing_prob(progress.step, progress.epoch)}
     logger = NullLogger()
     if info.is_main:
         loggers = [JsonlLogger(run_dir / "metrics.jsonl")]
@@ -181,7 +201,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             w = cfg.logger.wandb
             loggers.append(WandbLogger(run_dir, w.project, w.entity, w.group, w.name or run_name(cfg),
                                        list(w.tags) + run_tags(cfg), w.mode, "train", config_container))
-        logger = MultiLogger(loggers)
+        logger = WithTeacherForcingProb(MultiLogger(loggers), lambda: last_prob["value"])
         logger.log_config(config_container)
         log.info("vocabulary: %d words (count > %d in the train split); %d training images, %d steps per epoch, "
                  "%d steps; teacher forcing: %s", len(vocab), cfg.data.word_count_threshold, len(dataset),
@@ -189,6 +209,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     def validate() -> dict[str, float]:
         val_records = records["val"][: cfg.trainer.val_max_images or None]
+        dist_utils.broadcast_buffers(model, info)  # BatchNorm running stats: every rank decodes with rank 0's
         captions = decode_records(model, val_records, vocab, cfg.data, "greedy", {"max_len": cfg.data.max_len},
                                   device, info, autocast_dtype=amp_dtype)
         metrics = {}
@@ -218,6 +239,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 if batch["size"] == 0:
                     continue
                 teacher_forcing_prob = schedule.teacher_forcing_prob(progress.step, progress.epoch)
+                last_prob["value"] = teacher_forcing_prob
                 images = batch["images"].to(device, non_blocking=True)
                 targets = batch["targets"].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -243,7 +265,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                     metrics = dist_utils.all_reduce_mean(
                         {"train/loss": running_loss.item() / window_steps,
                          "train/model_token_fraction": running_fraction.item() / window_steps}, info, device)
-                    metrics["train/teacher_forcing_prob"] = teacher_forcing_prob
                     metrics["train/captions_per_s"] = window_captions * info.world_size / max(elapsed, 1e-9)
                     metrics["train/lr"] = optimizer.param_groups[0]["lr"]
                     metrics["train/epoch"] = progress.epoch + progress.batch_in_epoch / steps_per_epoch
@@ -256,7 +277,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
                 if progress.step % cfg.trainer.val_every_n_steps == 0 or progress.step == total_steps:
                     metrics = validate()
-                    metrics["train/teacher_forcing_prob"] = teacher_forcing_prob
                     logger.log_metrics(metrics, progress.step)
                     value = metrics.get(cfg.trainer.monitor)
                     if value is None:
@@ -276,10 +296,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
                 if progress.step >= total_steps:
                     break
-                if preemption.requested:
+                if dist_utils.any_rank(preemption.requested, info):  # every rank stops at the same step
                     if info.is_main:
                         save_checkpoint(checkpoint_dict(), ckpt_dir / "last.pt")
-                        log.warning("%s received: saved %s at step %d; exiting for requeue", preemption.signal_name,
+                        log.warning("%s received: saved %s at step %d; exiting for requeue",
+                                    preemption.signal_name or "a signal (on another rank)",
                                     ckpt_dir / "last.pt", progress.step)
                     stopped_by_signal = True
                     break

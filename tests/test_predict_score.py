@@ -1,0 +1,59 @@
+"""captioning-predict and captioning-score as users call them."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from captioning.predict import list_images, predict
+from captioning.training.loop import train
+from conftest import compose, requires_java, tiny_overrides
+
+pytestmark = [requires_java(), pytest.mark.java]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    train(compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=3", "trainer.evaluate_after_training=false"]),
+          run_dir)
+    return run_dir / "checkpoints" / "best.pt"
+
+
+def test_predict_captions_files_and_folders_as_json_lines(checkpoint, tiny_data_root, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_data_root / "val2014", folder)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGBA", (50, 40), (0, 0, 255, 128)).save(tmp_path / "rgba.png")
+    out = tmp_path / "captions.jsonl"
+    decode_cfg = compose(["decode=diverse_beam", "decode.beam_size=4", "decode.num_groups=2", "decode.n_best=4"],
+                         config_name="predict").decode
+    rows = predict(checkpoint, [folder, tmp_path / "rgba.png"], decode_cfg, "cpu", batch_size=7, output=out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines == rows
+    files = list_images([folder, tmp_path / "rgba.png"])
+    assert sorted(r["file"] for r in rows) == sorted(map(str, files))
+    broken = [r for r in rows if r["file"].endswith("broken.jpg")]
+    assert len(broken) == 1 and "error" in broken[0]
+    good = [r for r in rows if "captions" in r]
+    assert all(len(r["captions"]) == 4 for r in good)
+    assert all(r["captions"][0]["score"] >= r["captions"][-1]["score"] for r in good)
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        list_images([tmp_path / "no_such_folder"])
+
+
+def test_score_command_on_our_own_results(checkpoint, tiny_data_root, tmp_path):
+    from captioning.evaluate import evaluate_checkpoint
+    from captioning.score import main as score_main
+
+    decode_cfg = compose(["decode=greedy"]).decode
+    metrics = evaluate_checkpoint(checkpoint, "test", decode_cfg, tmp_path, device="cpu")
+    out = tmp_path / "scores.json"
+    code = score_main([str(tiny_data_root / "annotations" / "captions_val2014.json"),
+                       str(tmp_path / "results_test_greedy.json"), "--out", str(out)])
+    assert code == 0
+    scored = json.loads(out.read_text())["metrics"]
+    for name in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+        assert scored[name] == pytest.approx(metrics[f"test/{name}"], abs=1e-12), name

@@ -1,0 +1,144 @@
+"""Throughput at COCO sizes: training steps (teacher forcing, scheduled sampling) and decoding.
+
+    python tools/benchmark.py --device cpu|cuda --out FILE [--threads N] [--precision fp32|bf16]
+
+Sizes: vocabulary 9,487, embedding and hidden 512, cached image features of 2,048 (the CNN is not
+timed), training batches of 50 images x 5 captions of length 16, decoding 500 images. Writes
+{"train_tf": {"captions_per_s"}, "train_ss": {...}, "greedy": {"images_per_s"}, "beam3": {...},
+"dbs6g3": {...}, "machine": {...}} with ratios measured in the same run, and prints a table.
+Scheduled sampling here is the exact per-token loop with probability 0.25 of a model token
+(teacher_forcing_prob 0.75), tokens sampled from the model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from captioning.decoding import decode  # noqa: E402
+from captioning.models.captioner import Captioner  # noqa: E402
+from captioning.models.decoder import RNNDecoder  # noqa: E402
+from captioning.models.encoder import PrecomputedFeatures  # noqa: E402
+from captioning.training.objective import CaptionLoss  # noqa: E402
+
+VOCAB, EMBED, HIDDEN, FEATURE, IMAGES, CAPTIONS, LENGTH, DECODE_IMAGES = 9487, 512, 512, 2048, 50, 5, 16, 500
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_model(device: torch.device) -> Captioner:
+    torch.manual_seed(0)
+    model = Captioner(PrecomputedFeatures(FEATURE), RNNDecoder(VOCAB, EMBED, HIDDEN, 1, "lstm", 0.0))
+    return model.to(device)
+
+
+def train_step_fn(model, features, targets, teacher_forcing_prob, amp_dtype):
+    loss_module = CaptionLoss(model, token_source="sample", granularity="token", mode="exact")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    device = features.device
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, _ = loss_module(None, targets, teacher_forcing_prob, features=features)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per entry")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    repeats = args.repeats or (20 if device.type == "cuda" else 3)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    model = build_model(device)
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(IMAGES, FEATURE, generator=g).to(device)  # (B, F)
+    targets = torch.randint(4, VOCAB, (IMAGES, CAPTIONS, LENGTH), generator=g)  # (B, C, T)
+    targets[..., -1] = 2
+    targets = targets.to(device)
+    captions = IMAGES * CAPTIONS
+    results: dict = {}
+
+    model.train()
+    tf = timed(train_step_fn(model, features, targets, 1.0, amp_dtype), device, repeats)
+    ss = timed(train_step_fn(model, features, targets, 0.75, amp_dtype), device, repeats)
+    results["train_tf"] = {"captions_per_s": captions / tf, "seconds_per_step": tf}
+    results["train_ss"] = {"captions_per_s": captions / ss, "seconds_per_step": ss, "teacher_forcing_prob": 0.75,
+                           "mode": "exact", "granularity": "token", "token_source": "sample",
+                           "cost_vs_train_tf": ss / tf}
+
+    model.eval()
+    # Decode to full length: a random model rarely says <eos>, and a bias makes sure (worst case).
+    with torch.no_grad():
+        model.decoder.out.bias[model.eos_id] = -30.0
+    decode_features = torch.randn(DECODE_IMAGES, FEATURE, generator=g).to(device)
+    entries = {"greedy": ("greedy", {"max_len": LENGTH}),
+               "beam3": ("beam", {"max_len": LENGTH, "beam_size": 3}),
+               "dbs6g3": ("diverse_beam", {"max_len": LENGTH, "beam_size": 6, "num_groups": 3,
+                                           "diversity_strength": 0.5})}
+    for name, (strategy, params) in entries.items():
+        def run(strategy=strategy, params=params):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                decode(model, decode_features, strategy, **params)
+        seconds = timed(run, device, max(1, repeats // 2), warmup=1)
+        results[name] = {"images_per_s": DECODE_IMAGES / seconds, "seconds_per_500_images": seconds}
+    for name in ("beam3", "dbs6g3"):
+        results[name]["throughput_vs_greedy"] = results[name]["images_per_s"] / results["greedy"]["images_per_s"]
+
+    results["machine"] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": args.precision,
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+        "sizes": {"vocab": VOCAB, "embed": EMBED, "hidden": HIDDEN, "feature": FEATURE, "images": IMAGES,
+                  "captions_per_image": CAPTIONS, "length": LENGTH, "decode_images": DECODE_IMAGES}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"{'entry':<10}{'throughput':>16}  ratio   ({results['machine']['device']}, {args.precision})")
+    print(f"{'train_tf':<10}{results['train_tf']['captions_per_s']:>12.0f} c/s")
+    print(f"{'train_ss':<10}{results['train_ss']['captions_per_s']:>12.0f} c/s  {results['train_ss']['cost_vs_train_tf']:.2f}x "
+          "the teacher-forcing step's time")
+    print(f"{'greedy':<10}{results['greedy']['images_per_s']:>12.0f} i/s")
+    for name in ("beam3", "dbs6g3"):
+        print(f"{name:<10}{results[name]['images_per_s']:>12.0f} i/s  {results[name]['throughput_vs_greedy']:.2f}x "
+              "greedy's throughput")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
