@@ -69,14 +69,32 @@ def scheduled_sampling_logits(model: Captioner, features: torch.Tensor, inputs: 
         fed[:, 1:] = torch.where(use_truth[:, 1:], inputs[:, 1:], model_tokens)
         return model.forward_teacher_forcing(features, fed), fed, use_truth
 
+    # Exact: one decoder step at a time. The output layer (the big V x H matmul) runs twice, and both times
+    # where it is cheapest: without gradient, only for the rows whose next input the model chooses (the
+    # sampling needs nothing else), and once, with gradient, over all steps as one matmul, which is also how
+    # the teacher-forced pass computes it. Dropout is applied once to each hidden state, so the tokens are
+    # drawn from exactly the distribution the loss sees.
+    select_rows = inputs.device.type == "cpu"  # on a GPU, row selection would synchronise with the host
     state = model.state_from_features(features)
-    step_logits, fed_tokens = [], []
+    hidden, fed_tokens = [], []
     token = inputs[:, 0]  # (N,) <bos>
     for t in range(inputs.shape[1]):
         if t > 0:
-            model_token = choose_tokens(step_logits[-1], token_source, temperature, first_word_id)  # (N,)
-            token = torch.where(use_truth[:, t], inputs[:, t], model_token)
-        logits, state = model.step_logits(token, state)  # (N, V)
-        step_logits.append(logits)
+            model_rows = ~use_truth[:, t]  # (N,)
+            with torch.no_grad():
+                if select_rows:
+                    rows = model_rows.nonzero().squeeze(1)  # (M,)
+                    token = inputs[:, t].clone()
+                    if rows.numel():
+                        logits = model.decoder.out(hidden[-1][rows])  # (M, V)
+                        token[rows] = choose_tokens(logits, token_source, temperature, first_word_id)
+                else:
+                    logits = model.decoder.out(hidden[-1])  # (N, V)
+                    model_token = choose_tokens(logits, token_source, temperature, first_word_id)  # (N,)
+                    token = torch.where(model_rows, model_token, inputs[:, t])
+        words = model.decoder.dropout(model.decoder.embed(token))[:, None]  # (N, 1, E)
+        outputs, state = model.decoder.run(words, state)  # (N, 1, H)
+        hidden.append(model.decoder.dropout(outputs[:, 0]))  # (N, H)
         fed_tokens.append(token)
-    return torch.stack(step_logits, 1), torch.stack(fed_tokens, 1), use_truth  # (N, T, V), (N, T), (N, T)
+    logits = model.decoder.out(torch.stack(hidden, 1))  # (N, T, V)
+    return logits, torch.stack(fed_tokens, 1), use_truth  # (N, T, V), (N, T), (N, T)
