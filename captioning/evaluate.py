@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from captioning.cli import exit_on_user_error
 from captioning.config import ConfigError, config_dir, decode_kwargs, validate_decode
 from captioning.data import build as data_build
+from captioning.metrics.exposure import exposure_bias_probe, reference_loader
 from captioning.inference import decode_records, most_common_caption, references_of, score, write_results
 from captioning.models.captioner import build_captioner
 from captioning.training.checkpoint import load_checkpoint
@@ -73,6 +74,7 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device
     if not info.is_main:
         return {}
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     predictions = {i: hyps[0][0] for i, hyps in captions.items()}
     references = references_of(split_records, predictions)
     metrics = score(references, predictions, spice=spice)
@@ -86,6 +88,12 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device
         metrics.update(diversity_report(nbest, references))
     result = {f"{split}/{k}": v for k, v in metrics.items()}
     result.update({f"{split}/most_common_caption/{k}": v for k, v in baseline.items()})
+    # Exposure bias: the references' NLL and accuracy per position, teacher-forced vs free-running.
+    exposure = exposure_bias_probe(model, reference_loader(split_records, vocab, cfg_data, batch_size), device,
+                                   cfg_data.max_len)
+    result.update({f"{split}/{k}": v for k, v in exposure.summary().items()})
+    (out_dir / f"{split}_exposure.json").write_text(json.dumps(exposure.to_json(), indent=2))
+    exposure.plot(out_dir / f"{split}_exposure.png")
     write_results(out_dir / f"results_{split}_{strategy}.json", captions)
     (out_dir / f"{split}_metrics.json").write_text(json.dumps(
         {**result, "checkpoint": str(checkpoint_path), "checkpoint_step": state["step"], "decode": strategy,
@@ -94,6 +102,10 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device
     print(f"\n{split} split, {len(predictions)} images, decode={strategy} "
           f"{json.dumps(decode_kwargs(decode_cfg))}, checkpoint step {state['step']}")
     print(format_table({"model": metrics, "most common caption": baseline}))
+    summary = exposure.summary()
+    print(f"exposure bias: reference NLL per token {summary['exposure/nll_tf']:.3f} teacher-forced vs "
+          f"{summary['exposure/nll_free']:.3f} free-running (gap {summary['exposure/nll_gap']:.3f}); "
+          f"accuracy {summary['exposure/acc_tf']:.3f} vs {summary['exposure/acc_free']:.3f}")
     print(f'(most common training caption: "{baseline_caption}")\n')
     if logger is not None:
         logger.log_metrics(result, step if step is not None else state["step"])

@@ -40,6 +40,9 @@ def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
     for key in ("test/BLEU-1", "test/BLEU-2", "test/BLEU-3", "test/BLEU-4", "test/METEOR", "test/ROUGE-L",
                 "test/CIDEr", "test/most_common_caption/CIDEr"):
         assert key in test and 0 <= test[key] <= 10
+    for key in ("nll_tf", "nll_free", "nll_gap", "acc_tf", "acc_free", "acc_gap"):
+        assert f"test/exposure/{key}" in test and all(f"val/exposure/{key}" in r for r in val)
+    assert (tmp_path / "test_exposure.png").is_file() and (tmp_path / "test_exposure.json").is_file()
     results = json.loads((tmp_path / "results_test_beam.json").read_text())
     assert len(results) == 10 and all(set(r) == {"image_id", "caption"} for r in results)
     written = json.loads((tmp_path / "test_metrics.json").read_text())

@@ -18,6 +18,7 @@ from captioning.config import validate_train_config, decode_kwargs
 from captioning.data import build as data_build
 from captioning.data.dataset import BadImageTracker
 from captioning.inference import decode_records, references_of, score
+from captioning.metrics.exposure import exposure_bias_probe, reference_loader
 from captioning.loggers.base import MultiLogger, NullLogger
 from captioning.loggers.jsonl import JsonlLogger
 from captioning.models.captioner import build_captioner
@@ -207,6 +208,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                  "%d steps; teacher forcing: %s", len(vocab), cfg.data.word_count_threshold, len(dataset),
                  steps_per_epoch, total_steps, schedule.describe())
 
+    exposure_loader = reference_loader(records["val"][: cfg.trainer.val_max_images or None], vocab, cfg.data)
+
     def validate() -> dict[str, float]:
         val_records = records["val"][: cfg.trainer.val_max_images or None]
         dist_utils.broadcast_buffers(model, info)  # BatchNorm running stats: every rank decodes with rank 0's
@@ -216,6 +219,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         if info.is_main:
             predictions = {i: hyps[0][0] for i, hyps in captions.items()}
             metrics = {f"val/{k}": v for k, v in score(references_of(val_records, predictions), predictions).items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                exposure = exposure_bias_probe(model, exposure_loader, device, cfg.data.max_len)
+            metrics.update({f"val/{k}": v for k, v in exposure.summary().items()})
             rows = [[r.path, captions[r.image_id][0][0], " | ".join(r.captions)] for r in val_records[:16]
                     if r.image_id in captions]
             logger.log_table("val/samples", ["image", "generated", "references"], rows, progress.step)
