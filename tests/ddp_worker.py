@@ -79,7 +79,8 @@ def run_training(out_dir: Path, overrides: list[str]) -> tuple[dict, int]:
     get_item = TrainCaptionDataset.__getitem__
 
     def spy_get_item(self, key):
-        report["train_keys"].append([int(key), len(self)])
+        if type(self) is TrainCaptionDataset:  # not the exposure probe's all-references subclass
+            report["train_keys"].append([int(key), len(self)])
         return get_item(self, key)
 
     all_reduce_mean = dist_utils.all_reduce_mean
