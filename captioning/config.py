@@ -153,6 +153,7 @@ def validate_trainer(cfg: DictConfig) -> None:
     _positive_int(cfg, "trainer.log_every_n_steps")
     _positive_int(cfg, "trainer.num_threads", allow_none=True)
     _choice(cfg, "trainer.precision", ("fp32", "bf16", "fp16"))
+    _choice(cfg, "trainer.scoring", ("now", "deferred"))
     device = str(t.device)
     _require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "trainer.device",
              "must be auto, cpu, cuda or cuda:N", device)

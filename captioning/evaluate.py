@@ -54,8 +54,11 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device: torch.device | str = "auto",
                         data_overrides: dict | None = None, spice: bool = False, logger=None, step: int | None = None,
-                        info: DistInfo = DistInfo(), records=None, batch_size: int | None = None) -> dict[str, float]:
-    """Decode `split` with the checkpoint and score it; returns {"split/metric": value, ...}."""
+                        info: DistInfo = DistInfo(), records=None, batch_size: int | None = None,
+                        score_now: bool = True) -> dict[str, float]:
+    """Decode `split` with the checkpoint and score it; returns {"split/metric": value, ...}.
+    With score_now=False only the results file (and the exposure probe, which needs no Java) is written:
+    tools/score_runs.py scores it later on a machine with Java."""
     if isinstance(device, str):
         device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                               "cpu" if device == "auto" else device)
@@ -76,6 +79,16 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions = {i: hyps[0][0] for i, hyps in captions.items()}
+    write_results(out_dir / f"results_{split}_{strategy}.json", captions)
+    if not score_now:
+        exposure = exposure_bias_probe(model, reference_loader(split_records, vocab, cfg_data, batch_size), device,
+                                       cfg_data.max_len)
+        result = {f"{split}/{k}": v for k, v in exposure.summary().items()}
+        (out_dir / f"{split}_exposure.json").write_text(json.dumps(exposure.to_json(), indent=2))
+        print(f"{split}: wrote {out_dir / f'results_{split}_{strategy}.json'} (scoring deferred)")
+        if logger is not None:
+            logger.log_metrics(result, step if step is not None else state["step"])
+        return result
     references = references_of(split_records, predictions)
     metrics = score(references, predictions, spice=spice)
     baseline_caption = most_common_caption(records["train"])
@@ -94,7 +107,6 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device
     result.update({f"{split}/{k}": v for k, v in exposure.summary().items()})
     (out_dir / f"{split}_exposure.json").write_text(json.dumps(exposure.to_json(), indent=2))
     exposure.plot(out_dir / f"{split}_exposure.png")
-    write_results(out_dir / f"results_{split}_{strategy}.json", captions)
     (out_dir / f"{split}_metrics.json").write_text(json.dumps(
         {**result, "checkpoint": str(checkpoint_path), "checkpoint_step": state["step"], "decode": strategy,
          "decode_params": decode_kwargs(decode_cfg), "most_common_caption": baseline_caption,
@@ -142,12 +154,59 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
                                    [f"decode:{cfg.decode.strategy}"], w.mode, "eval",
                                    OmegaConf.to_container(cfg, resolve=True)))
     logger = MultiLogger(loggers)
+    checkpoint = Path(str(cfg.checkpoint)).expanduser()
     try:
-        return evaluate_checkpoint(Path(str(cfg.checkpoint)).expanduser(), cfg.split, cfg.decode, out_dir,
-                                   device=cfg.device, data_overrides={"root": cfg.data_root}, spice=cfg.spice,
-                                   logger=logger, batch_size=cfg.batch_size)
+        if not cfg.compare_decoders:
+            return evaluate_checkpoint(checkpoint, cfg.split, cfg.decode, out_dir, device=cfg.device,
+                                       data_overrides={"root": cfg.data_root}, spice=cfg.spice, logger=logger,
+                                       batch_size=cfg.batch_size)
+        return compare_decoders(cfg, checkpoint, out_dir, logger)
     finally:
         logger.finish()
+
+
+def decoder_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """conf/decode/NAME.yaml for each name in `compare_decoders`, with `compare_overrides` applied to each."""
+    configs = {}
+    for name in cfg.compare_decoders:
+        path = Path(config_dir()) / "decode" / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"compare_decoders: no decode config {name!r} (one of "
+                              f"{sorted(p.stem for p in path.parent.glob('*.yaml'))})")
+        candidate = cfg.copy()
+        candidate.decode = OmegaConf.merge(OmegaConf.load(path), cfg.compare_overrides or {})
+        OmegaConf.resolve(candidate)
+        validate_decode(OmegaConf.create({"decode": candidate.decode}))
+        configs[name] = candidate.decode
+    return configs
+
+
+def compare_decoders(cfg: DictConfig, checkpoint: Path, out_dir: Path, logger) -> dict[str, float]:
+    """Several decoders on one checkpoint: each into its own subfolder, then one table side by side
+    (metrics, and sample images with every decoder's caption and the references)."""
+    configs = decoder_configs(cfg)  # all validated before any decoding
+    results, captions = {}, {}
+    for name, decode_cfg in configs.items():
+        metrics = evaluate_checkpoint(checkpoint, cfg.split, decode_cfg, out_dir / name, device=cfg.device,
+                                      data_overrides={"root": cfg.data_root}, spice=cfg.spice,
+                                      batch_size=cfg.batch_size)
+        results[name] = {k.split("/", 1)[1]: v for k, v in metrics.items() if "most_common_caption" not in k}
+        captions[name] = {r["image_id"]: r["caption"] for r in json.loads(
+            (out_dir / name / f"results_{cfg.split}_{decode_cfg.strategy}.json").read_text())}
+        logger.log_metrics({f"{cfg.split}/{name}/{k}": v for k, v in results[name].items()}, 0)
+    keys = [k for k in results[next(iter(results))] if all(k in r for r in results.values())]
+    table = format_table({name: {k: r[k] for k in keys} for name, r in results.items()})
+    print(f"\n{cfg.split} split, decoders side by side ({json.dumps(OmegaConf.to_container(cfg.compare_overrides))})")
+    print(table)
+    (out_dir / f"{cfg.split}_decoders_metrics.json").write_text(json.dumps(
+        {"checkpoint": str(checkpoint), "overrides": OmegaConf.to_container(cfg.compare_overrides),
+         "decoders": {n: OmegaConf.to_container(c) for n, c in configs.items()}, "metrics": results}, indent=2))
+    _, _, train_cfg, _ = load_model(checkpoint, torch.device("cpu"))
+    cfg_data = OmegaConf.merge(train_cfg.data, {"root": cfg.data_root} if cfg.data_root else {})
+    records = data_build.load_records(cfg_data)[cfg.split][:16]
+    rows = [[r.path, *(captions[n].get(r.image_id, "") for n in configs), " | ".join(r.captions)] for r in records]
+    logger.log_table(f"{cfg.split}/decoders", ["image", *configs, "references"], rows, 0)
+    return {f"{cfg.split}/{name}/{k}": v for name, r in results.items() for k, v in r.items()}
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")

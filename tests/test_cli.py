@@ -84,3 +84,26 @@ def test_train_then_eval_console_scripts_agree(tiny_data_root, tmp_path):
     for key, value in train_metrics.items():
         if key.startswith("test/"):
             assert eval_metrics[key] == value, key
+
+
+@requires_java()
+@pytest.mark.java
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data_root, tmp_path):
+    import signal
+
+    overrides = tiny_overrides(tiny_data_root) + ["trainer.max_steps=100000", "trainer.val_every_n_steps=100000",
+                                                  "trainer.log_every_n_steps=1", f"hydra.run.dir={tmp_path}/run"]
+    process = subprocess.Popen(script("captioning-train") + overrides, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 124, stderr[-2000:]
+    assert "SIGTERM received" in stderr and "Traceback" not in stderr
+    from captioning.training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] >= 3

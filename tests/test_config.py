@@ -30,12 +30,15 @@ def test_every_option_composes_and_validates(group, option):
 
 @pytest.mark.parametrize("option", options("hydra/launcher"))
 def test_launcher_configs_compose(option):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
+    plugin = "joblib" if option == "parallel" else "submitit"
+    pytest.importorskip(f"hydra_plugins.hydra_{plugin}_launcher", reason=f"hydra-{plugin}-launcher not installed")
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = hydra_compose("config", overrides=[f"hydra/launcher={option}"], return_hydra_config=True)
-    assert "submitit" in cfg.hydra.launcher._target_.lower()
+    assert plugin in cfg.hydra.launcher._target_.lower()
+    if plugin == "submitit":
+        assert cfg.hydra.launcher.signal_delay_s > 0 and cfg.hydra.launcher.max_num_timeout > 0
 
 
 def test_eval_config_composes_for_every_decoder():

@@ -57,3 +57,33 @@ def test_score_command_on_our_own_results(checkpoint, tiny_data_root, tmp_path):
     scored = json.loads(out.read_text())["metrics"]
     for name in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
         assert scored[name] == pytest.approx(metrics[f"test/{name}"], abs=1e-12), name
+
+
+def test_compare_decoders_side_by_side(checkpoint, tmp_path, capsys):
+    from captioning.evaluate import evaluate
+
+    cfg = compose([f"checkpoint={checkpoint}", "compare_decoders=[beam,diverse_beam]", "device=cpu",
+                   "+compare_overrides.beam_size=6", "+compare_overrides.n_best=6"], config_name="eval")
+    result = evaluate(cfg, tmp_path)
+    for name in ("beam", "diverse_beam"):
+        assert (tmp_path / name / f"results_test_{name}.json").is_file()
+        for key in ("CIDEr", "BLEU-4", "distinct-2", "oracle-CIDEr@6", "mBLEU-4"):
+            assert f"test/{name}/{key}" in result
+        assert result[f"test/{name}/oracle-CIDEr@6"] >= result[f"test/{name}/CIDEr"] - 1e-9
+    table = json.loads((tmp_path / "test_decoders_metrics.json").read_text())
+    assert table["decoders"]["beam"]["beam_size"] == 6 and table["decoders"]["diverse_beam"]["num_groups"] == 3
+    assert table["metrics"]["beam"]["CIDEr"] == result["test/beam/CIDEr"]
+    assert "diverse_beam" in capsys.readouterr().out
+    logged = json.loads((tmp_path / "test_decoders.json").read_text())  # the side-by-side samples table
+    assert logged["columns"] == ["image", "beam", "diverse_beam", "references"] and len(logged["rows"]) == 10
+
+
+def test_compare_decoders_rejects_bad_names_and_combinations(checkpoint, tmp_path):
+    from captioning.config import ConfigError
+    from captioning.evaluate import evaluate
+
+    with pytest.raises(ConfigError, match="no decode config 'nucleus'"):
+        evaluate(compose([f"checkpoint={checkpoint}", "compare_decoders=[beam,nucleus]"], config_name="eval"), tmp_path)
+    with pytest.raises(ConfigError, match="num_groups"):
+        evaluate(compose([f"checkpoint={checkpoint}", "compare_decoders=[diverse_beam]",
+                          "+compare_overrides.beam_size=4", "+compare_overrides.n_best=4"], config_name="eval"), tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,68 @@ def test_resume_after_preemption_equals_straight_run(tiny_data_root, tmp_path, m
     probs = [r["train/teacher_forcing_prob"] for r in records if "train/loss" in r]
     assert probs == [r["train/teacher_forcing_prob"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")
                      if "train/loss" in r]  # the schedule position survives the resume
+
+
+def test_sigusr1_saves_then_hands_over_to_the_launchers_handler(tiny_data_root, tmp_path, monkeypatch):
+    """Under submitit, SIGUSR1's handler requeues the job: it must run only after our checkpoint is on disk."""
+    calls = []
+
+    def launcher_handler(signum, frame):
+        calls.append((signum, (tmp_path / "checkpoints" / "last.pt").is_file()))
+
+    previous = signal.signal(signal.SIGUSR1, launcher_handler)
+    original = objective.CaptionLoss.forward
+
+    def forward_then_signal(self, *args, **kwargs):
+        if not calls and not getattr(forward_then_signal, "sent", False):
+            forward_then_signal.sent = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(objective.CaptionLoss, "forward", forward_then_signal)
+    try:
+        summary = train(compose(tiny_overrides(tiny_data_root)), tmp_path)
+        assert summary["preempted"] and summary["requeue"] == "previous handler" and summary["steps"] == 1
+        assert calls == [(signal.SIGUSR1, True)]
+        assert signal.getsignal(signal.SIGUSR1) is launcher_handler  # ours is gone again
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_deferred_scoring_needs_no_java_and_scores_the_same_later(tiny_data_root, tmp_path, monkeypatch):
+    """trainer.scoring=deferred (GPU nodes without Java) + tools/score_runs.py == scoring during training."""
+    import importlib.util
+
+    from captioning import metrics
+
+    overrides = tiny_overrides(tiny_data_root) + ["trainer.max_steps=6", "trainer.val_every_n_steps=6"]
+    now = train(compose(overrides), tmp_path / "now")
+
+    def no_java():
+        raise AssertionError("deferred scoring must not need Java")
+
+    monkeypatch.setattr(metrics, "check_java", no_java)
+    deferred_dir = tmp_path / "sweep" / "0"
+    deferred = train(compose(overrides + ["trainer.scoring=deferred"]), deferred_dir)
+    monkeypatch.undo()
+    assert (deferred_dir / "val_results" / "step_00000006.json").is_file()
+    assert not (deferred_dir / "test_metrics.json").exists() and "test/CIDEr" not in deferred["test"]
+
+    # Hydra writes the composed config next to the run; score_runs reads it from there.
+    (deferred_dir / ".hydra").mkdir()
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(compose(overrides + ["trainer.scoring=deferred"]), deferred_dir / ".hydra" / "config.yaml")
+    spec = importlib.util.spec_from_file_location("score_runs", Path(__file__).parent.parent / "tools" / "score_runs.py")
+    score_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score_runs)
+    assert score_runs.main([str(tmp_path / "sweep")]) == 0
+    scored = json.loads((deferred_dir / "test_metrics.json").read_text())
+    for key, value in now["test"].items():
+        if key.startswith("test/") and "exposure" not in key:
+            assert scored[key] == pytest.approx(value, abs=1e-12), key
+    val_now = [r for r in read_jsonl(tmp_path / "now" / "metrics.jsonl") if "val/CIDEr" in r]
+    val_later = [r for r in read_jsonl(deferred_dir / "metrics.jsonl") if "val/CIDEr" in r]
+    assert [(r["step"], r["val/CIDEr"], r["train/teacher_forcing_prob"]) for r in val_now] == \
+        [(r["step"], r["val/CIDEr"], r["train/teacher_forcing_prob"]) for r in val_later]
+    assert score_runs.main([str(tmp_path / "sweep")]) == 0  # idempotent: already scored

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ from tqdm import tqdm
 from captioning.config import validate_train_config, decode_kwargs
 from captioning.data import build as data_build
 from captioning.data.dataset import BadImageTracker
-from captioning.inference import decode_records, references_of, score
+from captioning.inference import decode_records, references_of, score, write_results
 from captioning.metrics.exposure import exposure_bias_probe, reference_loader
 from captioning.loggers.base import MultiLogger, NullLogger
 from captioning.loggers.jsonl import JsonlLogger
@@ -50,11 +53,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 (SLURM's warning before preemption or time limit) set a flag; the loop saves at the
-    next step boundary and exits, and the resumed job continues from that checkpoint."""
+    next step boundary, then asks for a requeue: through the handler that was there before ours (the
+    submitit launcher's, which requeues the job) or, in a plain sbatch job, with `scontrol requeue`. The
+    requeued job resumes from that checkpoint by itself (`trainer.resume=auto`)."""
 
     def __init__(self):
         self.requested = False
         self.signal_name = None
+        self.signum = None
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
@@ -64,11 +70,27 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        self.signum = signum
         self.signal_name = signal.Signals(signum).name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def request_requeue(self) -> str:
+        """After the checkpoint is saved: hand the signal to the previous handler, or requeue the SLURM job."""
+        previous = self._previous.get(self.signum)
+        self.restore()
+        if callable(previous):
+            previous(self.signum, None)  # e.g. submitit: checkpoint callback, requeue, exit
+            return "previous handler"
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if job_id and shutil.which("scontrol"):
+            result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+            if result.returncode == 0:
+                return f"scontrol requeue {job_id}"
+            log.warning("scontrol requeue %s failed: %s", job_id, result.stderr.strip())
+        return "none"
 
 
 class WithTeacherForcingProb:
@@ -122,9 +144,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train, validate every `trainer.val_every_n_steps`, keep last/best checkpoints; then (optionally)
     evaluate the best checkpoint on the test split. Returns a summary dict."""
     validate_train_config(cfg)
-    from captioning.metrics import check_java
+    deferred = cfg.trainer.scoring == "deferred"
+    if not deferred:
+        from captioning.metrics import check_java
 
-    check_java()  # before any heavy work: validation and evaluation need pycocoevalcap's Java tools
+        check_java()  # before any heavy work: validation and evaluation need pycocoevalcap's Java tools
     run_dir = Path(run_dir)
     info = dist_utils.init_distributed(device=str(cfg.trainer.device))
     run_dir = Path(dist_utils.broadcast_object(str(run_dir), info))  # rank 0's: ${now} in a path may differ by rank
@@ -218,7 +242,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         metrics = {}
         if info.is_main:
             predictions = {i: hyps[0][0] for i, hyps in captions.items()}
-            metrics = {f"val/{k}": v for k, v in score(references_of(val_records, predictions), predictions).items()}
+            if deferred:  # scored later, where Java is (tools/score_runs.py)
+                write_results(run_dir / "val_results" / f"step_{progress.step:08d}.json", captions)
+            else:
+                metrics = {f"val/{k}": v for k, v in
+                           score(references_of(val_records, predictions), predictions).items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 exposure = exposure_bias_probe(model, exposure_loader, device, cfg.data.max_len)
             metrics.update({f"val/{k}": v for k, v in exposure.summary().items()})
@@ -284,7 +312,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 if progress.step % cfg.trainer.val_every_n_steps == 0 or progress.step == total_steps:
                     metrics = validate()
                     logger.log_metrics(metrics, progress.step)
-                    value = metrics.get(cfg.trainer.monitor)
+                    value = metrics.get(cfg.trainer.monitor, progress.step if deferred else None)
                     if value is None:
                         raise ValueError(f"trainer.monitor: {cfg.trainer.monitor} is not among the validation "
                                          f"metrics {sorted(metrics)}")
@@ -315,7 +343,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 progress.batch_in_epoch = 0
     finally:
         bar.close()
-        preemption.restore()
+        if not stopped_by_signal:
+            preemption.restore()
 
     summary = {"run_dir": str(run_dir), "steps": progress.step, "best_step": progress.best_step,
                "best_metric": progress.best_metric, "skipped_images": len(tracker.skipped),
@@ -324,6 +353,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         logger.finish()
         dist_utils.cleanup(info)
         summary["exit_code"] = PREEMPTION_EXIT_CODE
+        if preemption.requested:  # the rank that got the signal asks for the requeue
+            summary["requeue"] = preemption.request_requeue()
         return summary
 
     if cfg.trainer.evaluate_after_training:
@@ -331,6 +362,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
         dist_utils.barrier(info)
         test = evaluate_checkpoint(ckpt_dir / "best.pt", split="test", decode_cfg=cfg.decode, out_dir=run_dir,
+                                   score_now=not deferred,
                                    device=device, logger=logger, step=progress.step, info=info, records=records)
         summary["test"] = test
     logger.finish()

@@ -1,0 +1,89 @@
+"""The encoder's weight sources, freezing, and the step interface against the fused teacher-forced pass."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from captioning.models.captioner import Captioner
+from captioning.models.decoder import RNNDecoder
+from captioning.models.encoder import ImageEncoder, PrecomputedFeatures
+
+
+def test_encoder_weights_from_a_local_file(tmp_path):
+    torch.manual_seed(3)
+    source = torchvision.models.resnet18(weights=None)
+    torch.save(source.state_dict(), tmp_path / "r18.pth")
+    encoder = ImageEncoder("resnet18", str(tmp_path / "r18.pth"))
+    assert torch.equal(encoder.backbone.conv1.weight, source.conv1.weight)
+    assert encoder.feature_dim == 512 and encoder(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    backbone_only = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    torch.save({"state_dict": backbone_only}, tmp_path / "backbone.pt")  # head-less files load too
+    ImageEncoder("resnet18", str(tmp_path / "backbone.pt"))
+
+
+def test_encoder_weight_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        ImageEncoder("resnet18", str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="not a weights name for resnet18"):
+        ImageEncoder("resnet18", "IMAGENET_BEST")
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match="does not match the architecture"):
+        ImageEncoder("resnet18", str(tmp_path / "r34.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="could not read weights file"):
+        ImageEncoder("resnet18", str(tmp_path / "junk.pth"))
+    with pytest.raises(ValueError, match="model.encoder.name"):
+        ImageEncoder("resnet9000")
+
+
+@pytest.mark.parametrize("name,dim", [("resnet50", 2048), ("efficientnet_b0", 1280), ("convnext_tiny", 768)])
+def test_other_backbones_lose_their_classifier(name, dim):
+    assert ImageEncoder(name).feature_dim == dim
+
+
+def test_frozen_encoder_has_no_gradients_and_fixed_batchnorm():
+    encoder = ImageEncoder("resnet18", trainable=False).train()
+    assert not any(p.requires_grad for p in encoder.parameters())
+    assert not encoder.backbone.bn1.training
+    before = encoder.backbone.bn1.running_mean.clone()
+    encoder(torch.randn(4, 3, 32, 32) * 5)
+    assert torch.equal(before, encoder.backbone.bn1.running_mean)
+
+
+def test_grid_pooling_keeps_where_things_are():
+    torch.manual_seed(0)
+    encoder = ImageEncoder("resnet18", pool="grid", grid_size=2).eval()
+    assert encoder.feature_dim == 2048
+    blank = torch.zeros(1, 3, 128, 128)
+    with torch.no_grad():
+        reference = encoder(blank).view(512, 4)
+        for cell, (rows, cols) in enumerate([(slice(0, 48), slice(0, 48)), (slice(0, 48), slice(80, 128)),
+                                             (slice(80, 128), slice(0, 48)), (slice(80, 128), slice(80, 128))]):
+            image = blank.clone()
+            image[..., rows, cols] = 3.0  # a bright patch in one corner
+            change = (encoder(image).view(512, 4) - reference).abs().sum(0)  # (4,) per grid cell
+            assert change.argmax().item() == cell
+    with pytest.raises(ValueError, match="model.encoder.pool"):
+        ImageEncoder("resnet18", pool="max")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_step_interface_equals_the_fused_teacher_forced_pass(cell):
+    torch.manual_seed(0)
+    model = Captioner(PrecomputedFeatures(20), RNNDecoder(30, 8, 12, num_layers=2, cell=cell)).eval()
+    features = torch.randn(3, 20)
+    inputs = torch.randint(3, 30, (3, 6))
+    inputs[:, 0] = model.bos_id
+    fused = torch.log_softmax(model.forward_teacher_forcing(features, inputs), -1)  # (N, T, V)
+    state = model.init_state(features)
+    for t in range(6):
+        log_probs, state = model.step(inputs[:, t], state)
+        torch.testing.assert_close(log_probs, fused[:, t], rtol=1e-5, atol=1e-5)
+    # reorder_state: rows move with their index, and can be repeated (images -> beams)
+    state = model.init_state(features)
+    index = torch.tensor([2, 2, 0])
+    moved = model.reorder_state(state, index)
+    for full, picked in zip(state, moved):
+        assert torch.equal(full[:, index], picked)
+    assert (model.bos_id, model.eos_id, model.pad_id, model.vocab_size) == (1, 2, 0, 30)
