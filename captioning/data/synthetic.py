@@ -27,6 +27,7 @@ Layout under `root` (same as a real COCO 2014 + Karpathy download):
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import math
@@ -494,8 +495,14 @@ def _clear_previous(root: Path) -> None:
         (root / (name + ".tmp")).unlink(missing_ok=True)
 
 
+def _generator_fingerprint() -> str:
+    """A hash of this file: any change to the generator regenerates cached folders, even if nobody bumped
+    FORMAT_VERSION (a stale cache would silently evaluate on other images and captions)."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def _meta(num_train: int, num_val: int, num_test: int, image_size: int, seed: int) -> dict:
-    return {"format_version": FORMAT_VERSION,
+    return {"format_version": FORMAT_VERSION, "generator": _generator_fingerprint(),
             "kwargs": {"num_train": num_train, "num_val": num_val, "num_test": num_test,
                        "image_size": image_size, "seed": seed}}
 
