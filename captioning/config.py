@@ -96,6 +96,10 @@ def validate_model(cfg: DictConfig) -> None:
     _require(isinstance(cfg.model.encoder.trainable, bool), "model.encoder.trainable", "must be true or false",
              cfg.model.encoder.trainable)
     _choice(cfg, "model.encoder.pool", ("avg", "grid"))
+    _positive_int(cfg, "model.encoder.unfreeze_after_steps", allow_none=True, minimum=0)
+    if cfg.model.encoder.get("unfreeze_after_steps") is not None:
+        _require(not cfg.model.encoder.trainable, "model.encoder.unfreeze_after_steps",
+                 "needs model.encoder.trainable=false (the encoder starts frozen)", cfg.model.encoder.trainable)
     _positive_int(cfg, "model.encoder.grid_size")
     import torchvision
 
@@ -154,6 +158,8 @@ def validate_trainer(cfg: DictConfig) -> None:
     _positive_int(cfg, "trainer.num_threads", allow_none=True)
     _choice(cfg, "trainer.precision", ("fp32", "bf16", "fp16"))
     _choice(cfg, "trainer.scoring", ("now", "deferred"))
+    for key in ("cudnn_benchmark", "channels_last", "compile"):
+        _require(isinstance(t.get(key), bool), f"trainer.{key}", "must be true or false", t.get(key))
     device = str(t.device)
     _require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "trainer.device",
              "must be auto, cpu, cuda or cuda:N", device)

@@ -162,3 +162,29 @@ def test_deferred_scoring_needs_no_java_and_scores_the_same_later(tiny_data_root
     assert [(r["step"], r["val/CIDEr"], r["train/teacher_forcing_prob"]) for r in val_now] == \
         [(r["step"], r["val/CIDEr"], r["train/teacher_forcing_prob"]) for r in val_later]
     assert score_runs.main([str(tmp_path / "sweep")]) == 0  # idempotent: already scored
+
+
+def test_encoder_unfreezes_after_n_steps_with_its_own_learning_rate(tiny_data_root, tmp_path):
+    overrides = tiny_overrides(tiny_data_root) + ["model.encoder.trainable=false", "model.encoder.unfreeze_after_steps=3",
+                                                  "optim.encoder_lr=0.05", "trainer.max_steps=3",
+                                                  "trainer.val_every_n_steps=3", "trainer.evaluate_after_training=false"]
+    train(compose(overrides), tmp_path / "three")
+    initial = {k: v for k, v in load_checkpoint(tmp_path / "three" / "checkpoints" / "last.pt")["model"].items()
+               if k.startswith("encoder.")}
+    from captioning.models.captioner import build_captioner
+
+    torch.manual_seed(0)
+    fresh = build_captioner(compose(overrides).model, 10)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in initial.items() if "conv" in k)  # frozen: untouched
+    summary = train(compose(overrides[:-3] + ["trainer.max_steps=5", "trainer.val_every_n_steps=5",
+                                              "trainer.evaluate_after_training=false"]), tmp_path / "five")
+    assert summary["steps"] == 5
+    state = load_checkpoint(tmp_path / "five" / "checkpoints" / "last.pt")
+    after = {k: v for k, v in state["model"].items() if k.startswith("encoder.") and "conv" in k}
+    assert any(not torch.equal(v, initial[k]) for k, v in after.items())  # trained from step 3 on
+    encoder_group = [g for g in state["optimizer"]["param_groups"] if g.get("name") == "encoder"][0]
+    assert encoder_group["initial_lr"] == 0.05  # its own rate (then cosine-decayed like the decoder's)
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == 1e-3
+    records = read_jsonl(tmp_path / "five" / "metrics.jsonl")
+    assert all(0 <= r["train/data_wait_fraction"] <= 1 and r["train/images_per_s"] > 0
+               for r in records if "train/loss" in r)

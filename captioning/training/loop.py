@@ -116,12 +116,15 @@ class Progress:
     best_step: int = -1
 
 
-def build_param_groups(model, cfg_optim) -> list[dict]:
+def build_param_groups(model, cfg_optim, will_unfreeze: bool = False) -> list[dict]:
+    """The decoder's parameters, and the encoder's (with `optim.encoder_lr`) when it is trained now or will
+    be after `model.encoder.unfreeze_after_steps` (frozen parameters get no gradient, so the optimizer
+    leaves them alone until then)."""
     encoder_params = [p for p in model.encoder.parameters()]
     encoder_ids = {id(p) for p in encoder_params}
     rest = [p for p in model.parameters() if id(p) not in encoder_ids]
     groups = [{"params": rest, "name": "decoder"}]
-    if model.encoder.trainable:
+    if (model.encoder.trainable or will_unfreeze) and encoder_params:
         group = {"params": encoder_params, "name": "encoder"}
         if cfg_optim.encoder_lr is not None:
             group["lr"] = cfg_optim.encoder_lr
@@ -129,8 +132,8 @@ def build_param_groups(model, cfg_optim) -> list[dict]:
     return groups
 
 
-def build_optimizer_and_scheduler(model, cfg_optim, total_steps: int):
-    optimizer = hydra.utils.instantiate(cfg_optim.optimizer)(build_param_groups(model, cfg_optim))
+def build_optimizer_and_scheduler(model, cfg_optim, total_steps: int, will_unfreeze: bool = False):
+    optimizer = hydra.utils.instantiate(cfg_optim.optimizer)(build_param_groups(model, cfg_optim, will_unfreeze))
     scheduler_cfg = OmegaConf.to_container(cfg_optim.lr_scheduler, resolve=True) if cfg_optim.lr_scheduler else None
     scheduler = None
     if scheduler_cfg:
@@ -156,6 +159,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     amp_dtype = autocast_dtype(cfg.trainer.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(cfg.trainer.cudnn_benchmark)  # fixed image size: autotune once
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
 
     # Data: records, vocabulary from the train split only, the training loader.
@@ -174,11 +180,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     total_steps = int(total_steps)
 
     model = build_captioner(cfg.model, len(vocab)).to(device)
+    model.encoder.to(memory_format=memory_format)
     loss_module = CaptionLoss(model, cfg.schedule.token_source, cfg.schedule.granularity, cfg.schedule.temperature,
                               cfg.schedule.mode)
-    train_forward = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None
-                                            ) if info.enabled else loss_module
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(model, cfg.optim, total_steps)
+
+    def wrap_for_training():
+        """DDP registers the parameters that need gradients when it is built: rebuilt when the encoder unfreezes."""
+        forward = loss_module
+        if info.enabled:
+            forward = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(forward) if cfg.trainer.compile else forward
+
+    train_forward = wrap_for_training()
+    unfreeze_at = cfg.model.encoder.get("unfreeze_after_steps")
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(model, cfg.optim, total_steps, unfreeze_at is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedule = build_schedule(cfg.schedule.name, k=cfg.schedule.k, c=cfg.schedule.c, eps_min=cfg.schedule.eps_min,
                               p=cfg.schedule.p, unit=cfg.schedule.unit, warmup_steps=cfg.schedule.warmup_steps)
@@ -217,6 +232,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     # The probability the latest optimizer step used (what every metrics record is tagged with).
     last_prob = {"value": schedule.teacher_forcing_prob(progress.step, progress.epoch)}
+    def maybe_unfreeze() -> None:
+        nonlocal train_forward
+        if unfreeze_at is not None and progress.step >= unfreeze_at and not model.encoder.trainable:
+            model.encoder.set_trainable(True)
+            model.encoder.train()
+            train_forward = wrap_for_training()
+            log.info("step %d: encoder unfrozen (model.encoder.unfreeze_after_steps=%d)", progress.step, unfreeze_at)
+
+    maybe_unfreeze()  # a run resumed past the unfreezing step
     logger = NullLogger()
     if info.is_main:
         loggers = [JsonlLogger(run_dir / "metrics.jsonl")]
@@ -261,20 +285,24 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                dynamic_ncols=True, desc="train")
     running_loss = torch.zeros((), device=device)
     running_fraction = torch.zeros((), device=device)
-    window_steps, window_captions, window_start = 0, 0, time.perf_counter()
+    window_steps, window_captions, window_images, window_wait = 0, 0, 0, 0.0
+    window_start = time.perf_counter()
     stopped_by_signal = False
     model.train()
     try:
         while progress.step < total_steps and not stopped_by_signal:
             sampler.set_epoch(progress.epoch, start=progress.batch_in_epoch * cfg.data.batch_size)
+            fetch_start = time.perf_counter()
             for batch in loader:
+                window_wait += time.perf_counter() - fetch_start  # blocked on the loader: the device starves
                 tracker(batch)
                 progress.batch_in_epoch += 1
                 if batch["size"] == 0:
                     continue
+                maybe_unfreeze()
                 teacher_forcing_prob = schedule.teacher_forcing_prob(progress.step, progress.epoch)
                 last_prob["value"] = teacher_forcing_prob
-                images = batch["images"].to(device, non_blocking=True)
+                images = batch["images"].to(device, non_blocking=True, memory_format=memory_format)
                 targets = batch["targets"].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, stats = train_forward(images, targets, teacher_forcing_prob)
@@ -292,6 +320,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 running_fraction += stats["model_token_fraction"].detach()
                 window_steps += 1
                 window_captions += targets.shape[0] * targets.shape[1]
+                window_images += targets.shape[0]
                 bar.update(1)
 
                 if progress.step % cfg.trainer.log_every_n_steps == 0 or progress.step == total_steps:
@@ -300,6 +329,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                         {"train/loss": running_loss.item() / window_steps,
                          "train/model_token_fraction": running_fraction.item() / window_steps}, info, device)
                     metrics["train/captions_per_s"] = window_captions * info.world_size / max(elapsed, 1e-9)
+                    metrics["train/images_per_s"] = window_images * info.world_size / max(elapsed, 1e-9)
+                    # Share of the wall time spent waiting for the next batch (> 0.1: the loader limits the step).
+                    metrics["train/data_wait_fraction"] = min(1.0, window_wait / max(elapsed, 1e-9))
                     metrics["train/lr"] = optimizer.param_groups[0]["lr"]
                     metrics["train/epoch"] = progress.epoch + progress.batch_in_epoch / steps_per_epoch
                     logger.log_metrics(metrics, progress.step)
@@ -307,9 +339,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                                     cap_s=f"{metrics['train/captions_per_s']:.0f}")
                     running_loss.zero_()
                     running_fraction.zero_()
-                    window_steps, window_captions, window_start = 0, 0, time.perf_counter()
+                    window_steps, window_captions, window_images, window_wait = 0, 0, 0, 0.0
+                    window_start = time.perf_counter()
 
                 if progress.step % cfg.trainer.val_every_n_steps == 0 or progress.step == total_steps:
+                    validation_start = time.perf_counter()
                     metrics = validate()
                     logger.log_metrics(metrics, progress.step)
                     value = metrics.get(cfg.trainer.monitor, progress.step if deferred else None)
@@ -327,7 +361,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                         bar.write(f"step {progress.step}: " + "  ".join(
                             f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/")))
                     dist_utils.barrier(info)
+                    window_start += time.perf_counter() - validation_start  # throughput counts training only
 
+                fetch_start = time.perf_counter()
                 if progress.step >= total_steps:
                     break
                 if dist_utils.any_rank(preemption.requested, info):  # every rank stops at the same step
