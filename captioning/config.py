@@ -76,6 +76,12 @@ def validate_data(cfg: DictConfig) -> None:
     _positive_int(cfg, "data.word_count_threshold", minimum=0)
     _positive_int(cfg, "data.max_image_pixels")
     _choice(cfg, "data.on_bad_image", ("skip", "error"))
+    if cfg.data.get("features"):
+        _require(Path(str(cfg.data.features)).expanduser().is_dir(), "data.features",
+                 "must be a feature store folder made by tools/extract_features.py", cfg.data.features)
+        _require(not cfg.model.encoder.trainable and cfg.model.encoder.get("unfreeze_after_steps") is None,
+                 "data.features", "needs a frozen encoder (model.encoder.trainable=false, no unfreezing): "
+                 "cached features cannot be fine-tuned", cfg.data.features)
     _choice(cfg, "data.on_bad_caption", ("skip", "error"))
     if cfg.data.resize_size is not None:
         _require(cfg.data.resize_size >= cfg.data.image_size, "data.resize_size", "must be >= data.image_size",

@@ -27,16 +27,29 @@ from captioning.data.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 
-def load_model(checkpoint_path, device: torch.device):
+def load_model(checkpoint_path, device: torch.device, for_images: bool = False):
     """Model, vocabulary and training config from one checkpoint (no pretrained download: weights come
-    from the checkpoint)."""
+    from the checkpoint). A model trained on cached features reads features, or, with `for_images`, gets
+    its frozen encoder back (built from the config: the pretrained weights must be available)."""
     state = load_checkpoint(checkpoint_path, map_location="cpu")
     cfg = OmegaConf.create(state["config"])
     vocab = Vocabulary.from_state_dict(state["vocab"])
+    cached = cfg.data.get("features") is not None
     model_cfg = cfg.model.copy()
-    model_cfg.encoder.weights = None
-    model = build_captioner(model_cfg, len(vocab))
+    if not cached:
+        model_cfg.encoder.weights = None
+    feature_dim = state["model"]["image_proj.weight"].shape[1] if cached else None
+    model = build_captioner(model_cfg, len(vocab), feature_dim)
     model.load_state_dict(state["model"])
+    if cached and for_images:
+        from captioning.models.encoder import ImageEncoder
+
+        e = cfg.model.encoder
+        if e.weights is None:
+            raise ValueError(f"{checkpoint_path} was trained on cached features of a randomly initialised encoder "
+                             "(model.encoder.weights=null): images cannot be encoded the same way again")
+        model.encoder = ImageEncoder(e.name, e.weights, trainable=False, pool=e.get("pool", "avg"),
+                                     grid_size=e.get("grid_size", 2))
     return model.to(device).eval(), vocab, cfg, state
 
 

@@ -44,7 +44,7 @@ def predict(checkpoint, inputs, decode_cfg, device: str = "auto", batch_size: in
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 "cpu" if device == "auto" else device)
     files = list_images(inputs)
-    model, vocab, train_cfg, _ = load_model(checkpoint, torch_device)
+    model, vocab, train_cfg, _ = load_model(checkpoint, torch_device, for_images=True)
     transform = build_transform(train_cfg.data.image_size, train_cfg.data.resize_size)
     rows = []
     out = open(output, "w", encoding="utf-8") if output else sys.stdout

@@ -188,3 +188,16 @@ def test_encoder_unfreezes_after_n_steps_with_its_own_learning_rate(tiny_data_ro
     records = read_jsonl(tmp_path / "five" / "metrics.jsonl")
     assert all(0 <= r["train/data_wait_fraction"] <= 1 and r["train/images_per_s"] > 0
                for r in records if "train/loss" in r)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_data_root, tmp_path):
+    overrides = tiny_overrides(tiny_data_root) + ["trainer.max_steps=4", "trainer.val_every_n_steps=4",
+                                                  "trainer.log_every_n_steps=1", "trainer.evaluate_after_training=false"]
+    train(compose(overrides), tmp_path / "eager")
+    train(compose(overrides + ["trainer.compile=true"]), tmp_path / "compiled")
+
+    def losses(run):
+        return [r["train/loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
+
+    assert losses("compiled") == pytest.approx(losses("eager"), rel=1e-4)

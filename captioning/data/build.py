@@ -78,8 +78,10 @@ class ResumableSampler(Sampler[int]):
 
 
 def train_dataset(items, vocab: Vocabulary, cfg_data, seed: int) -> TrainCaptionDataset:
+    from captioning.data.features import open_feature_store
+
     return TrainCaptionDataset(items, vocab, cfg_data.image_size, cfg_data.resize_size, cfg_data.captions_per_image,
-                               cfg_data.max_len, cfg_data.max_image_pixels, seed)
+                               cfg_data.max_len, cfg_data.max_image_pixels, seed, open_feature_store(cfg_data))
 
 
 def encoded_train_items(records: list[ImageRecord], vocab: Vocabulary, cfg_data):
@@ -101,4 +103,7 @@ def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_l
 
 
 def eval_dataset(records: list[ImageRecord], cfg_data) -> EvalImageDataset:
-    return EvalImageDataset(records, cfg_data.image_size, cfg_data.resize_size, cfg_data.max_image_pixels)
+    from captioning.data.features import open_feature_store
+
+    return EvalImageDataset(records, cfg_data.image_size, cfg_data.resize_size, cfg_data.max_image_pixels,
+                            open_feature_store(cfg_data))

@@ -72,8 +72,10 @@ class TrainCaptionDataset(Dataset):
     """(image, C captions) per item; which C captions an image gets depends only on (seed, epoch, index)."""
 
     def __init__(self, items: list[tuple[ImageRecord, list[list[int]]]], vocab: Vocabulary, image_size: int,
-                 resize_size: int | None, captions_per_image: int, max_len: int, max_image_pixels: int, seed: int):
+                 resize_size: int | None, captions_per_image: int, max_len: int, max_image_pixels: int, seed: int,
+                 features=None):
         self.items = items
+        self.features = features  # a FeatureStore: items carry cached CNN features instead of images
         self.vocab = vocab
         self.transform = build_transform(image_size, resize_size)
         self.image_size = image_size
@@ -99,19 +101,21 @@ class TrainCaptionDataset(Dataset):
         """key = epoch * len(self) + index (see ResumableSampler): workers need no epoch state of their own."""
         epoch, index = divmod(key, len(self.items))
         record, _ = self.items[index]
-        image = load_rgb(record.path, self.image_size, self.max_image_pixels)
+        image = load_input(record, self.image_size, self.max_image_pixels, self.transform, self.features)
         if isinstance(image, BadImage):
             return image
         targets = torch.full((self.captions_per_image, self.max_len + 1), self.vocab.pad_id, dtype=torch.long)
         for row, ids in enumerate(self.pick_captions(index, epoch)):
             targets[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             targets[row, len(ids)] = self.vocab.eos_id
-        return {"image": self.transform(image), "targets": targets, "image_id": record.image_id}
+        return {"image": image, "targets": targets, "image_id": record.image_id}
 
 
 class EvalImageDataset(Dataset):
-    def __init__(self, records: list[ImageRecord], image_size: int, resize_size: int | None, max_image_pixels: int):
+    def __init__(self, records: list[ImageRecord], image_size: int, resize_size: int | None, max_image_pixels: int,
+                 features=None):
         self.records = records
+        self.features = features
         self.transform = build_transform(image_size, resize_size)
         self.image_size = image_size
         self.max_image_pixels = max_image_pixels
@@ -121,10 +125,18 @@ class EvalImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         record = self.records[index]
-        image = load_rgb(record.path, self.image_size, self.max_image_pixels)
+        image = load_input(record, self.image_size, self.max_image_pixels, self.transform, self.features)
         if isinstance(image, BadImage):
             return image
-        return {"image": self.transform(image), "image_id": record.image_id}
+        return {"image": image, "image_id": record.image_id}
+
+
+def load_input(record: ImageRecord, image_size: int, max_image_pixels: int, transform, features=None):
+    """The model's input for one image: its cached feature (F,) or its transformed pixels (3, H, W)."""
+    if features is not None:
+        return features.get(record.image_id)
+    image = load_rgb(record.path, image_size, max_image_pixels)
+    return image if isinstance(image, BadImage) else transform(image)
 
 
 def collate(items: list) -> dict:

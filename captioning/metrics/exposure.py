@@ -206,6 +206,9 @@ def reference_loader(records, vocab, cfg_data, batch_size: int | None = None):
     if not items:
         raise ValueError("exposure probe: no image of the given records has a usable caption")
     captions_per_image = max(len(captions) for _, captions in items)
+    from captioning.data.features import open_feature_store
+
     dataset = AllReferencesDataset(items, vocab, cfg_data.image_size, cfg_data.resize_size, captions_per_image,
-                                   cfg_data.max_len, cfg_data.max_image_pixels, seed=0)
+                                   cfg_data.max_len, cfg_data.max_image_pixels, seed=0,
+                                   features=open_feature_store(cfg_data))
     return make_loader(dataset, batch_size or cfg_data.eval_batch_size, num_workers=min(cfg_data.num_workers, 4))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from captioning.models.decoder import RNNDecoder, State
-from captioning.models.encoder import ImageEncoder
+from captioning.models.encoder import ImageEncoder, PrecomputedFeatures
 
 
 class Captioner(nn.Module):
@@ -61,9 +61,13 @@ class Captioner(nn.Module):
         return self.decoder.logits(outputs[:, 1:])  # (N, T, V)
 
 
-def build_captioner(cfg_model, vocab_size: int) -> Captioner:
+def build_captioner(cfg_model, vocab_size: int, cached_feature_dim: int | None = None) -> Captioner:
+    """With `cached_feature_dim`, the model reads cached features (data.features) instead of images."""
     enc, dec = cfg_model.encoder, cfg_model.decoder
-    encoder = ImageEncoder(enc.name, enc.weights, trainable=bool(enc.trainable), pool=enc.get("pool", "avg"),
-                           grid_size=enc.get("grid_size", 2))
+    if cached_feature_dim is not None:
+        encoder = PrecomputedFeatures(cached_feature_dim)
+    else:
+        encoder = ImageEncoder(enc.name, enc.weights, trainable=bool(enc.trainable), pool=enc.get("pool", "avg"),
+                               grid_size=enc.get("grid_size", 2))
     decoder = RNNDecoder(vocab_size, dec.embed_dim, dec.hidden_dim, dec.num_layers, dec.cell, dec.dropout)
     return Captioner(encoder, decoder)

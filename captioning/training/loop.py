@@ -20,6 +20,7 @@ from tqdm import tqdm
 from captioning.config import validate_train_config, decode_kwargs
 from captioning.data import build as data_build
 from captioning.data.dataset import BadImageTracker
+from captioning.data.features import open_feature_store
 from captioning.inference import decode_records, references_of, score, write_results
 from captioning.metrics.exposure import exposure_bias_probe, reference_loader
 from captioning.loggers.base import MultiLogger, NullLogger
@@ -179,7 +180,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     total_steps = min(cfg.trainer.max_steps or math.inf, (cfg.trainer.max_epochs or math.inf) * steps_per_epoch)
     total_steps = int(total_steps)
 
-    model = build_captioner(cfg.model, len(vocab)).to(device)
+    feature_store = open_feature_store(cfg.data)
+    if feature_store is not None:
+        feature_store.check([r.image_id for split in records.values() for r in split], cfg.model.encoder, cfg.data)
+    model = build_captioner(cfg.model, len(vocab), feature_store.feature_dim if feature_store else None).to(device)
     model.encoder.to(memory_format=memory_format)
     loss_module = CaptionLoss(model, cfg.schedule.token_source, cfg.schedule.granularity, cfg.schedule.temperature,
                               cfg.schedule.mode)
