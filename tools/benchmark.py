@@ -68,6 +68,55 @@ def train_step_fn(model, features, targets, teacher_forcing_prob, amp_dtype):
     return step
 
 
+def end_to_end(device: torch.device, amp_dtype, backbone: str, image_size: int, workers: int, steps: int) -> dict:
+    """Fine-tuning from JPEGs: the data loader alone, then full training steps (CNN forward and backward,
+    scheduled sampling at epsilon 0.75), on synthetic scenes written as JPEGs at `image_size`."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from captioning.data.build import build_vocab, encoded_train_items, make_loader, train_dataset
+    from captioning.data.coco import read_coco_karpathy
+    from captioning.data.synthetic import ensure_synthetic
+    from captioning.models.encoder import ImageEncoder
+
+    root = ensure_synthetic(Path(tempfile.gettempdir()) / f"captioning_bench_{image_size}px", num_train=IMAGES * (steps + 4),
+                            num_val=5, num_test=5, image_size=image_size, seed=0)
+    cfg_data = OmegaConf.create({"image_size": image_size, "resize_size": None, "captions_per_image": CAPTIONS,
+                                 "max_len": LENGTH, "word_count_threshold": 0, "max_image_pixels": 10**9,
+                                 "on_bad_caption": "skip", "features": None})
+    records = read_coco_karpathy(root)
+    vocab = build_vocab(records["train"], cfg_data)
+    dataset = train_dataset(encoded_train_items(records["train"], vocab, cfg_data), vocab, cfg_data, seed=0)
+    loader = make_loader(dataset, IMAGES, workers, drop_last=True, pin_memory=device.type == "cuda")
+    start, seen = time.perf_counter(), 0
+    for batch in loader:
+        seen += batch["size"]
+    loader_rate = seen / (time.perf_counter() - start)
+
+    torch.manual_seed(0)
+    model = Captioner(ImageEncoder(backbone, None, trainable=True), RNNDecoder(VOCAB, EMBED, HIDDEN, 1, "lstm", 0.0))
+    model = model.to(device).to(memory_format=torch.channels_last).train()
+    loss_module = CaptionLoss(model, token_source="sample", granularity="token", mode="exact")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batches = iter(loader)
+
+    def step():
+        batch = next(batches)
+        images = batch["images"].to(device, non_blocking=True, memory_format=torch.channels_last)
+        targets = batch["targets"].clamp(max=VOCAB - 1).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, _ = loss_module(images, targets, 0.75)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    seconds = timed(step, device, steps, warmup=1)
+    return {"images_per_s": IMAGES / seconds, "captions_per_s": IMAGES * CAPTIONS / seconds,
+            "loader_images_per_s": loader_rate, "loader_workers": workers, "backbone": backbone,
+            "image_size": image_size}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -75,6 +124,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per entry")
+    parser.add_argument("--e2e-backbone", default="resnet50", help="CNN of the train_e2e entry ('none' skips it)")
+    parser.add_argument("--e2e-image-size", type=int, default=224)
+    parser.add_argument("--e2e-workers", type=int, default=None, help="loader workers (default: CPU count)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
@@ -120,6 +172,12 @@ def main(argv=None) -> int:
         results[name] = {"images_per_s": DECODE_IMAGES / seconds, "seconds_per_500_images": seconds}
     for name in ("beam3", "dbs6g3"):
         results[name]["throughput_vs_greedy"] = results[name]["images_per_s"] / results["greedy"]["images_per_s"]
+    if args.e2e_backbone != "none":
+        import os
+
+        workers = args.e2e_workers if args.e2e_workers is not None else (os.cpu_count() or 1)
+        results["train_e2e"] = end_to_end(device, amp_dtype, args.e2e_backbone, args.e2e_image_size, workers,
+                                          steps=max(2, repeats // 2))
 
     results["machine"] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -137,6 +195,10 @@ def main(argv=None) -> int:
     for name in ("beam3", "dbs6g3"):
         print(f"{name:<10}{results[name]['images_per_s']:>12.0f} i/s  {results[name]['throughput_vs_greedy']:.2f}x "
               "greedy's throughput")
+    if "train_e2e" in results:
+        e2e = results["train_e2e"]
+        print(f"{'train_e2e':<10}{e2e['images_per_s']:>12.1f} i/s  ({e2e['backbone']} at {e2e['image_size']} px; "
+              f"the loader alone: {e2e['loader_images_per_s']:.0f} i/s with {e2e['loader_workers']} workers)")
     return 0
 
 

@@ -71,7 +71,6 @@ def grouped_beam_search(
     pool_num_words = torch.zeros((B, G, P), dtype=torch.long, device=device)
     done = torch.zeros((B, G), dtype=torch.bool, device=device)
     row_base = (torch.arange(B * G, device=device) * K).view(B, G, 1)  # (B, G, 1) first row of each group
-    eos_index = torch.tensor([eos], device=device)
 
     for t in range(1, L + 1):
         if t > 1:
@@ -87,7 +86,10 @@ def grouped_beam_search(
             select = raw
             if g > 0 and diversity_strength > 0:
                 select = (candidates[:, g] - diversity_strength * chosen_counts.unsqueeze(1)).reshape(B, K * V)
-            top_select, top_index = select.topk(K, dim=1)  # (B, K) this group's choice at step t
+            # One topk of 2K serves both selections below: each of the K beams has one eos candidate, so
+            # the 2K best hold at least K that are not eos, and the K best of those are the K best overall.
+            top2_select, top2_index = select.topk(2 * K, dim=1)  # (B, 2K) best first
+            top_select, top_index = top2_select[:, :K], top2_index[:, :K]  # (B, K) this group's choice at step t
             top_parent, top_token = top_index // V, top_index % V  # (B, K)
             chosen = top_select.isfinite()  # (B, K) dead beams (-inf) choose nothing
             # A done group keeps choosing (and so penalising later groups) exactly as if it had not
@@ -112,8 +114,8 @@ def grouped_beam_search(
                 continue
 
             # The K best candidates that do not end with eos stay live.
-            live_select = select.view(B, K, V).index_fill(-1, eos_index, neg_inf)  # (B, K, V)
-            live_index = live_select.view(B, K * V).topk(K, dim=1).indices  # (B, K)
+            not_eos_first = torch.sort((top2_index % V == eos).to(torch.int8), dim=1, stable=True).indices
+            live_index = top2_index.gather(1, not_eos_first[:, :K])  # (B, K) the K best non-eos candidates
             parent, token = live_index // V, live_index % V
             next_scores.append(raw.gather(1, live_index))
             next_parents.append(parent)
