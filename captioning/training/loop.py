@@ -252,7 +252,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             from captioning.loggers.wandb_logger import WandbLogger
 
             w = cfg.logger.wandb
-            loggers.append(WandbLogger(run_dir, w.project, w.entity, w.group, w.name or run_name(cfg),
+            loggers.append(WandbLogger(run_dir, w.project, w.entity, run_group(cfg), w.name or run_name(cfg),
                                        list(w.tags) + run_tags(cfg), w.mode, "train", config_container))
         logger = WithTeacherForcingProb(MultiLogger(loggers), lambda: last_prob["value"])
         logger.log_config(config_container)
@@ -278,7 +278,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 exposure = exposure_bias_probe(model, exposure_loader, device, cfg.data.max_len)
             metrics.update({f"val/{k}": v for k, v in exposure.summary().items()})
-            rows = [[r.path, captions[r.image_id][0][0], " | ".join(r.captions)] for r in val_records[:16]
+            shown = cfg.logger.wandb.num_table_images if cfg.logger.wandb is not None else 16
+            rows = [[r.path, captions[r.image_id][0][0], " | ".join(r.captions)] for r in val_records[:shown]
                     if r.image_id in captions]
             logger.log_table("val/samples", ["image", "generated", "references"], rows, progress.step)
         return dist_utils.gather_objects(metrics, info)[0]
@@ -411,8 +412,33 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """A readable run name: the experiment, the schedule and the seed."""
+    """A readable run name: the job's command-line overrides inside a Hydra job (`experiment=baseline,seed=1`),
+    else the experiment (or schedule) and the seed."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().job.override_dirname
+        if overrides:
+            return overrides
+    except ValueError:  # not inside a Hydra job (tests call train() directly)
+        pass
     return f"{cfg.experiment_name or cfg.schedule.name}-seed{cfg.seed}"
+
+
+def run_group(cfg: DictConfig) -> str | None:
+    """logger.wandb.group, else, in a multirun, the sweep folder's name: the runs of one sweep share a group."""
+    if cfg.logger.wandb.group:
+        return cfg.logger.wandb.group
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return Path(hydra_cfg.sweep.dir).as_posix().replace("/", "_").strip("_")
+    except ValueError:
+        pass
+    return None
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
