@@ -164,6 +164,7 @@ def validate_trainer(cfg: DictConfig) -> None:
     _positive_int(cfg, "trainer.num_threads", allow_none=True)
     _choice(cfg, "trainer.precision", ("fp32", "bf16", "fp16"))
     _choice(cfg, "trainer.scoring", ("now", "deferred"))
+    _choice(cfg, "trainer.compile_mode", ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     for key in ("cudnn_benchmark", "channels_last", "compile"):
         _require(isinstance(t.get(key), bool), f"trainer.{key}", "must be true or false", t.get(key))
     device = str(t.device)

@@ -193,7 +193,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         forward = loss_module
         if info.enabled:
             forward = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
-        return torch.compile(forward) if cfg.trainer.compile else forward
+        return torch.compile(forward, mode=cfg.trainer.compile_mode) if cfg.trainer.compile else forward
 
     train_forward = wrap_for_training()
     unfreeze_at = cfg.model.encoder.get("unfreeze_after_steps")
