@@ -68,14 +68,28 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device: torch.device | str = "auto",
                         data_overrides: dict | None = None, spice: bool = False, logger=None, step: int | None = None,
                         info: DistInfo = DistInfo(), records=None, batch_size: int | None = None,
-                        score_now: bool = True) -> dict[str, float]:
+                        score_now: bool = True, ensemble: list | None = None) -> dict[str, float]:
     """Decode `split` with the checkpoint and score it; returns {"split/metric": value, ...}.
+    `ensemble`: more checkpoints; every decoder then runs over the average of all their per-step
+    probabilities (they must share the vocabulary and the kind of input).
     With score_now=False only the results file (and the exposure probe, which needs no Java) is written:
     tools/score_runs.py scores it later on a machine with Java."""
     if isinstance(device, str):
         device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                               "cpu" if device == "auto" else device)
     model, vocab, train_cfg, state = load_model(checkpoint_path, device)
+    if ensemble:
+        from captioning.decoding import EnsembleModel
+
+        members = [model]
+        for path in ensemble:
+            member, member_vocab, member_cfg, _ = load_model(Path(str(path)).expanduser(), device)
+            if member_vocab.itos != vocab.itos:
+                raise ValueError(f"ensemble: {path} has another vocabulary than {checkpoint_path}")
+            if member_cfg.data.get("features") != train_cfg.data.get("features"):
+                raise ValueError(f"ensemble: {path} reads other inputs (data.features) than {checkpoint_path}")
+            members.append(member)
+        model = EnsembleModel(members)
     cfg_data = train_cfg.data
     if data_overrides:
         cfg_data = OmegaConf.merge(cfg_data, {k: v for k, v in data_overrides.items() if v is not None})
@@ -147,8 +161,11 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         raise ConfigError(f"missing mandatory config value(s): {sorted(missing)} "
                           "(e.g. captioning-eval checkpoint=outputs/DATE/TIME/checkpoints/best.pt)")
     validate_decode(OmegaConf.create({"decode": cfg.decode}))
-    if not Path(str(cfg.checkpoint)).expanduser().is_file():
-        raise FileNotFoundError(f"checkpoint: file not found: {cfg.checkpoint}")
+    for path in [cfg.checkpoint, *(cfg.ensemble or [])]:
+        if not Path(str(path)).expanduser().is_file():
+            raise FileNotFoundError(f"checkpoint: file not found: {path}")
+    if cfg.ensemble and cfg.compare_decoders:
+        raise ConfigError("ensemble and compare_decoders cannot be combined in one job")
     if cfg.split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test (got {cfg.split!r})")
     from captioning.metrics import check_java
@@ -172,7 +189,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         if not cfg.compare_decoders:
             return evaluate_checkpoint(checkpoint, cfg.split, cfg.decode, out_dir, device=cfg.device,
                                        data_overrides={"root": cfg.data_root}, spice=cfg.spice, logger=logger,
-                                       batch_size=cfg.batch_size)
+                                       batch_size=cfg.batch_size, ensemble=list(cfg.ensemble or []))
         return compare_decoders(cfg, checkpoint, out_dir, logger)
     finally:
         logger.finish()

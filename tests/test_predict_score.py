@@ -87,3 +87,26 @@ def test_compare_decoders_rejects_bad_names_and_combinations(checkpoint, tmp_pat
     with pytest.raises(ConfigError, match="num_groups"):
         evaluate(compose([f"checkpoint={checkpoint}", "compare_decoders=[diverse_beam]",
                           "+compare_overrides.beam_size=4", "+compare_overrides.n_best=4"], config_name="eval"), tmp_path)
+
+
+def test_ensemble_evaluation(checkpoint, tiny_data_root, tmp_path):
+    from captioning.evaluate import evaluate
+
+    single = evaluate(compose([f"checkpoint={checkpoint}", "device=cpu"], config_name="eval"), tmp_path / "one")
+    same_twice = evaluate(compose([f"checkpoint={checkpoint}", f"ensemble=[{checkpoint}]", "device=cpu"],
+                                  config_name="eval"), tmp_path / "two")
+    for key, value in single.items():  # averaging a model with itself changes nothing
+        if not key.startswith("test/exposure"):
+            assert same_twice[key] == pytest.approx(value, abs=1e-9), key
+    other = tmp_path / "other"
+    train(compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=3", "trainer.evaluate_after_training=false",
+                                                    "seed=5"]), other)
+    mixed = evaluate(compose([f"checkpoint={checkpoint}", f"ensemble=[{other}/checkpoints/best.pt]", "device=cpu"],
+                             config_name="eval"), tmp_path / "mixed")
+    assert 0 <= mixed["test/CIDEr"] <= 10
+    bad_vocab = tmp_path / "bad"
+    train(compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=3", "trainer.evaluate_after_training=false",
+                                                    "data.word_count_threshold=0"]), bad_vocab)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        evaluate(compose([f"checkpoint={checkpoint}", f"ensemble=[{bad_vocab}/checkpoints/best.pt]", "device=cpu"],
+                         config_name="eval"), tmp_path / "bad_eval")

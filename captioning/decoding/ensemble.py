@@ -43,3 +43,16 @@ class EnsembleModel:
 
     def reorder_state(self, state: tuple, index: torch.Tensor) -> tuple:
         return tuple(m.reorder_state(s, index) for m, s in zip(self.models, state))
+
+    # Train/eval mode goes to every member, so evaluation code can treat an ensemble like one model.
+    @property
+    def training(self) -> bool:
+        return any(getattr(m, "training", False) for m in self.models)
+
+    def train(self, mode: bool = True) -> "EnsembleModel":
+        for m in self.models:
+            m.train(mode)
+        return self
+
+    def eval(self) -> "EnsembleModel":
+        return self.train(False)
