@@ -201,3 +201,27 @@ def test_compiled_training_matches_eager(tiny_data_root, tmp_path):
         return [r["train/loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
 
     assert losses("compiled") == pytest.approx(losses("eager"), rel=1e-4)
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tiny_data_root, tmp_path, monkeypatch):
+    """After a SIGKILL the log may run ahead of last.pt; the resumed run must not log those steps twice."""
+    overrides = tiny_overrides(tiny_data_root) + ["trainer.max_steps=6", "trainer.val_every_n_steps=3",
+                                                  "trainer.log_every_n_steps=1", "trainer.evaluate_after_training=false"]
+    calls = {"n": 0}
+    original = objective.CaptionLoss.forward
+
+    def forward_then_signal(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(objective.CaptionLoss, "forward", forward_then_signal)
+    assert train(compose(overrides), tmp_path)["steps"] == 3
+    monkeypatch.setattr(objective.CaptionLoss, "forward", original)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # what a run killed at step 5 had logged beyond last.pt
+        f.write('{"step": 4, "train/loss": 9.0}\n{"step": 5, "train/loss": 9.0}\n')
+    train(compose(overrides), tmp_path)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert all(r["train/loss"] != 9.0 for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import json
 import math
 import os
 import shutil
@@ -24,7 +25,7 @@ from captioning.data.features import open_feature_store
 from captioning.inference import decode_records, references_of, score, write_results
 from captioning.metrics.exposure import exposure_bias_probe, reference_loader
 from captioning.loggers.base import MultiLogger, NullLogger
-from captioning.loggers.jsonl import JsonlLogger
+from captioning.loggers.jsonl import JsonlLogger, read_jsonl
 from captioning.models.captioner import build_captioner
 from captioning.schedules import build_schedule
 from captioning.training import distributed as dist_utils
@@ -233,9 +234,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         restore_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, progress.step, progress.epoch,
                  progress.batch_in_epoch)
+        if info.is_main and (run_dir / "metrics.jsonl").is_file():
+            # Records a killed run wrote after this checkpoint will be written again: drop them.
+            kept = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] <= progress.step]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # The probability the latest optimizer step used (what every metrics record is tagged with).
     last_prob = {"value": schedule.teacher_forcing_prob(progress.step, progress.epoch)}
+
     def maybe_unfreeze() -> None:
         nonlocal train_forward
         if unfreeze_at is not None and progress.step >= unfreeze_at and not model.encoder.trainable:
