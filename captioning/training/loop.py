@@ -197,6 +197,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         return torch.compile(forward, mode=cfg.trainer.compile_mode) if cfg.trainer.compile else forward
 
     train_forward = wrap_for_training()
+    if info.enabled:  # same initial weights everywhere (above), but each rank its own dropout and sampling draws
+        torch.manual_seed(cfg.seed + 1_000_003 * info.rank)
     unfreeze_at = cfg.model.encoder.get("unfreeze_after_steps")
     optimizer, lr_scheduler = build_optimizer_and_scheduler(model, cfg.optim, total_steps, unfreeze_at is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -205,13 +207,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     progress = Progress()
     config_container = OmegaConf.to_container(cfg, resolve=True)
 
-    def checkpoint_dict() -> dict:
+    def checkpoint_dict(rng_per_rank: list) -> dict:
+        """Call gather_rng() on every rank first: the checkpoint holds every rank's RNG state."""
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler else None, "scaler": scaler.state_dict(),
                 "step": progress.step, "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch,
                 "best_metric": progress.best_metric, "best_step": progress.best_step,
                 "teacher_forcing_prob": schedule.teacher_forcing_prob(progress.step, progress.epoch),
-                "rng": capture_rng_state(), "vocab": vocab.state_dict(), "config": config_container}
+                "rng": rng_per_rank, "vocab": vocab.state_dict(), "config": config_container}
+
+    def gather_rng() -> list:
+        return dist_utils.gather_objects(capture_rng_state(), info)  # a collective: all ranks call it
 
     ckpt_dir = run_dir / "checkpoints"
     resume_path = None
@@ -231,7 +237,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         scaler.load_state_dict(state["scaler"])
         progress = Progress(state["step"], state["epoch"], state["batch_in_epoch"], state["best_metric"],
                             state["best_step"])
-        restore_rng_state(state["rng"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rng) != info.world_size:
+            log.warning("resuming %d process(es) from a checkpoint of %d: random streams restart from rank 0's",
+                        info.world_size, len(rng))
+        restore_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, progress.step, progress.epoch,
                  progress.batch_in_epoch)
         if info.is_main and (run_dir / "metrics.jsonl").is_file():
@@ -364,8 +374,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                     improved = value > progress.best_metric
                     if improved:
                         progress.best_metric, progress.best_step = value, progress.step
+                    rng_per_rank = gather_rng()
                     if info.is_main:
-                        state = checkpoint_dict()
+                        state = checkpoint_dict(rng_per_rank)
                         save_checkpoint(state, ckpt_dir / "last.pt")
                         if improved:
                             save_checkpoint(state, ckpt_dir / "best.pt")
@@ -378,8 +389,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 if progress.step >= total_steps:
                     break
                 if dist_utils.any_rank(preemption.requested, info):  # every rank stops at the same step
+                    rng_per_rank = gather_rng()
                     if info.is_main:
-                        save_checkpoint(checkpoint_dict(), ckpt_dir / "last.pt")
+                        save_checkpoint(checkpoint_dict(rng_per_rank), ckpt_dir / "last.pt")
                         log.warning("%s received: saved %s at step %d; exiting for requeue",
                                     preemption.signal_name or "a signal (on another rank)",
                                     ckpt_dir / "last.pt", progress.step)
