@@ -318,7 +318,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 window_wait += time.perf_counter() - fetch_start  # blocked on the loader: the device starves
                 tracker(batch)
                 progress.batch_in_epoch += 1
-                if batch["size"] == 0:
+                if dist_utils.any_rank(batch["size"] == 0, info):  # all ranks skip together, or DDP would hang
                     continue
                 maybe_unfreeze()
                 teacher_forcing_prob = schedule.teacher_forcing_prob(progress.step, progress.epoch)
