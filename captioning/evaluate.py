@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from captioning.cli import exit_on_user_error
 from captioning.config import ConfigError, config_dir, decode_kwargs, validate_decode
 from captioning.data import build as data_build
-from captioning.metrics.exposure import exposure_bias_probe, reference_loader
 from captioning.inference import decode_records, most_common_caption, references_of, score, write_results
+from captioning.metrics.exposure import exposure_bias_probe, reference_loader
 from captioning.models.captioner import build_captioner
 from captioning.training.checkpoint import load_checkpoint
 from captioning.training.distributed import DistInfo
@@ -107,15 +107,17 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions = {i: hyps[0][0] for i, hyps in captions.items()}
     write_results(out_dir / f"results_{split}_{strategy}.json", captions)
+    # Exposure bias: the references' NLL and accuracy per position, teacher-forced vs free-running.
+    exposure = exposure_bias_probe(model, reference_loader(split_records, vocab, cfg_data, batch_size), device,
+                                   cfg_data.max_len)
+    exposure_metrics = {f"{split}/{k}": v for k, v in exposure.summary().items()}
+    (out_dir / f"{split}_exposure.json").write_text(json.dumps(exposure.to_json(), indent=2))
+    exposure.plot(out_dir / f"{split}_exposure.png")
     if not score_now:
-        exposure = exposure_bias_probe(model, reference_loader(split_records, vocab, cfg_data, batch_size), device,
-                                       cfg_data.max_len)
-        result = {f"{split}/{k}": v for k, v in exposure.summary().items()}
-        (out_dir / f"{split}_exposure.json").write_text(json.dumps(exposure.to_json(), indent=2))
         print(f"{split}: wrote {out_dir / f'results_{split}_{strategy}.json'} (scoring deferred)")
         if logger is not None:
-            logger.log_metrics(result, step if step is not None else state["step"])
-        return result
+            logger.log_metrics(exposure_metrics, step if step is not None else state["step"])
+        return exposure_metrics
     references = references_of(split_records, predictions)
     metrics = score(references, predictions, spice=spice)
     baseline_caption = most_common_caption(records["train"])
@@ -128,12 +130,7 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device
         metrics.update(diversity_report(nbest, references))
     result = {f"{split}/{k}": v for k, v in metrics.items()}
     result.update({f"{split}/most_common_caption/{k}": v for k, v in baseline.items()})
-    # Exposure bias: the references' NLL and accuracy per position, teacher-forced vs free-running.
-    exposure = exposure_bias_probe(model, reference_loader(split_records, vocab, cfg_data, batch_size), device,
-                                   cfg_data.max_len)
-    result.update({f"{split}/{k}": v for k, v in exposure.summary().items()})
-    (out_dir / f"{split}_exposure.json").write_text(json.dumps(exposure.to_json(), indent=2))
-    exposure.plot(out_dir / f"{split}_exposure.png")
+    result.update(exposure_metrics)
     (out_dir / f"{split}_metrics.json").write_text(json.dumps(
         {**result, "checkpoint": str(checkpoint_path), "checkpoint_step": state["step"], "decode": strategy,
          "decode_params": decode_kwargs(decode_cfg), "most_common_caption": baseline_caption,
@@ -215,11 +212,14 @@ def compare_decoders(cfg: DictConfig, checkpoint: Path, out_dir: Path, logger) -
     """Several decoders on one checkpoint: each into its own subfolder, then one table side by side
     (metrics, and sample images with every decoder's caption and the references)."""
     configs = decoder_configs(cfg)  # all validated before any decoding
+    train_cfg = OmegaConf.create(load_checkpoint(checkpoint)["config"])
+    cfg_data = OmegaConf.merge(train_cfg.data, {"root": cfg.data_root} if cfg.data_root else {})
+    records = data_build.load_records(cfg_data)  # read once, for every decoder and the samples table
     results, captions = {}, {}
     for name, decode_cfg in configs.items():
         metrics = evaluate_checkpoint(checkpoint, cfg.split, decode_cfg, out_dir / name, device=cfg.device,
                                       data_overrides={"root": cfg.data_root}, spice=cfg.spice,
-                                      batch_size=cfg.batch_size)
+                                      batch_size=cfg.batch_size, records=records)
         results[name] = {k.split("/", 1)[1]: v for k, v in metrics.items() if "most_common_caption" not in k}
         captions[name] = {r["image_id"]: r["caption"] for r in json.loads(
             (out_dir / name / f"results_{cfg.split}_{decode_cfg.strategy}.json").read_text())}
@@ -231,10 +231,8 @@ def compare_decoders(cfg: DictConfig, checkpoint: Path, out_dir: Path, logger) -
     (out_dir / f"{cfg.split}_decoders_metrics.json").write_text(json.dumps(
         {"checkpoint": str(checkpoint), "overrides": OmegaConf.to_container(cfg.compare_overrides),
          "decoders": {n: OmegaConf.to_container(c) for n, c in configs.items()}, "metrics": results}, indent=2))
-    _, _, train_cfg, _ = load_model(checkpoint, torch.device("cpu"))
-    cfg_data = OmegaConf.merge(train_cfg.data, {"root": cfg.data_root} if cfg.data_root else {})
-    records = data_build.load_records(cfg_data)[cfg.split][:16]
-    rows = [[r.path, *(captions[n].get(r.image_id, "") for n in configs), " | ".join(r.captions)] for r in records]
+    rows = [[r.path, *(captions[n].get(r.image_id, "") for n in configs), " | ".join(r.captions)]
+            for r in records[cfg.split][:16]]
     logger.log_table(f"{cfg.split}/decoders", ["image", *configs, "references"], rows, 0)
     return {f"{cfg.split}/{name}/{k}": v for name, r in results.items() for k, v in r.items()}
 

@@ -37,7 +37,10 @@ def list_images(inputs) -> list[Path]:
 
 @torch.no_grad()
 def predict(checkpoint, inputs, decode_cfg, device: str = "auto", batch_size: int = 32, output=None) -> list[dict]:
-    from captioning.data.images import BadImage, build_transform, load_rgb
+    """Images are read by the evaluation dataset and loader (workers, odd files reported by name)."""
+    from captioning.data.build import make_loader
+    from captioning.data.coco import ImageRecord
+    from captioning.data.dataset import EvalImageDataset
     from captioning.decoding import decode
     from captioning.evaluate import load_model
 
@@ -45,29 +48,26 @@ def predict(checkpoint, inputs, decode_cfg, device: str = "auto", batch_size: in
                                 "cpu" if device == "auto" else device)
     files = list_images(inputs)
     model, vocab, train_cfg, _ = load_model(checkpoint, torch_device, for_images=True)
-    transform = build_transform(train_cfg.data.image_size, train_cfg.data.resize_size)
+    data = train_cfg.data
+    records = [ImageRecord(index, path, "predict") for index, path in enumerate(files)]
+    dataset = EvalImageDataset(records, data.image_size, data.resize_size, data.max_image_pixels)
+    loader = make_loader(dataset, batch_size, num_workers=min(data.num_workers, 4),
+                         pin_memory=torch_device.type == "cuda")
     rows = []
     out = open(output, "w", encoding="utf-8") if output else sys.stdout
     try:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            images, good = [], []
-            for path in chunk:
-                image = load_rgb(path, train_cfg.data.image_size, train_cfg.data.max_image_pixels)
-                if isinstance(image, BadImage):
-                    rows.append({"file": str(path), "error": image.reason})
-                    out.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
-                    continue
-                images.append(transform(image))
-                good.append(path)
-            if not good:
-                continue
-            batch = torch.stack(images).to(torch_device)  # (B, 3, H, W)
-            for path, hyps in zip(good, decode(model, batch, decode_cfg.strategy, **decode_kwargs(decode_cfg))):
-                rows.append({"file": str(path), "captions": [{"caption": vocab.decode(ids), "score": float(s)}
-                                                             for ids, s in hyps]})
-                out.write(json.dumps(rows[-1], ensure_ascii=False) + "\n")
+        for batch in loader:
+            new_rows = [{"file": bad.path, "error": bad.reason} for bad in batch["bad_images"]]
+            if batch["size"]:
+                images = batch["images"].to(torch_device, non_blocking=True)  # (B, 3, H, W)
+                hypotheses = decode(model, images, decode_cfg.strategy, **decode_kwargs(decode_cfg))
+                for index, hyps in zip(batch["image_ids"].tolist(), hypotheses):
+                    new_rows.append({"file": str(files[index]), "captions": [
+                        {"caption": vocab.decode(ids), "score": float(score)} for ids, score in hyps]})
+            for row in new_rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
+            rows += new_rows
     finally:
         if output:
             out.close()
