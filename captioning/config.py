@@ -165,7 +165,7 @@ def validate_trainer(cfg: DictConfig) -> None:
     _choice(cfg, "trainer.precision", ("fp32", "bf16", "fp16"))
     _choice(cfg, "trainer.scoring", ("now", "deferred"))
     _choice(cfg, "trainer.compile_mode", ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    for key in ("cudnn_benchmark", "channels_last", "compile"):
+    for key in ("cudnn_benchmark", "channels_last", "compile", "cuda_graphs"):
         _require(isinstance(t.get(key), bool), f"trainer.{key}", "must be true or false", t.get(key))
     device = str(t.device)
     _require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "trainer.device",

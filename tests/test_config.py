@@ -75,6 +75,7 @@ def test_eval_config_composes_for_every_decoder():
     ("trainer.resume=/no/such/checkpoint.pt", "trainer.resume"),
     ("trainer.max_steps=null", "trainer.max_steps"),
     ("trainer.val_every_n_steps=0", "trainer.val_every_n_steps"),
+    ("trainer.cuda_graphs=sometimes", "trainer.cuda_graphs"),
     ("logger=wandb logger.wandb.mode=sometimes", "logger.wandb.mode"),
     ("seed=-3", "seed"),
 ])

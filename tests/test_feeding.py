@@ -63,17 +63,57 @@ def test_prob_one_is_teacher_forcing_bit_for_bit(mode):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_exact_loop_with_all_truth_matches_fused_pass(cell):
-    """The step-by-step loop computes the same function as the fused teacher-forced pass."""
-    model = tiny_model(cell).eval()
+def test_choosing_then_one_fused_pass_equals_the_step_by_step_loop(cell):
+    """Exact mode's two computations (GPU: choose the inputs without gradient, then one fused pass; CPU:
+    step through with gradient) give the same fed tokens, logits and gradients."""
+    from captioning.schedules.feeding import _exact_single_pass, choose_inputs
+
+    model = tiny_model(cell).train()  # no dropout: both computations are deterministic given the coins
+    images, targets = batch()
+    features = model.encode(images).detach().repeat_interleave(4, 0)
+    inputs = shift_right(targets.flatten(0, 1), model.bos_id)
+    torch.manual_seed(5)
+    chosen = choose_inputs(model, features, inputs, 0.4, "argmax", "token", 1.0)
+    assert 0.3 < chosen.use_truth[:, 1:].float().mean() < 0.5 and not torch.equal(chosen.fed, inputs)
+    logits = model.forward_teacher_forcing(features, chosen.fed, chosen.masks)
+    grads = torch.autograd.grad(logits.logsumexp(-1).sum(), list(model.decoder.parameters()))
+    step_logits, step_fed = _exact_single_pass(model, features, inputs, chosen.use_truth, "argmax", 1.0)
+    step_grads = torch.autograd.grad(step_logits.logsumexp(-1).sum(), list(model.decoder.parameters()))
+    assert torch.equal(chosen.fed, step_fed)
+    torch.testing.assert_close(logits, step_logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, step_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_two_pass_tokens_are_chosen_under_the_dropout_the_loss_sees():
+    """Both passes share one draw of the dropout masks: every model-chosen input is the argmax of the
+    very logits the loss uses at the previous position."""
+    from captioning.schedules.feeding import choose_inputs
+
+    torch.manual_seed(0)
+    model = Captioner(ImageEncoder("resnet18", None, trainable=True), RNNDecoder(V, 16, 24, dropout=0.5)).train()
+    images, targets = batch()
+    features = model.encode(images).detach().repeat_interleave(4, 0)
+    inputs = shift_right(targets.flatten(0, 1), model.bos_id)
+    chosen = choose_inputs(model, features, inputs, 0.0, "argmax", "token", 1.0)
+    assert chosen.masks is not None and not chosen.use_truth[:, 1:].any()
+    logits = model.forward_teacher_forcing(features, chosen.fed, chosen.masks)
+    assert torch.equal(chosen.fed[:, 1:], logits[:, :-1].argmax(-1))
+    assert not torch.equal(chosen.fed, choose_inputs(model, features, inputs, 0.0, "argmax", "token", 1.0).fed)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_tokens_are_chosen_under_the_dropout_the_loss_sees(layers):
+    """The same through scheduled_sampling_logits, with dropout inside a two-layer RNN too."""
+    torch.manual_seed(0)
+    model = Captioner(ImageEncoder("resnet18", None, trainable=True),
+                      RNNDecoder(V, 16, 24, num_layers=layers, dropout=0.5)).train()
     images, targets = batch()
     features = model.encode(images).repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)
-    fused = model.forward_teacher_forcing(features, inputs)
-    # probability just below one: coins almost surely all heads, but the loop path runs
-    logits, fed, use_truth = scheduled_sampling_logits(model, features, inputs, 1 - 1e-12, mode="exact")
-    assert use_truth.all() and torch.equal(fed, inputs)
-    torch.testing.assert_close(logits, fused, rtol=1e-5, atol=1e-5)
+    logits, fed, use_truth = scheduled_sampling_logits(model, features, inputs, 0.0, token_source="argmax")
+    assert not use_truth[:, 1:].any()
+    assert torch.equal(fed[:, 1:], logits[:, :-1].argmax(-1))
 
 
 @pytest.mark.parametrize("mode", ["exact", "parallel"])

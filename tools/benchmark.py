@@ -7,7 +7,8 @@ timed), training batches of 50 images x 5 captions of length 16, decoding 500 im
 {"train_tf": {"captions_per_s"}, "train_ss": {...}, "greedy": {"images_per_s"}, "beam3": {...},
 "dbs6g3": {...}, "machine": {...}} with ratios measured in the same run, and prints a table.
 Scheduled sampling here is the exact per-token loop with probability 0.25 of a model token
-(teacher_forcing_prob 0.75), tokens sampled from the model.
+(teacher_forcing_prob 0.75), tokens sampled from the model; on CUDA its token-choosing loop is
+replayed as CUDA graphs (`train_ss`), and `train_ss_eager` times it without them.
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def build_model(device: torch.device) -> Captioner:
     return model.to(device)
 
 
-def train_step_fn(model, features, targets, teacher_forcing_prob, amp_dtype, compile_mode=None):
-    loss_module = CaptionLoss(model, token_source="sample", granularity="token", mode="exact")
+def train_step_fn(model, features, targets, teacher_forcing_prob, amp_dtype, compile_mode=None, cuda_graphs=True):
+    loss_module = CaptionLoss(model, token_source="sample", granularity="token", mode="exact",
+                              cuda_graphs=cuda_graphs)
     if compile_mode:
         loss_module = torch.compile(loss_module, mode=compile_mode)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -67,6 +69,7 @@ def train_step_fn(model, features, targets, teacher_forcing_prob, amp_dtype, com
         loss.backward()
         optimizer.step()
 
+    step.loss_module = loss_module
     return step
 
 
@@ -99,7 +102,7 @@ def end_to_end(device: torch.device, amp_dtype, backbone: str, image_size: int, 
     torch.manual_seed(0)
     model = Captioner(ImageEncoder(backbone, None, trainable=True), RNNDecoder(VOCAB, EMBED, HIDDEN, 1, "lstm", 0.0))
     model = model.to(device).to(memory_format=torch.channels_last).train()
-    loss_module = CaptionLoss(model, token_source="sample", granularity="token", mode="exact")
+    loss_module = CaptionLoss(model, token_source="sample", granularity="token", mode="exact", cuda_graphs=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batches = iter(loader)
 
@@ -154,12 +157,20 @@ def main(argv=None) -> int:
     model.train()
     warmup = 5 if args.compile else 2  # compilation happens in the first calls
     tf = timed(train_step_fn(model, features, targets, 1.0, amp_dtype, args.compile), device, repeats, warmup)
-    ss = timed(train_step_fn(model, features, targets, 0.75, amp_dtype, args.compile), device, repeats, warmup)
+    ss_step = train_step_fn(model, features, targets, 0.75, amp_dtype, args.compile)
+    ss = timed(ss_step, device, repeats, warmup)
     results["train_tf"] = {"captions_per_s": captions / tf, "seconds_per_step": tf}
     results["train_ss"] = {"captions_per_s": captions / ss, "seconds_per_step": ss, "teacher_forcing_prob": 0.75,
-                           "compile": args.compile,
+                           "compile": args.compile, "cuda_graphs": device.type == "cuda",
                            "mode": "exact", "granularity": "token", "token_source": "sample",
                            "cost_vs_train_tf": ss / tf}
+    if device.type == "cuda":
+        chooser = ss_step.loss_module.chooser
+        results["train_ss"]["cuda_graphs_failed"] = chooser.disabled_reason
+        eager = timed(train_step_fn(model, features, targets, 0.75, amp_dtype, args.compile, cuda_graphs=False),
+                      device, repeats, warmup)
+        results["train_ss_eager"] = {"captions_per_s": captions / eager, "seconds_per_step": eager,
+                                     "cost_vs_train_tf": eager / tf}
 
     model.eval()
     # Decode to full length: a random model rarely says <eos>, and a bias makes sure (worst case).
@@ -197,6 +208,9 @@ def main(argv=None) -> int:
     print(f"{'train_tf':<10}{results['train_tf']['captions_per_s']:>12.0f} c/s")
     print(f"{'train_ss':<10}{results['train_ss']['captions_per_s']:>12.0f} c/s  {results['train_ss']['cost_vs_train_tf']:.2f}x "
           "the teacher-forcing step's time")
+    if "train_ss_eager" in results:
+        print(f"{'(eager)':<10}{results['train_ss_eager']['captions_per_s']:>12.0f} c/s  "
+              f"{results['train_ss_eager']['cost_vs_train_tf']:.2f}x (the token loop without CUDA graphs)")
     print(f"{'greedy':<10}{results['greedy']['images_per_s']:>12.0f} i/s")
     for name in ("beam3", "dbs6g3"):
         print(f"{name:<10}{results[name]['images_per_s']:>12.0f} i/s  {results[name]['throughput_vs_greedy']:.2f}x "

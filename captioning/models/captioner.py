@@ -8,11 +8,20 @@ The step interface serves training and every decoder:
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from captioning.models.decoder import RNNDecoder, State
 from captioning.models.encoder import ImageEncoder, PrecomputedFeatures
+
+
+class DropoutMasks(NamedTuple):
+    """The decoder's dropout for one teacher-forced pass, drawn up front so that two passes can share it:
+    multipliers (0 or 1 / (1 - p)) for the inputs (N, T+1, E: image, then words) and the outputs (N, T, H)."""
+    inputs: torch.Tensor
+    outputs: torch.Tensor
 
 
 class Captioner(nn.Module):
@@ -52,13 +61,18 @@ class Captioner(nn.Module):
         return tuple(s.index_select(1, index) for s in state)
 
     # -- teacher forcing: one fused sequence call --------------------------------------------
-    def forward_teacher_forcing(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """features (N, F), inputs (N, T) starting with <bos> -> logits (N, T, V) for the next words."""
+    def forward_teacher_forcing(self, features: torch.Tensor, inputs: torch.Tensor,
+                                masks: DropoutMasks | None = None) -> torch.Tensor:
+        """features (N, F), inputs (N, T) starting with <bos> -> logits (N, T, V) for the next words.
+        `masks`: dropout drawn beforehand, instead of the decoder's own."""
         image_embedding = self.image_proj(features)[:, None]  # (N, 1, E)
         words = self.decoder.embed(inputs)  # (N, T, E)
-        sequence = self.decoder.dropout(torch.cat([image_embedding, words], dim=1))  # (N, T+1, E)
-        outputs, _ = self.decoder.run(sequence, None)  # (N, T+1, H)
-        return self.decoder.logits(outputs[:, 1:])  # (N, T, V)
+        sequence = torch.cat([image_embedding, words], dim=1)  # (N, T+1, E)
+        if masks is None:
+            outputs, _ = self.decoder.run(self.decoder.dropout(sequence), None)  # (N, T+1, H)
+            return self.decoder.logits(outputs[:, 1:])  # (N, T, V)
+        outputs, _ = self.decoder.run(sequence * masks.inputs.to(sequence.dtype), None)
+        return self.decoder.out(outputs[:, 1:] * masks.outputs.to(outputs.dtype))
 
 
 def build_captioner(cfg_model, vocab_size: int, cached_feature_dim: int | None = None) -> Captioner:

@@ -8,23 +8,39 @@ is always the ground truth. No gradient flows through the choice, as in Bengio e
 `granularity`: `token` flips one coin per time step per caption (the paper); `sequence` flips one
 coin per caption, so a caption is either wholly teacher-forced or wholly free-running.
 
-`mode`: `exact` runs the decoder step by step, each choice seeing the model's actual previous
-output (the paper). `parallel` (Duckworth et al. 2019) first runs a teacher-forced pass without
-gradient, draws the model tokens from its outputs, mixes them with the ground truth, then runs
-one fused teacher-forced pass over the mixed inputs: two fused passes instead of a T-step loop,
-but the drawn tokens condition on ground-truth prefixes, not on the model's own earlier choices.
+`mode`: `exact` lets each choice see the model's actual previous output (the paper). `parallel`
+(Duckworth et al. 2019) first runs a teacher-forced pass without gradient, draws the model tokens
+from its outputs, mixes them with the ground truth, then runs one fused teacher-forced pass over the
+mixed inputs: the drawn tokens condition on ground-truth prefixes, not on the model's own choices.
 
-Everything stays on the device: coins, Gumbel-max sampling and the mixing are tensor ops, so
-the loop has no host synchronisation.
+How `exact` is computed. On a GPU: since no gradient flows through a choice, the loss is the
+teacher-forced loss of the inputs that were fed, so the decoder first steps through the caption
+without gradient only to choose them (`choose_inputs`), then one fused teacher-forced pass with
+gradient computes the logits over them (a T-step backward becomes one fused call). Dropout masks are
+drawn once and applied in both passes, so each token is drawn from exactly the output distribution
+the loss sees. On a CPU, where launches cost nothing and the recurrent matmuls dominate, a second
+pass would cost more than it saves: the decoder steps through once with gradient, and only the
+rows whose next input the model chooses go through the output layer (`_exact_single_pass`). So does
+a multi-layer RNN with dropout between its layers in training, whose masks cannot be replayed.
+
+Everything stays on the device: coins, Gumbel-max sampling and the mixing are tensor ops, so the
+choosing loop has no host synchronisation, and on a GPU `GraphedInputChooser` replays it as one
+CUDA graph per batch shape instead of launching its ~15 kernels per step from Python.
 """
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
+from typing import NamedTuple
+
 import torch
 
-from captioning.models.captioner import Captioner
+from captioning.models.captioner import Captioner, DropoutMasks
+
+log = logging.getLogger(__name__)
 
 
-def draw_coins(shape: tuple[int, int], teacher_forcing_prob: float, granularity: str,
+def draw_coins(shape: tuple[int, int], teacher_forcing_prob: float | torch.Tensor, granularity: str,
                device: torch.device) -> torch.Tensor:
     """(N, T) bool, True where the ground truth is fed."""
     n, t = shape
@@ -45,56 +61,198 @@ def choose_tokens(logits: torch.Tensor, token_source: str, temperature: float, f
     return (logits / temperature - torch.log(-torch.log(uniform))).argmax(-1)
 
 
+def draw_dropout_masks(model: Captioner, n: int, t: int, device: torch.device) -> DropoutMasks | None:
+    """The decoder's dropout for a teacher-forced pass over (N, T) inputs, drawn up front; None when inactive."""
+    p = model.decoder.dropout.p
+    if not model.training or p == 0:
+        return None
+    keep = 1.0 - p
+    embed_dim, hidden_dim = model.decoder.embed.embedding_dim, model.decoder.out.in_features
+    inputs = torch.empty(n, t + 1, embed_dim, device=device).bernoulli_(keep).div_(keep)  # (N, T+1, E)
+    outputs = torch.empty(n, t, hidden_dim, device=device).bernoulli_(keep).div_(keep)  # (N, T, H)
+    return DropoutMasks(inputs, outputs)
+
+
+class ChosenInputs(NamedTuple):
+    fed: torch.Tensor  # (N, T) token ids fed to the decoder
+    use_truth: torch.Tensor  # (N, T) bool, True where the coin chose the ground truth
+    masks: DropoutMasks | None
+
+
+@torch.no_grad()
+def choose_inputs(model: Captioner, features: torch.Tensor, inputs: torch.Tensor,
+                  teacher_forcing_prob: float | torch.Tensor, token_source: str, granularity: str,
+                  temperature: float) -> ChosenInputs:
+    """Flip the coins, draw the dropout masks, and step through the decoder without gradient to choose
+    every input: features (N, F), inputs (N, T) ground truth starting with <bos>."""
+    n, t = inputs.shape
+    use_truth = draw_coins((n, t), teacher_forcing_prob, granularity, inputs.device)  # (N, T)
+    use_truth[:, 0] = True  # <bos> is always fed
+    masks = draw_dropout_masks(model, n, t, inputs.device)
+    decoder = model.decoder
+    image_embedding = model.image_proj(features)  # (N, E)
+    if masks is not None:
+        image_embedding = image_embedding * masks.inputs[:, 0]
+    _, state = decoder.run(image_embedding[:, None], None)
+    token = inputs[:, 0]  # (N,) <bos>
+    fed = [token]
+    for step in range(1, t):
+        words = decoder.embed(token)  # (N, E): the input fed at step - 1
+        if masks is not None:
+            words = words * masks.inputs[:, step]
+        outputs, state = decoder.run(words[:, None], state)
+        hidden = outputs[:, 0]  # (N, H), predicts the input of `step`
+        if masks is not None:
+            hidden = hidden * masks.outputs[:, step - 1]
+        model_token = choose_tokens(decoder.out(hidden), token_source, temperature, model.eos_id)  # (N,)
+        token = torch.where(use_truth[:, step], inputs[:, step], model_token)
+        fed.append(token)
+    return ChosenInputs(torch.stack(fed, 1), use_truth, masks)
+
+
+class _Graph(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    features: torch.Tensor
+    inputs: torch.Tensor
+    teacher_forcing_prob: torch.Tensor
+    chosen: ChosenInputs
+
+
+class GraphedInputChooser:
+    """`choose_inputs` on a GPU, captured once per batch shape and setting as a CUDA graph and replayed.
+
+    The teacher-forcing probability is a device tensor read by the graph, so a schedule's changing
+    epsilon needs no new capture; random numbers (coins, dropout, Gumbel noise) are fresh on every
+    replay, drawn from the run's CUDA generator (saved in checkpoints). A graph is rebuilt if a parameter moves in memory (e.g. `model.to()`). At most `max_graphs`
+    are kept (batches are trimmed to their longest caption, so there is one per caption length);
+    each holds a few tens of MB at COCO sizes. If a capture fails, the run carries on without graphs
+    after one warning.
+    """
+
+    def __init__(self, max_graphs: int = 32):
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.disabled_reason: str | None = None
+
+    @torch.compiler.disable
+    def __call__(self, model: Captioner, features: torch.Tensor, inputs: torch.Tensor, teacher_forcing_prob: float,
+                 token_source: str, granularity: str, temperature: float) -> ChosenInputs:
+        settings = (token_source, granularity, temperature)
+        if self.disabled_reason is not None or not features.is_cuda:
+            return choose_inputs(model, features, inputs, teacher_forcing_prob, *settings)
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        pointers = tuple(p.data_ptr() for p in model.decoder.parameters()) + (model.image_proj.weight.data_ptr(),)
+        key = (tuple(features.shape), features.dtype, tuple(inputs.shape), model.training, autocast, settings,
+               pointers)
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(model, features, inputs, autocast, settings)
+            except RuntimeError as error:  # capture is all or nothing: fall back to the same computation, eager
+                self.disabled_reason = str(error).splitlines()[0]
+                log.warning("CUDA graph capture of the scheduled-sampling loop failed (%s): running it eagerly",
+                            self.disabled_reason)
+                torch.cuda.synchronize()
+                return choose_inputs(model, features, inputs, teacher_forcing_prob, *settings)
+            self.graphs[key] = entry
+            if len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        with torch.no_grad():
+            entry.features.copy_(features)
+            entry.inputs.copy_(inputs)
+        entry.teacher_forcing_prob.fill_(teacher_forcing_prob)
+        entry.graph.replay()
+        chosen = entry.chosen  # copies: the next replay overwrites the graph's outputs
+        masks = None if chosen.masks is None else DropoutMasks(*(m.clone() for m in chosen.masks))
+        return ChosenInputs(chosen.fed.clone(), chosen.use_truth.clone(), masks)
+
+    @staticmethod
+    def _capture(model, features, inputs, autocast, settings) -> _Graph:
+        static_features = features.detach().clone()
+        static_inputs = inputs.clone()
+        static_prob = torch.ones((), device=features.device)
+
+        def run() -> ChosenInputs:
+            # The autocast cache must be off: cached casts would outlive the graph's memory.
+            with torch.autocast("cuda", dtype=autocast[1], enabled=autocast[0], cache_enabled=False):
+                return choose_inputs(model, static_features, static_inputs, static_prob, *settings)
+
+        # The warm-up draws random numbers: rewound afterwards, so that when a graph is captured (a resumed
+        # run captures its own) does not change the run's random stream.
+        rng_state = torch.cuda.get_rng_state(features.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS/cuDNN set-up and autotuning
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chosen = run()
+        torch.cuda.set_rng_state(rng_state, features.device)
+        return _Graph(graph, static_features, static_inputs, static_prob, chosen)
+
+
+def _exact_single_pass(model: Captioner, features: torch.Tensor, inputs: torch.Tensor, use_truth: torch.Tensor,
+                       token_source: str, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step-by-step loop with gradient. Only the rows whose next input the model chooses go through
+    the output layer without gradient (selecting them synchronises with the host: CPU only)."""
+    select_rows = inputs.device.type == "cpu"
+    state = model.state_from_features(features)
+    hidden, fed = [], []
+    token = inputs[:, 0]  # (N,) <bos>
+    for t in range(inputs.shape[1]):
+        if t > 0:
+            with torch.no_grad():
+                if select_rows:
+                    rows = (~use_truth[:, t]).nonzero().squeeze(1)  # (M,)
+                    token = inputs[:, t].clone()
+                    if rows.numel():
+                        logits = model.decoder.out(hidden[-1][rows])  # (M, V)
+                        token[rows] = choose_tokens(logits, token_source, temperature, model.eos_id)
+                else:
+                    logits = model.decoder.out(hidden[-1])  # (N, V)
+                    model_token = choose_tokens(logits, token_source, temperature, model.eos_id)
+                    token = torch.where(use_truth[:, t], inputs[:, t], model_token)
+        words = model.decoder.dropout(model.decoder.embed(token))[:, None]  # (N, 1, E)
+        outputs, state = model.decoder.run(words, state)  # (N, 1, H)
+        hidden.append(model.decoder.dropout(outputs[:, 0]))  # (N, H)
+        fed.append(token)
+    return model.decoder.out(torch.stack(hidden, 1)), torch.stack(fed, 1)  # (N, T, V), (N, T)
+
+
 def scheduled_sampling_logits(model: Captioner, features: torch.Tensor, inputs: torch.Tensor,
                               teacher_forcing_prob: float, token_source: str = "sample", granularity: str = "token",
-                              temperature: float = 1.0, mode: str = "exact"
+                              temperature: float = 1.0, mode: str = "exact",
+                              chooser: GraphedInputChooser | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """features (N, F), inputs (N, T) ground truth starting with <bos>
     -> logits (N, T, V), fed (N, T) token ids, use_truth (N, T) bool (True where the coin chose the ground truth).
 
     With teacher_forcing_prob == 1 this is the fused teacher-forced pass and draws no random numbers,
-    so it reproduces plain teacher forcing bit for bit.
+    so it reproduces plain teacher forcing bit for bit. `chooser` (exact mode, GPU) replays the
+    choosing loop as a CUDA graph.
     """
     if teacher_forcing_prob >= 1.0:
         return model.forward_teacher_forcing(features, inputs), inputs, torch.ones_like(inputs, dtype=torch.bool)
-    first_word_id = model.eos_id
-    use_truth = draw_coins(inputs.shape, teacher_forcing_prob, granularity, inputs.device)  # (N, T)
-    use_truth[:, 0] = True  # <bos> is always fed
+    settings = (token_source, granularity, temperature)
 
     if mode == "parallel":
+        use_truth = draw_coins(inputs.shape, teacher_forcing_prob, granularity, inputs.device)  # (N, T)
+        use_truth[:, 0] = True  # <bos> is always fed
         with torch.no_grad():
             draft = model.forward_teacher_forcing(features, inputs)  # (N, T, V)
-        model_tokens = choose_tokens(draft[:, :-1], token_source, temperature, first_word_id)  # (N, T-1)
+        model_tokens = choose_tokens(draft[:, :-1], token_source, temperature, model.eos_id)  # (N, T-1)
         fed = inputs.clone()
         fed[:, 1:] = torch.where(use_truth[:, 1:], inputs[:, 1:], model_tokens)
         return model.forward_teacher_forcing(features, fed), fed, use_truth
 
-    # Exact: one decoder step at a time. The output layer (the big V x H matmul) runs twice, and both times
-    # where it is cheapest: without gradient, only for the rows whose next input the model chooses (the
-    # sampling needs nothing else), and once, with gradient, over all steps as one matmul, which is also how
-    # the teacher-forced pass computes it. Dropout is applied once to each hidden state, so the tokens are
-    # drawn from exactly the distribution the loss sees.
-    select_rows = inputs.device.type == "cpu"  # on a GPU, row selection would synchronise with the host
-    state = model.state_from_features(features)
-    hidden, fed_tokens = [], []
-    token = inputs[:, 0]  # (N,) <bos>
-    for t in range(inputs.shape[1]):
-        if t > 0:
-            model_rows = ~use_truth[:, t]  # (N,)
-            with torch.no_grad():
-                if select_rows:
-                    rows = model_rows.nonzero().squeeze(1)  # (M,)
-                    token = inputs[:, t].clone()
-                    if rows.numel():
-                        logits = model.decoder.out(hidden[-1][rows])  # (M, V)
-                        token[rows] = choose_tokens(logits, token_source, temperature, first_word_id)
-                else:
-                    logits = model.decoder.out(hidden[-1])  # (N, V)
-                    model_token = choose_tokens(logits, token_source, temperature, first_word_id)  # (N,)
-                    token = torch.where(model_rows, model_token, inputs[:, t])
-        words = model.decoder.dropout(model.decoder.embed(token))[:, None]  # (N, 1, E)
-        outputs, state = model.decoder.run(words, state)  # (N, 1, H)
-        hidden.append(model.decoder.dropout(outputs[:, 0]))  # (N, H)
-        fed_tokens.append(token)
-    logits = model.decoder.out(torch.stack(hidden, 1))  # (N, T, V)
-    return logits, torch.stack(fed_tokens, 1), use_truth  # (N, T, V), (N, T), (N, T)
+    rnn = model.decoder.rnn
+    if not inputs.is_cuda or (model.training and rnn.num_layers > 1 and rnn.dropout > 0):
+        use_truth = draw_coins(inputs.shape, teacher_forcing_prob, granularity, inputs.device)
+        use_truth[:, 0] = True
+        logits, fed = _exact_single_pass(model, features, inputs, use_truth, token_source, temperature)
+        return logits, fed, use_truth
+    chosen = (chooser or choose_inputs)(model, features.detach(), inputs, teacher_forcing_prob, *settings)
+    return model.forward_teacher_forcing(features, chosen.fed, chosen.masks), chosen.fed, chosen.use_truth

@@ -187,7 +187,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     model = build_captioner(cfg.model, len(vocab), feature_store.feature_dim if feature_store else None).to(device)
     model.encoder.to(memory_format=memory_format)
     loss_module = CaptionLoss(model, cfg.schedule.token_source, cfg.schedule.granularity, cfg.schedule.temperature,
-                              cfg.schedule.mode)
+                              cfg.schedule.mode, cuda_graphs=cfg.trainer.cuda_graphs and device.type == "cuda")
 
     def wrap_for_training():
         """DDP registers the parameters that need gradients when it is built: rebuilt when the encoder unfreezes."""

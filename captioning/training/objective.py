@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioning.models.captioner import Captioner
-from captioning.schedules.feeding import scheduled_sampling_logits
+from captioning.schedules.feeding import GraphedInputChooser, scheduled_sampling_logits
 
 
 def shift_right(targets: torch.Tensor, bos_id: int) -> torch.Tensor:
@@ -16,13 +16,15 @@ def shift_right(targets: torch.Tensor, bos_id: int) -> torch.Tensor:
 
 
 class CaptionLoss(nn.Module):
-    """Cross-entropy of the next word, under a teacher-forcing probability (1 = plain teacher forcing)."""
+    """Cross-entropy of the next word, under a teacher-forcing probability (1 = plain teacher forcing).
+    `cuda_graphs`: on a GPU, replay exact scheduled sampling's token-choosing loop as CUDA graphs."""
 
     def __init__(self, model: Captioner, token_source: str = "sample", granularity: str = "token",
-                 temperature: float = 1.0, mode: str = "exact"):
+                 temperature: float = 1.0, mode: str = "exact", cuda_graphs: bool = False):
         super().__init__()
         self.model = model
         self.token_source, self.granularity, self.temperature, self.mode = token_source, granularity, temperature, mode
+        self.chooser = GraphedInputChooser() if cuda_graphs else None
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_forcing_prob: float,
                 features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -35,7 +37,7 @@ class CaptionLoss(nn.Module):
         inputs = shift_right(targets, self.model.bos_id)  # (N, T)
         logits, _, use_truth = scheduled_sampling_logits(
             self.model, features, inputs, teacher_forcing_prob, self.token_source, self.granularity,
-            self.temperature, self.mode)  # (N, T, V)
+            self.temperature, self.mode, self.chooser)  # (N, T, V)
         real = targets != self.model.pad_id  # (N, T)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.model.pad_id)
         # Share of fed inputs (after <bos>, within the caption) that were the model's own tokens.
