@@ -123,10 +123,10 @@ class GraphedInputChooser:
 
     The teacher-forcing probability is a device tensor read by the graph, so a schedule's changing
     epsilon needs no new capture; random numbers (coins, dropout, Gumbel noise) are fresh on every
-    replay, drawn from the run's CUDA generator (saved in checkpoints). A graph is rebuilt if a parameter moves in memory (e.g. `model.to()`). At most `max_graphs`
-    are kept (batches are trimmed to their longest caption, so there is one per caption length);
-    each holds a few tens of MB at COCO sizes. If a capture fails, the run carries on without graphs
-    after one warning.
+    replay, drawn from the run's CUDA generator (saved in checkpoints). A graph is rebuilt if a
+    parameter moves in memory (e.g. `model.to()`). At most `max_graphs` are kept (batches are trimmed
+    to their longest caption, so there is one per caption length); each holds a few tens of MB at COCO
+    sizes. If a capture fails, the run carries on without graphs after one warning.
     """
 
     def __init__(self, max_graphs: int = 32):
@@ -141,7 +141,7 @@ class GraphedInputChooser:
         if self.disabled_reason is not None or not features.is_cuda:
             return choose_inputs(model, features, inputs, teacher_forcing_prob, *settings)
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        pointers = tuple(p.data_ptr() for p in model.decoder.parameters()) + (model.image_proj.weight.data_ptr(),)
+        pointers = tuple(p.data_ptr() for module in (model.decoder, model.image_proj) for p in module.parameters())
         key = (tuple(features.shape), features.dtype, tuple(inputs.shape), model.training, autocast, settings,
                pointers)
         entry = self.graphs.get(key)
