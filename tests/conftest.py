@@ -44,3 +44,26 @@ def compose(overrides: list[str] = (), config_name: str = "config"):
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides))
+
+
+def preempt_run_during_step(monkeypatch, cfg, run_dir: Path, step: int) -> dict:
+    """Train with a SIGTERM sent during the forward pass of optimizer step `step`, as SLURM would."""
+    import signal
+
+    from captioning.training import objective
+    from captioning.training.loop import train
+
+    calls = {"n": 0}
+    original = objective.CaptionLoss.forward
+
+    def forward_then_signal(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(objective.CaptionLoss, "forward", forward_then_signal)
+    try:
+        return train(cfg, run_dir)
+    finally:
+        monkeypatch.setattr(objective.CaptionLoss, "forward", original)

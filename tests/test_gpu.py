@@ -179,13 +179,9 @@ def test_bf16_autocast_training_step_is_finite_and_close():
 def test_preempted_gpu_run_with_graphs_resumes_like_a_straight_run(tiny_data_root, tmp_path, monkeypatch, caplog):
     """On a GPU with the graphed token loop, dropout and model tokens: the RNG states in the checkpoint carry
     the resumed run on the same course (within GPU non-determinism: cuDNN, atomics)."""
-    import os
-    import signal
-
-    from conftest import compose, tiny_overrides
+    from conftest import compose, preempt_run_during_step, tiny_overrides
 
     from captioning.loggers.jsonl import read_jsonl
-    from captioning.training import objective
     from captioning.training.checkpoint import load_checkpoint
     from captioning.training.loop import train
 
@@ -195,18 +191,7 @@ def test_preempted_gpu_run_with_graphs_resumes_like_a_straight_run(tiny_data_roo
         "trainer.max_steps=8", "trainer.val_every_n_steps=4", "trainer.log_every_n_steps=1", "data.batch_size=4",
         "trainer.evaluate_after_training=false", "trainer.scoring=deferred"]
     train(compose(overrides), tmp_path / "straight")
-    calls = {"n": 0}
-    original = objective.CaptionLoss.forward
-
-    def forward_then_signal(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(objective.CaptionLoss, "forward", forward_then_signal)
-    assert train(compose(overrides), tmp_path / "resumed")["steps"] == 3
-    monkeypatch.setattr(objective.CaptionLoss, "forward", original)
+    assert preempt_run_during_step(monkeypatch, compose(overrides), tmp_path / "resumed", 3)["steps"] == 3
     assert train(compose(overrides), tmp_path / "resumed")["steps"] == 8
     assert "CUDA graph capture" not in caplog.text
 

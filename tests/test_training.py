@@ -14,7 +14,7 @@ from captioning.loggers.jsonl import read_jsonl
 from captioning.training import objective
 from captioning.training.checkpoint import load_checkpoint
 from captioning.training.loop import PREEMPTION_EXIT_CODE, train
-from conftest import compose, requires_java, tiny_overrides
+from conftest import compose, preempt_run_during_step, requires_java, tiny_overrides
 
 pytestmark = [requires_java(), pytest.mark.java]
 
@@ -70,18 +70,7 @@ def test_resume_after_preemption_equals_straight_run(tiny_data_root, tmp_path, m
     assert straight["steps"] == 8
 
     # A SIGTERM during step 3 (mid-epoch, not at a validation): the run saves after that step and exits.
-    calls = {"n": 0}
-    original = objective.CaptionLoss.forward
-
-    def forward_then_signal(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(objective.CaptionLoss, "forward", forward_then_signal)
-    first = train(compose(overrides), tmp_path / "resumed")
-    monkeypatch.setattr(objective.CaptionLoss, "forward", original)
+    first = preempt_run_during_step(monkeypatch, compose(overrides), tmp_path / "resumed", 3)
     assert first["preempted"] and first["exit_code"] == PREEMPTION_EXIT_CODE and first["steps"] == 3
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 3
     second = train(compose(overrides), tmp_path / "resumed")  # trainer.resume=auto picks up last.pt

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from captioning.data.build import eval_dataset, load_records, make_loader  # noqa: E402
-from captioning.data.images import BadImage  # noqa: E402
 from captioning.models.encoder import ImageEncoder  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from captioning.config import validate_train_config, decode_kwargs
+from captioning.config import validate_train_config
 from captioning.data import build as data_build
 from captioning.data.dataset import BadImageTracker
 from captioning.data.features import open_feature_store
