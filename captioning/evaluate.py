@@ -17,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from captioning.cli import exit_on_user_error
 from captioning.config import ConfigError, config_dir, decode_kwargs, validate_decode
 from captioning.data import build as data_build
-from captioning.inference import decode_records, most_common_caption, references_of, score, write_results
+from captioning.inference import decode_records, references_of, score_with_baseline, write_results
 from captioning.metrics.exposure import exposure_bias_probe, reference_loader
-from captioning.models.captioner import build_captioner
+from captioning.models.captioner import build_captioner, build_image_encoder
 from captioning.training.checkpoint import load_checkpoint
-from captioning.training.distributed import DistInfo
+from captioning.training.distributed import DistInfo, pick_device
 from captioning.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,10 @@ def load_model(checkpoint_path, device: torch.device, for_images: bool = False):
     model = build_captioner(model_cfg, len(vocab), feature_dim)
     model.load_state_dict(state["model"])
     if cached and for_images:
-        from captioning.models.encoder import ImageEncoder
-
-        e = cfg.model.encoder
-        if e.weights is None:
+        if cfg.model.encoder.weights is None:
             raise ValueError(f"{checkpoint_path} was trained on cached features of a randomly initialised encoder "
                              "(model.encoder.weights=null): images cannot be encoded the same way again")
-        model.encoder = ImageEncoder(e.name, e.weights, trainable=False, pool=e.get("pool", "avg"),
-                                     grid_size=e.get("grid_size", 2))
+        model.encoder = build_image_encoder(cfg.model.encoder, trainable=False)
     return model.to(device).eval(), vocab, cfg, state
 
 
@@ -75,8 +71,7 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device
     With score_now=False only the results file (and the exposure probe, which needs no Java) is written:
     tools/score_runs.py scores it later on a machine with Java."""
     if isinstance(device, str):
-        device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                              "cpu" if device == "auto" else device)
+        device = pick_device(device)
     model, vocab, train_cfg, state = load_model(checkpoint_path, device)
     if ensemble:
         from captioning.decoding import EnsembleModel
@@ -119,9 +114,7 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device
             logger.log_metrics(exposure_metrics, step if step is not None else state["step"])
         return exposure_metrics
     references = references_of(split_records, predictions)
-    metrics = score(references, predictions, spice=spice)
-    baseline_caption = most_common_caption(records["train"])
-    baseline = score(references, {i: baseline_caption for i in predictions}, spice=spice)
+    metrics, baseline, baseline_caption = score_with_baseline(references, predictions, records["train"], spice)
 
     from captioning.metrics import diversity_report
 

@@ -68,6 +68,15 @@ def most_common_caption(train_records: list[ImageRecord]) -> str:
     return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 
 
+def score_with_baseline(references: dict[int, list[str]], predictions: dict[int, str], train_records: list[ImageRecord],
+                        spice: bool = False) -> tuple[dict[str, float], dict[str, float], str]:
+    """The predictions' metrics, the metrics of the trivial reference that gives every image the most common
+    training caption, and that caption."""
+    caption = most_common_caption(train_records)
+    baseline = score(references, {i: caption for i in predictions}, spice=spice)
+    return score(references, predictions, spice=spice), baseline, caption
+
+
 def write_results(path: Path, captions: dict[int, list[tuple[str, float]]]) -> None:
     """COCO server format: [{"image_id", "caption"}], the top caption per image."""
     path.parent.mkdir(parents=True, exist_ok=True)

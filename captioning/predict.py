@@ -43,9 +43,9 @@ def predict(checkpoint, inputs, decode_cfg, device: str = "auto", batch_size: in
     from captioning.data.dataset import EvalImageDataset
     from captioning.decoding import decode
     from captioning.evaluate import load_model
+    from captioning.training.distributed import pick_device
 
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                "cpu" if device == "auto" else device)
+    torch_device = pick_device(device)
     files = list_images(inputs)
     model, vocab, train_cfg, _ = load_model(checkpoint, torch_device, for_images=True)
     data = train_cfg.data

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from captioning.data.build import eval_dataset, load_records, make_loader  # noqa: E402
-from captioning.models.encoder import ImageEncoder  # noqa: E402
+from captioning.models.captioner import build_image_encoder  # noqa: E402
 
 
 def compose_config(overrides: list[str]):
@@ -42,8 +42,7 @@ def extract(out: Path, cfg, batch_size: int, device: torch.device, flush_every: 
             "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size, "images": len(image_ids)}
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # weights=null: a reproducible random encoder
-    encoder = ImageEncoder(e.name, e.weights, trainable=False, pool=meta["pool"], grid_size=meta["grid_size"])
-    encoder = encoder.to(device).eval()
+    encoder = build_image_encoder(e, trainable=False).to(device).eval()
     meta["feature_dim"] = encoder.feature_dim
     if (out / "meta.json").is_file():  # resume: only into a store made with the same settings
         previous = json.loads((out / "meta.json").read_text())

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from captioning.data.build import load_records  # noqa: E402
-from captioning.inference import most_common_caption, references_of, score  # noqa: E402
+from captioning.inference import references_of, score, score_with_baseline  # noqa: E402
 from captioning.loggers.jsonl import JsonlLogger, read_jsonl  # noqa: E402
 from captioning.metrics import check_java, load_results  # noqa: E402
 
@@ -60,10 +60,9 @@ def score_run(run: Path, data_root: str | None, records_cache: dict) -> str:
     for path in test_files:
         predictions = load_results(path)
         references = references_of(records["test"], predictions)
-        metrics = {f"test/{k}": v for k, v in score(references, predictions).items()}
-        baseline = most_common_caption(records["train"])
-        metrics.update({f"test/most_common_caption/{k}": v for k, v in
-                        score(references, {i: baseline for i in predictions}).items()})
+        model_metrics, baseline_metrics, baseline = score_with_baseline(references, predictions, records["train"])
+        metrics = {f"test/{k}": v for k, v in model_metrics.items()}
+        metrics.update({f"test/most_common_caption/{k}": v for k, v in baseline_metrics.items()})
         step = max(prob_at) if prob_at else 0
         logger.log_metrics({"train/teacher_forcing_prob": prob_at.get(step, float("nan")), **metrics}, step)
         (run / "test_metrics.json").write_text(json.dumps({**metrics, "results": str(path), "images": len(predictions),

@@ -75,13 +75,18 @@ class Captioner(nn.Module):
         return self.decoder.out(outputs[:, 1:] * masks.outputs.to(outputs.dtype))
 
 
+def build_image_encoder(cfg_encoder, trainable: bool) -> ImageEncoder:
+    """The CNN that `model.encoder` describes (name, weights, pooling)."""
+    return ImageEncoder(cfg_encoder.name, cfg_encoder.weights, trainable=trainable,
+                        pool=cfg_encoder.get("pool", "avg"), grid_size=cfg_encoder.get("grid_size", 2))
+
+
 def build_captioner(cfg_model, vocab_size: int, cached_feature_dim: int | None = None) -> Captioner:
     """With `cached_feature_dim`, the model reads cached features (data.features) instead of images."""
     enc, dec = cfg_model.encoder, cfg_model.decoder
     if cached_feature_dim is not None:
         encoder = PrecomputedFeatures(cached_feature_dim)
     else:
-        encoder = ImageEncoder(enc.name, enc.weights, trainable=bool(enc.trainable), pool=enc.get("pool", "avg"),
-                               grid_size=enc.get("grid_size", 2))
+        encoder = build_image_encoder(enc, bool(enc.trainable))
     decoder = RNNDecoder(vocab_size, dec.embed_dim, dec.hidden_dim, dec.num_layers, dec.cell, dec.dropout)
     return Captioner(encoder, decoder)

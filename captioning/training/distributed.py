@@ -41,6 +41,18 @@ def read_env() -> DistInfo:
     return DistInfo()
 
 
+def pick_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
+    """`auto` | `cpu` | `cuda` | `cuda:N` -> the device; `cuda` (and `auto` on a GPU node) is this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", info.local_rank)
+    if name.startswith("cuda:") and info.enabled:
+        raise ValueError(f"trainer.device={name} would put every process on one GPU; under torchrun use "
+                         "trainer.device=cuda or auto (rank r uses cuda:LOCAL_RANK)")
+    return torch.device(name)
+
+
 def backend_for(device: str) -> str:
     """NCCL when the run trains on CUDA, gloo otherwise: `trainer.device=cpu` on a GPU node must not get NCCL,
     which cannot reduce CPU tensors."""

@@ -36,17 +36,6 @@ log = logging.getLogger(__name__)
 PREEMPTION_EXIT_CODE = 124  # what the run exits with after saving on SIGTERM/SIGUSR1: requeue me
 
 
-def pick_device(name: str, info: dist_utils.DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", info.local_rank)
-    if name.startswith("cuda:") and info.enabled:
-        raise ValueError(f"trainer.device={name} would put every process on one GPU; under torchrun use "
-                         "trainer.device=cuda or auto (rank r uses cuda:LOCAL_RANK)")
-    return torch.device(name)
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or precision == "fp32":
         return None
@@ -157,7 +146,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     info = dist_utils.init_distributed(device=str(cfg.trainer.device))
     run_dir = Path(dist_utils.broadcast_object(str(run_dir), info))  # rank 0's: ${now} in a path may differ by rank
-    device = pick_device(str(cfg.trainer.device), info)
+    device = dist_utils.pick_device(str(cfg.trainer.device), info)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     amp_dtype = autocast_dtype(cfg.trainer.precision, device)
