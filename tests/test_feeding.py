@@ -170,9 +170,12 @@ def test_sequence_granularity_never_mixes_within_a_caption():
     images, targets = batch()
     features = model.encode(images).repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)
-    _, _, use_truth = scheduled_sampling_logits(model, features, inputs, 0.5, granularity="sequence")
+    _, fed, use_truth = scheduled_sampling_logits(model, features, inputs, 0.5, granularity="sequence")
     rest = use_truth[:, 1:]
     assert ((rest.all(1)) | (~rest.any(1))).all()
+    assert use_truth[:, 0].all()  # <bos> always, and setting it must not turn whole captions to ground truth
+    free_running = (~rest.any(1)).float().mean().item()
+    assert 0.25 < free_running < 0.75 and not torch.equal(fed, inputs)
 
 
 def test_uniform_tokens_are_independent_of_the_model():

@@ -42,10 +42,11 @@ log = logging.getLogger(__name__)
 
 def draw_coins(shape: tuple[int, int], teacher_forcing_prob: float | torch.Tensor, granularity: str,
                device: torch.device) -> torch.Tensor:
-    """(N, T) bool, True where the ground truth is fed."""
+    """(N, T) bool, True where the ground truth is fed. A tensor of its own (not an expanded view), so that
+    setting one column, as callers do for <bos>, leaves the other columns alone."""
     n, t = shape
     if granularity == "sequence":
-        return (torch.rand(n, 1, device=device) < teacher_forcing_prob).expand(n, t)
+        return (torch.rand(n, 1, device=device) < teacher_forcing_prob).repeat(1, t)
     return torch.rand(n, t, device=device) < teacher_forcing_prob
 
 
