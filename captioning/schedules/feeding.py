@@ -50,6 +50,14 @@ def draw_coins(shape: tuple[int, int], teacher_forcing_prob: float | torch.Tenso
     return torch.rand(n, t, device=device) < teacher_forcing_prob
 
 
+def coins_after_bos(inputs: torch.Tensor, teacher_forcing_prob: float | torch.Tensor, granularity: str
+                    ) -> torch.Tensor:
+    """`draw_coins` for decoder inputs (N, T); the first input, <bos>, is always the ground truth."""
+    use_truth = draw_coins(inputs.shape, teacher_forcing_prob, granularity, inputs.device)  # (N, T)
+    use_truth[:, 0] = True
+    return use_truth
+
+
 def choose_tokens(logits: torch.Tensor, token_source: str, temperature: float, first_word_id: int) -> torch.Tensor:
     """logits (..., V) -> token ids (...) chosen without gradient."""
     logits = logits.detach().float()
@@ -87,8 +95,7 @@ def choose_inputs(model: Captioner, features: torch.Tensor, inputs: torch.Tensor
     """Flip the coins, draw the dropout masks, and step through the decoder without gradient to choose
     every input: features (N, F), inputs (N, T) ground truth starting with <bos>."""
     n, t = inputs.shape
-    use_truth = draw_coins((n, t), teacher_forcing_prob, granularity, inputs.device)  # (N, T)
-    use_truth[:, 0] = True  # <bos> is always fed
+    use_truth = coins_after_bos(inputs, teacher_forcing_prob, granularity)  # (N, T)
     masks = draw_dropout_masks(model, n, t, inputs.device)
     decoder = model.decoder
     image_embedding = model.image_proj(features)  # (N, E)
@@ -237,11 +244,9 @@ def scheduled_sampling_logits(model: Captioner, features: torch.Tensor, inputs: 
     """
     if teacher_forcing_prob >= 1.0:
         return model.forward_teacher_forcing(features, inputs), inputs, torch.ones_like(inputs, dtype=torch.bool)
-    settings = (token_source, granularity, temperature)
 
     if mode == "parallel":
-        use_truth = draw_coins(inputs.shape, teacher_forcing_prob, granularity, inputs.device)  # (N, T)
-        use_truth[:, 0] = True  # <bos> is always fed
+        use_truth = coins_after_bos(inputs, teacher_forcing_prob, granularity)  # (N, T)
         with torch.no_grad():
             draft = model.forward_teacher_forcing(features, inputs)  # (N, T, V)
         model_tokens = choose_tokens(draft[:, :-1], token_source, temperature, model.eos_id)  # (N, T-1)
@@ -251,9 +256,9 @@ def scheduled_sampling_logits(model: Captioner, features: torch.Tensor, inputs: 
 
     rnn = model.decoder.rnn
     if not inputs.is_cuda or (model.training and rnn.num_layers > 1 and rnn.dropout > 0):
-        use_truth = draw_coins(inputs.shape, teacher_forcing_prob, granularity, inputs.device)
-        use_truth[:, 0] = True
+        use_truth = coins_after_bos(inputs, teacher_forcing_prob, granularity)
         logits, fed = _exact_single_pass(model, features, inputs, use_truth, token_source, temperature)
         return logits, fed, use_truth
-    chosen = (chooser or choose_inputs)(model, features.detach(), inputs, teacher_forcing_prob, *settings)
+    chosen = (chooser or choose_inputs)(model, features.detach(), inputs, teacher_forcing_prob, token_source,
+                                        granularity, temperature)
     return model.forward_teacher_forcing(features, chosen.fed, chosen.masks), chosen.fed, chosen.use_truth

@@ -265,10 +265,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                  "%d steps; teacher forcing: %s", len(vocab), cfg.data.word_count_threshold, len(dataset),
                  steps_per_epoch, total_steps, schedule.describe())
 
-    exposure_loader = reference_loader(records["val"][: cfg.trainer.val_max_images or None], vocab, cfg.data)
+    val_records = records["val"][: cfg.trainer.val_max_images or None]
+    exposure_loader = reference_loader(val_records, vocab, cfg.data)
 
     def validate() -> dict[str, float]:
-        val_records = records["val"][: cfg.trainer.val_max_images or None]
         dist_utils.broadcast_buffers(model, info)  # BatchNorm running stats: every rank decodes with rank 0's
         captions = decode_records(model, val_records, vocab, cfg.data, "greedy", {"max_len": cfg.data.max_len},
                                   device, info, autocast_dtype=amp_dtype)
