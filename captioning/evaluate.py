@@ -64,12 +64,15 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device: torch.device | str = "auto",
                         data_overrides: dict | None = None, spice: bool = False, logger=None, step: int | None = None,
                         info: DistInfo = DistInfo(), records=None, batch_size: int | None = None,
-                        score_now: bool = True, ensemble: list | None = None) -> dict[str, float]:
+                        score_now: bool = True, ensemble: list | None = None,
+                        exposure_cache: dict | None = None) -> dict[str, float]:
     """Decode `split` with the checkpoint and score it; returns {"split/metric": value, ...}.
     `ensemble`: more checkpoints; every decoder then runs over the average of all their per-step
     probabilities (they must share the vocabulary and the kind of input).
     With score_now=False only the results file (and the exposure probe, which needs no Java) is written:
-    tools/score_runs.py scores it later on a machine with Java."""
+    tools/score_runs.py scores it later on a machine with Java.
+    `exposure_cache`: a dict shared by calls on the same checkpoint and data (several decoders): the exposure
+    probe, which does not depend on the decoder, then runs once per split."""
     if isinstance(device, str):
         device = pick_device(device)
     model, vocab, train_cfg, state = load_model(checkpoint_path, device)
@@ -103,8 +106,12 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, out_dir, device
     predictions = {i: hyps[0][0] for i, hyps in captions.items()}
     write_results(out_dir / f"results_{split}_{strategy}.json", captions)
     # Exposure bias: the references' NLL and accuracy per position, teacher-forced vs free-running.
-    exposure = exposure_bias_probe(model, reference_loader(split_records, vocab, cfg_data, batch_size), device,
-                                   cfg_data.max_len)
+    exposure = (exposure_cache or {}).get(split)
+    if exposure is None:
+        exposure = exposure_bias_probe(model, reference_loader(split_records, vocab, cfg_data, batch_size), device,
+                                       cfg_data.max_len)
+        if exposure_cache is not None:
+            exposure_cache[split] = exposure
     exposure_metrics = {f"{split}/{k}": v for k, v in exposure.summary().items()}
     (out_dir / f"{split}_exposure.json").write_text(json.dumps(exposure.to_json(), indent=2))
     exposure.plot(out_dir / f"{split}_exposure.png")
@@ -208,11 +215,11 @@ def compare_decoders(cfg: DictConfig, checkpoint: Path, out_dir: Path, logger) -
     train_cfg = OmegaConf.create(load_checkpoint(checkpoint)["config"])
     cfg_data = OmegaConf.merge(train_cfg.data, {"root": cfg.data_root} if cfg.data_root else {})
     records = data_build.load_records(cfg_data)  # read once, for every decoder and the samples table
-    results, captions = {}, {}
+    results, captions, exposure_cache = {}, {}, {}
     for name, decode_cfg in configs.items():
         metrics = evaluate_checkpoint(checkpoint, cfg.split, decode_cfg, out_dir / name, device=cfg.device,
                                       data_overrides={"root": cfg.data_root}, spice=cfg.spice,
-                                      batch_size=cfg.batch_size, records=records)
+                                      batch_size=cfg.batch_size, records=records, exposure_cache=exposure_cache)
         results[name] = {k.split("/", 1)[1]: v for k, v in metrics.items() if "most_common_caption" not in k}
         captions[name] = {r["image_id"]: r["caption"] for r in json.loads(
             (out_dir / name / f"results_{cfg.split}_{decode_cfg.strategy}.json").read_text())}
