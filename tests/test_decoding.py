@@ -140,11 +140,15 @@ def exhaustive(model, image: torch.Tensor, max_len: int, alpha: float = 0.0) -> 
 
 
 def reference_diverse_beam(model, image, num_groups, group_size, strength, max_len, alpha=0.0):
-    """Unbatched plain-Python diverse beam search with no early stop; returns each group's pool, best first."""
+    """Unbatched plain-Python diverse beam search with no early stop; returns each group's pool, best first.
+
+    Hamming diversity as in Vijayakumar et al.: group g is penalised by the tokens of the beams that
+    groups < g selected (continue with: their group_size best non-eos candidates) at the same step.
+    """
     live = [[([], 0.0, model.init_state(image))] for _ in range(num_groups)]
     pools = [[] for _ in range(num_groups)]
     for t in range(1, max_len + 1):
-        counts = Counter()  # tokens chosen by earlier groups at this step
+        counts = Counter()  # tokens of the beams earlier groups selected at this step
         for g in range(num_groups):
             candidates = []  # (selection score, raw score, words, token, state)
             for words, score, state in live[g]:
@@ -154,13 +158,13 @@ def reference_diverse_beam(model, image, num_groups, group_size, strength, max_l
                         candidates.append((score + logp - strength * counts[v], score + logp, words, v, new_state))
             candidates.sort(key=lambda c: -c[0])
             for _, raw, words, v, _ in candidates[:group_size]:
-                counts[v] += 1
                 lp_t = gnmt_length_penalty(t, alpha)
                 if v == EOS:
                     pools[g].append((words, raw / lp_t))
                 elif t == max_len:
                     pools[g].append((words + [v], raw / lp_t))
             keep = [c for c in candidates if c[3] != EOS][:group_size]
+            counts.update(v for _, _, _, v, _ in keep)
             live[g] = [(words + [v], raw, state) for _, raw, words, v, state in keep]
     return [sorted(pool, key=lambda h: -h[1])[:group_size] for pool in pools]
 
@@ -310,8 +314,11 @@ def test_zero_strength_every_group_equals_beam_of_group_size():
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.8])
-def test_diverse_beam_equals_reference(alpha):
-    model, images = ToyGRU(seed=2, scale=1.2), toy_images(4, seed=7)
+@pytest.mark.parametrize("seed,scale,image_seed", [(2, 1.2, 7), (4, 2.0, 5)])
+def test_diverse_beam_equals_reference(alpha, seed, scale, image_seed):
+    # (4, 2.0, 5): a peaked model whose groups often finish with eos inside their top candidates, where
+    # counting those (instead of the selected, continuing beams) changes the result
+    model, images = ToyGRU(seed=seed, scale=scale), toy_images(4, seed=image_seed)
     for i in range(4):
         got = diverse_beam_search(model, images[i : i + 1], 6, 3, 0.7, 7, length_penalty=alpha)[0]
         pools = reference_diverse_beam(model, images[i : i + 1], 3, 2, 0.7, 7, alpha)
@@ -319,37 +326,71 @@ def test_diverse_beam_equals_reference(alpha):
 
 
 def test_diversity_penalty_hand_computed():
-    # step 1: w4 .48, w5 .31, w6 .21; step 2: eos .6, w4 .4. Three groups of one beam, max_len 2.
-    model = table([dist(w4=0.48, w5=0.31, w6=0.21), dist(eos=0.6, w4=0.4)])
+    # step 1: w4 .48, w5 .31, w6 .21; step 2 (the last): w4 .4, eos .35, w3 .25. Three groups of one
+    # beam, max_len 2. A group's selected beam is its best non-eos candidate; later groups are
+    # penalised by those tokens only (eos is never counted). Returned scores are unpenalised log-probs.
+    model = table([dist(w4=0.48, w5=0.31, w6=0.21), dist(w4=0.4, eos=0.35, w3=0.25)])
     log = math.log
     # strength 1, step 1: group 1 avoids w4 (log .48 - 1 < log .31); group 2 avoids w4 and w5 -> w6.
-    # Step 2: group 0 chose eos, so group 1 prefers w4 (log .4 > log .6 - 1) and is cut at max_len with
-    # no eos; group 2 is penalised on eos and w4 alike and takes eos. Counts restart every step (w4
-    # chosen at step 1 does not penalise w4 at step 2). Returned scores are unpenalised log-probs.
+    # Step 2: group 0 (after w4) takes w4 (.192 > eos .168), cut at max_len; counts {w4}.
+    # Group 1 (after w5): eos log .1085 > w3 log .0775 > w4 log .124 - 1: finishes "w5"; its selected
+    # beam is w3, so counts {w4, w3}. Group 2 (after w6): eos log .0735 beats w4 log .084 - 1 and
+    # w3 log .0525 - 1 and finishes "w6". (Counting group 1's eos instead of w3 gives "w6 w3".)
     got = diverse_beam_search(model, ids(0), 3, 3, 1.0, 2)[0]
     assert got == [
-        ([4], pytest.approx(log(0.48 * 0.6))),
-        ([6], pytest.approx(log(0.21 * 0.6))),
-        ([5, 4], pytest.approx(log(0.31 * 0.4))),
+        ([4, 4], pytest.approx(log(0.48 * 0.4))),
+        ([5], pytest.approx(log(0.31 * 0.35))),
+        ([6], pytest.approx(log(0.21 * 0.35))),
     ]
     # strength 0.3, step 1: group 1 keeps w4 (log .48 - .3 > log .31), group 2 has w4 counted twice -> w5.
-    # Step 2: group 1 takes eos (log .6 - .3 > log .4), group 2 has eos counted twice -> w4.
+    # Step 2: group 0 takes w4 again; group 1 (after w4) takes eos (log .168 > log .192 - .3) but
+    # selects w4 (log .192 - .3 > log .12), so w4 counts twice for group 2 (after w5): eos log .1085
+    # beats w4 log .124 - .6 and w3 log .0775. (Counting group 1's eos instead gives "w5 w4".)
     got = diverse_beam_search(model, ids(0), 3, 3, 0.3, 2)[0]
     assert got == [
-        ([4], pytest.approx(log(0.48 * 0.6))),
-        ([4], pytest.approx(log(0.48 * 0.6))),
-        ([5, 4], pytest.approx(log(0.31 * 0.4))),
+        ([4, 4], pytest.approx(log(0.48 * 0.4))),
+        ([4], pytest.approx(log(0.48 * 0.35))),
+        ([5], pytest.approx(log(0.31 * 0.35))),
     ]
     assert diverse_beam_search(model, ids(0), 3, 3, 0.3, 2, n_best=2)[0] == got[:2]
 
 
+@pytest.mark.parametrize("max_len", [2, 3])
+def test_hamming_penalty_counts_the_selected_beams_not_the_finished_ones(max_len):
+    # Two groups of one beam, strength 1. Step 1: w4 .6, w5 .4 -> group 0 takes w4, group 1 w5
+    # (log .6 - 1 < log .4). Step 2 after w4: eos .5, w6 .3, w3 .2; after w5: w6 .45, w3 .35, eos .2.
+    # Group 0: eos (.30) is its best candidate and finishes "w4"; the beam it selects (continues with)
+    # is w6 (.18). Counts at step 2 = {w6: 1}, the paper's Hamming term. Group 1 (after w5, .4):
+    #   w6: log .18 - 1 = -2.715,  w3: log .14 = -1.966,  eos: log .08 = -2.526  -> w3.
+    # Counting group 0's top candidate eos instead would penalise eos and give w6 (log .18).
+    # Step 3: eos 1.0 (max_len 3), or "w5 w3" is cut at max_len 2: same caption, same score.
+    model = table([
+        dist(w4=0.6, w5=0.4),
+        {None: dist(eos=1.0), 4: dist(eos=0.5, w6=0.3, w3=0.2), 5: dist(w6=0.45, w3=0.35, eos=0.2)},
+        dist(eos=1.0),
+    ])
+    got = diverse_beam_search(model, ids(0), beam_size=2, num_groups=2, diversity_strength=1.0, max_len=max_len)[0]
+    assert got == [([4], pytest.approx(math.log(0.6 * 0.5))), ([5, 3], pytest.approx(math.log(0.4 * 0.35)))]
+    pools = reference_diverse_beam(model, ids(0), 2, 1, 1.0, max_len)
+    assert_same(got, sorted([h for pool in pools for h in pool], key=lambda h: -h[1]))
+    # without diversity both groups run the same beam search
+    plain = diverse_beam_search(model, ids(0), 2, 2, 0.0, max_len)[0]
+    assert plain == [([4], pytest.approx(math.log(0.3))), ([4], pytest.approx(math.log(0.3)))]
+
+
 def test_early_stopped_group_still_penalises_later_groups():
-    # Group 0 finishes "" (p .7) at step 1 and can never improve (its live beam has p .3): it stops
-    # adding to its pool, but keeps choosing, so at step 2 its choice w5 still pushes group 1 to w6,
-    # exactly as in a search without early stop (the reference).
-    model = table([dist(eos=0.7, w4=0.3), dist(w5=0.5, w6=0.45, eos=0.05), dist(eos=1.0)])
+    # Strength 1, two groups of one beam, max_len 3. Step 1: group 0 takes w4 (.6), group 1 w5 (.4).
+    # Step 2: group 0 finishes "w4" (p .54) and can never improve (its live beam "w4 w6" has p .06):
+    # it stops adding to its pool. Group 1 (after w5) takes w3 (.144). Step 3: group 0 keeps
+    # selecting: its choice w5 pushes group 1 from w5 (log .072 - 1) to w4 (log .0648), exactly as in
+    # a search without early stop (the reference). If it stopped selecting, group 1 would end "w5 w3 w5".
+    model = table([
+        dist(w4=0.6, w5=0.4),
+        {None: dist(eos=1.0), 4: dist(eos=0.9, w6=0.1), 5: dist(w3=0.36, w6=0.34, eos=0.3)},
+        dist(w5=0.5, w4=0.45, eos=0.05),
+    ])
     got = diverse_beam_search(model, ids(0), 2, 2, 1.0, 3)[0]
-    assert got == [([], pytest.approx(math.log(0.7))), ([4, 6], pytest.approx(math.log(0.3 * 0.45)))]
+    assert got == [([4], pytest.approx(math.log(0.54))), ([5, 3, 4], pytest.approx(math.log(0.4 * 0.36 * 0.45)))]
     pools = reference_diverse_beam(model, ids(0), 2, 1, 1.0, 3)
     assert_same(got, sorted([h for pool in pools for h in pool], key=lambda h: -h[1]))
 

@@ -17,6 +17,7 @@ from captioning.metrics.diversity import (
     diversity_report,
     diversity_report_tokenized,
     self_bleu4,
+    unique_ngram_ratio,
 )
 from captioning.metrics.java import _major_version, check_java
 
@@ -232,13 +233,24 @@ def test_load_references(tmp_path):
 
 
 def test_distinct_n_by_hand():
+    # Li et al. 2016: distinct n-grams / total words. Bigrams: (a man)(man rides)(rides a)(a horse)
+    # (a man)(man on)(on a)(a horse) -> 6 distinct out of 8 bigrams; 5 + 5 = 10 words.
+    horses = ["a man rides a horse", "a man on a horse"]
+    assert distinct_n(horses, 2) == 0.6  # 6 / 10, exactly
+    assert unique_ngram_ratio(horses, 2) == 0.75  # 6 / 8, the old ratio under its own name
+    assert distinct_n(horses, 1) == unique_ngram_ratio(horses, 1) == 0.5  # {a man rides horse on} / 10
     captions = ["a b a", "a c"]
     assert distinct_n(captions, 1) == pytest.approx(3 / 5)  # a b a a c -> {a, b, c}
-    assert distinct_n(captions, 2) == pytest.approx(3 / 3)  # (a b) (b a) (a c)
-    assert distinct_n(["a a a a"], 2) == pytest.approx(1 / 3)
-    assert distinct_n(["a", ""], 2) == 0.0 and distinct_n([], 1) == 0.0
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        distinct_n(captions, 0)
+    assert distinct_n(captions, 2) == pytest.approx(3 / 5)  # (a b) (b a) (a c) over 5 words
+    assert unique_ngram_ratio(captions, 2) == pytest.approx(3 / 3)
+    assert distinct_n(["a a a a"], 2) == pytest.approx(1 / 4)
+    assert unique_ngram_ratio(["a a a a"], 2) == pytest.approx(1 / 3)
+    # "a" has a word but no bigram: 0 distinct bigrams / 1 word; no words at all -> 0.0
+    assert distinct_n(["a", ""], 2) == 0.0 and distinct_n([], 1) == 0.0 and unique_ngram_ratio(["a"], 2) == 0.0
+    assert distinct_n(["a", "b c"], 2) == pytest.approx(1 / 3)  # words of bigram-less captions still count
+    for metric in (distinct_n, unique_ngram_ratio):
+        with pytest.raises(ValueError, match="n must be >= 1"):
+            metric(captions, 0)
 
 
 def test_self_bleu4_by_hand():
@@ -255,17 +267,20 @@ def test_diversity_report_tokenized_by_hand():
     nbest = {1: ["a dog runs", "a dog sits"], 2: ["a cat on mat", "a cat on mat"]}
     refs = {1: ["a dog runs fast", "the dog runs"], 2: ["a cat sleeps on a mat", "one cat"]}
     report = diversity_report_tokenized(nbest, refs)
-    # unigrams: 3 + 3 + 4 + 4 = 14, unique {a dog runs sits cat on mat} = 7
+    # words: 3 + 3 + 4 + 4 = 14, unique {a dog runs sits cat on mat} = 7
     assert report["distinct-1"] == pytest.approx(7 / 14)
     # bigrams: (a dog)(dog runs) (a dog)(dog sits) (a cat)(cat on)(on mat) x2 -> 10 total, 6 unique
-    assert report["distinct-2"] == pytest.approx(6 / 10)
+    assert report["distinct-2"] == pytest.approx(6 / 14)  # distinct bigrams / words
+    assert report["unique-ngram-ratio-2"] == pytest.approx(6 / 10)  # distinct bigrams / bigrams
     assert report["distinct-1/image"] == pytest.approx((4 / 6 + 4 / 8) / 2)
-    assert report["distinct-2/image"] == pytest.approx((3 / 4 + 3 / 6) / 2)
+    assert report["distinct-2/image"] == pytest.approx((3 / 6 + 3 / 8) / 2)
+    assert report["unique-ngram-ratio-2/image"] == pytest.approx((3 / 4 + 3 / 6) / 2)
     assert report["vocab-size"] == 7.0
     # image 1: "a dog runs" vs "a dog sits": p1 2/3, p2 1/2, p3 0/1 (smoothed to ~1e-15) -> ~0
     # image 2: identical 4-word captions -> 1 (2-word ones would score ~1e-3: no 3-/4-grams at all)
     assert report["mBLEU-4"] == pytest.approx((0 + 0 + 1 + 1) / 4, abs=1e-3)
     assert set(report) == {"distinct-1", "distinct-2", "distinct-1/image", "distinct-2/image",
+                           "unique-ngram-ratio-2", "unique-ngram-ratio-2/image",
                            "oracle-CIDEr@2", "oracle-BLEU-4@2", "mBLEU-4", "vocab-size"}
     assert "mBLEU-4" not in diversity_report_tokenized(nbest, refs, k=1)
 

@@ -5,13 +5,17 @@ same loop with a diversity penalty; plain beam search is G = 1.
 
 One step, for each group of each image (all images at once, no Python loop over images):
   1. candidates = live score (sum of log-probs so far) + log p(token), over K beams x V tokens;
-     for diverse beam search, selection uses candidates - diversity penalty (the stored scores do not).
+     for diverse beam search, selection uses candidates - diversity penalty (the stored scores do not),
+     the penalty counting the tokens of the beams that the earlier groups selected in step 3 at this
+     same step (see diverse_beam.py).
   2. the group's choice at this step is the top-K of the K*V candidates. Chosen candidates that end
      with eos go to the group's finished pool (score includes the eos log-prob). At step max_len every
      chosen candidate is finished: eos ones as usual, word ones as max_len-word captions with no eos
      log-prob added.
-  3. the K live beams for the next step are the K best candidates that do not end with eos, so exactly
-     K live hypotheses are kept (this is the usual "top 2K, drop eos" rule; K of them always exist).
+  3. the group's selected beams at step t are the K best candidates that do not end with eos (by the
+     same, penalised, selection score); they are the K live beams of the next step, so exactly K live
+     hypotheses are kept (this is the usual "top 2K, drop eos" rule; K of them always exist). At step
+     max_len they are still computed, as the tokens later groups are penalised for, but nothing lives on.
 Pools are ranked by score / lp with lp = ((5 + length) / 6) ** length_penalty (GNMT), length = number of
 emitted tokens including eos (max_len for a caption cut at max_len). length_penalty = 0 ranks by the raw
 log-prob sum. The returned score is this ranking score (equal to the log-prob sum when length_penalty = 0).
@@ -79,22 +83,25 @@ def grouped_beam_search(
         candidates = live_scores.unsqueeze(-1) + log_probs  # (B, G, K, V) raw log-prob sums
         last = t == L
         lp = gnmt_length_penalty(t, length_penalty)  # every hypothesis finished at step t has length t
-        chosen_counts = torch.zeros((B, V), dtype=dtype, device=device)  # tokens chosen at step t, per image
+        selected_counts = torch.zeros((B, V), dtype=dtype, device=device)  # tokens selected at step t, per image
         next_scores, next_parents, next_tokens = [], [], []
-        for g in range(G):  # groups in order: group g is penalised by the choices of groups < g
+        for g in range(G):  # groups in order: group g is penalised by the beams groups < g selected
             raw = candidates[:, g].reshape(B, K * V)  # (B, K*V)
             select = raw
             if g > 0 and diversity_strength > 0:
-                select = (candidates[:, g] - diversity_strength * chosen_counts.unsqueeze(1)).reshape(B, K * V)
-            # One topk of 2K serves both selections below: each of the K beams has one eos candidate, so
-            # the 2K best hold at least K that are not eos, and the K best of those are the K best overall.
+                select = (candidates[:, g] - diversity_strength * selected_counts.unsqueeze(1)).reshape(B, K * V)
+            # One topk of 2K serves both selections below (the top K, and the K best non-eos).
             top2_select, top2_index = select.topk(2 * K, dim=1)  # (B, 2K) best first
             top_select, top_index = top2_select[:, :K], top2_index[:, :K]  # (B, K) this group's choice at step t
             top_parent, top_token = top_index // V, top_index % V  # (B, K)
             chosen = top_select.isfinite()  # (B, K) dead beams (-inf) choose nothing
-            # A done group keeps choosing (and so penalising later groups) exactly as if it had not
-            # stopped; it only stops adding to its pool, which can no longer change anyway.
-            chosen_counts.scatter_add_(1, top_token, chosen.to(dtype))
+
+            # The K best candidates that do not end with eos are the group's selected beams at step t:
+            # they stay live, and their tokens are what later groups are penalised for (Hamming
+            # diversity). A done group keeps selecting (and so penalising later groups) exactly as if
+            # it had not stopped; it only stops adding to its pool, which can no longer change anyway.
+            live_select, live_index = continuing_beams(top2_select, top2_index, V, eos, K)  # (B, K)
+            selected_counts.scatter_add_(1, live_index % V, live_select.isfinite().to(dtype))  # (B, V)
 
             # Move chosen candidates that end (eos, or any token at the last step) to the pool.
             ends_with_eos = top_token == eos
@@ -113,10 +120,7 @@ def grouped_beam_search(
             if last:
                 continue
 
-            # The K best candidates that do not end with eos stay live.
-            not_eos_first = torch.sort((top2_index % V == eos).to(torch.int8), dim=1, stable=True).indices
-            live_index = top2_index.gather(1, not_eos_first[:, :K])  # (B, K) the K best non-eos candidates
-            parent, token = live_index // V, live_index % V
+            parent, token = live_index // V, live_index % V  # (B, K)
             next_scores.append(raw.gather(1, live_index))
             next_parents.append(parent)
             next_tokens.append(token)
@@ -137,6 +141,19 @@ def grouped_beam_search(
         if bool(done.all()):  # the one host sync per step
             break
     return pool_words, pool_num_words, pool_scores
+
+
+def continuing_beams(
+    top2_select: torch.Tensor, top2_index: torch.Tensor, V: int, eos: int, K: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the 2K best candidates (best first), the K best that do not end with eos: (select, index), (B, K).
+
+    Each of the K beams has one eos candidate, so the 2K best hold at least K that are not eos, and the
+    K best of those are the K best non-eos candidates overall. Dead ones (-inf) keep their -inf.
+    """
+    not_eos_first = torch.sort((top2_index % V == eos).to(torch.int8), dim=1, stable=True).indices  # (B, 2K)
+    keep = not_eos_first[:, :K]  # (B, K)
+    return top2_select.gather(1, keep), top2_index.gather(1, keep)
 
 
 @torch.no_grad()

@@ -6,9 +6,15 @@ time step the groups choose in order 0, 1, ..., G-1, and group g selects its can
 
     log-prob sum - diversity_strength * count_t(token),
 
-where count_t(token) is how many times groups 0..g-1 chose that token at this same time step for this
-same image (a group's choice at step t = its top group_size candidates with finite score, see beam.py;
-a group that has early-stopped keeps choosing, so early stopping never changes any result).
+where count_t(token) is the paper's Hamming diversity term: how many of the beams that groups 0..g-1
+selected at this same time step, for this same image, end with that token. A group's selected beams
+at step t are the group_size beams it continues with: its group_size best candidates (by its own
+penalised score, finite) that do not end with eos, i.e. the "top 2K, drop eos" live beams of
+beam.py. So counted are exactly the tokens the earlier groups chose at step t: not the candidates
+that finished with eos at step t (eos is never counted, so never penalised), and not the earlier
+groups' other candidates. Counts restart at every step (only step t's tokens count at step t). At
+step max_len, where nothing lives on, the same group_size best non-eos candidates are counted. A
+group that has early-stopped keeps selecting, so early stopping never changes any result.
 As in the paper's objective, the penalty only steers selection: stored and returned scores are model
 log-prob sums (divided by the GNMT length penalty when length_penalty != 0), so scores are comparable
 across groups. With diversity_strength = 0 every group

@@ -5,8 +5,18 @@ scorers see. `diversity_report` takes raw captions and tokenizes them once (one 
 `diversity_report_tokenized` is the pure-Python core for callers that already tokenized.
 
 Metrics (all over the first k captions of every image's n-best list):
-  distinct-n        unique n-grams / total n-grams, pooled over all captions of all images
-  distinct-n/image  the same inside each image's list, averaged over images
+  distinct-n        number of distinct n-grams / total number of words, pooled over all captions of all
+                    images (n = 1, 2). This is distinct-n as Li et al. 2016 define it ("A Diversity-Promoting
+                    Objective Function for Neural Conversation Models": distinct n-grams scaled by the
+                    total number of generated tokens), the definition Vijayakumar et al. 2018 (Diverse
+                    Beam Search) follow. E.g. "a man rides a horse", "a man on a horse": 6 distinct
+                    bigrams / 10 words = 0.60.
+  distinct-n/image  the same inside each image's list (distinct n-grams of its k captions / their
+                    words), averaged over images
+  unique-ngram-ratio-2        distinct bigrams / total bigrams, pooled like distinct-n (the example
+                              above: 6 / 8 = 0.75). Not distinct-2: the denominator counts n-grams,
+                              not words. For n = 1 it equals distinct-1, so only n = 2 is reported.
+  unique-ngram-ratio-2/image  the same inside each image's list, averaged over images
   oracle-CIDEr@k    per image the best CIDEr-D among its k captions, averaged. Caption slot j is
                     scored for all images at once against the same references, so the idf is the
                     one pycocoevalcap uses for the corpus; oracle-CIDEr@1 is the corpus CIDEr-D of
@@ -28,7 +38,23 @@ from captioning.metrics.coco import first_few, tokenize_lines
 
 
 def distinct_n(captions: list[str], n: int) -> float:
-    """Unique n-grams / total n-grams over whitespace-split captions; 0.0 if there are no n-grams."""
+    """distinct-n (Li et al. 2016): number of distinct n-grams / total number of words.
+
+    Over whitespace-split captions, n-grams taken inside each caption; 0.0 if there are no words.
+    """
+    unique, _ = _ngram_counts(captions, n)
+    words = sum(len(caption.split()) for caption in captions)
+    return unique / words if words else 0.0
+
+
+def unique_ngram_ratio(captions: list[str], n: int) -> float:
+    """Number of distinct n-grams / total number of n-grams (not distinct-n); 0.0 if there are no n-grams."""
+    unique, total = _ngram_counts(captions, n)
+    return unique / total if total else 0.0
+
+
+def _ngram_counts(captions: list[str], n: int) -> tuple[int, int]:
+    """(number of distinct n-grams, total number of n-grams) over whitespace-split captions."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     unique, total = set(), 0
@@ -37,7 +63,7 @@ def distinct_n(captions: list[str], n: int) -> float:
         ngrams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
         total += len(ngrams)
         unique.update(ngrams)
-    return len(unique) / total if total else 0.0
+    return len(unique), total
 
 
 def diversity_report(nbest: dict[int, list[str]], references: dict[int, list[str]],
@@ -68,6 +94,8 @@ def diversity_report_tokenized(nbest: dict[int, list[str]], references: dict[int
         "distinct-2": distinct_n(all_captions, 2),
         "distinct-1/image": sum(distinct_n(c, 1) for c in lists) / len(lists),
         "distinct-2/image": sum(distinct_n(c, 2) for c in lists) / len(lists),
+        "unique-ngram-ratio-2": unique_ngram_ratio(all_captions, 2),
+        "unique-ngram-ratio-2/image": sum(unique_ngram_ratio(c, 2) for c in lists) / len(lists),
     }
     oracle_cider, oracle_bleu = oracle_scores({i: c for i, c in zip(ids, lists)}, references, k)
     report[f"oracle-CIDEr@{k}"] = sum(oracle_cider.values()) / len(ids)
