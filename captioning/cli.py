@@ -1,4 +1,5 @@
-"""Shared start-up for the Hydra entry points: user errors end the run with one clear line."""
+"""Shared start-up for the Hydra entry points: user errors end the run with one clear line; everything
+else (a CUDA out-of-memory, an NCCL failure, a bug) keeps its traceback."""
 from __future__ import annotations
 
 import functools
@@ -8,18 +9,23 @@ import sys
 log = logging.getLogger("captioning")
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can fix from the message alone: a bad config value, a missing file, bad input data, no Java.
+    Our own checks raise ValueError (ConfigError and BadInputError are ValueErrors) with the key or file named."""
+    from captioning.metrics.java import JavaMissingError
+
+    return (ValueError, FileNotFoundError, JavaMissingError)
+
+
 def exit_on_user_error(fn):
-    """Inside a @hydra.main task: a bad config value, missing file or bad input exits with status 2 and its
-    message (Hydra would otherwise print a traceback); an integer return value becomes the exit status."""
+    """Inside a @hydra.main task: a user error exits with status 2 and its message (Hydra would otherwise
+    print a traceback); an integer return value becomes the exit status. Other exceptions propagate."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from captioning.config import ConfigError
-        from captioning.data.dataset import BadInputError
-
         try:
             code = fn(*args, **kwargs)
-        except (ConfigError, FileNotFoundError, BadInputError, ValueError, RuntimeError) as e:
+        except user_errors() as e:
             log.error("%s", e)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

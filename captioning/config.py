@@ -115,39 +115,31 @@ def validate_model(cfg: DictConfig) -> None:
 
 
 def validate_decode(cfg: DictConfig) -> None:
+    """The `decode` group holds exactly the chosen decoder's parameters (conf/decode/NAME.yaml): a key that
+    decoder does not take is an error here, before any work."""
     from captioning.decoding import validate_decode_params
 
+    from captioning.decoding import DECODERS
+
     d = cfg.decode
+    _require(d.get("strategy") in DECODERS, "decode.strategy", f"must be one of {sorted(DECODERS)}", d.get("strategy"))
     try:
         validate_decode_params(d.strategy, **decode_kwargs(d))
     except ValueError as e:
-        raise ConfigError(f"decode: {e}") from None
+        raise ConfigError(f"decode: {e} (decode={d.strategy} takes the keys of conf/decode/{d.strategy}.yaml)") from None
 
 
 def decode_kwargs(d) -> dict:
-    """The keyword arguments the chosen decoder takes, from the `decode` config."""
-    if d.strategy == "greedy":
-        return {"max_len": d.max_len}
-    if d.strategy == "sample":
-        return {"max_len": d.max_len, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "n": d.n}
-    if d.strategy == "beam":
-        return {"max_len": d.max_len, "beam_size": d.beam_size, "length_penalty": d.length_penalty,
-                "n_best": d.n_best}
-    if d.strategy == "diverse_beam":
-        return {"max_len": d.max_len, "beam_size": d.beam_size, "num_groups": d.num_groups,
-                "diversity_strength": d.diversity_strength, "length_penalty": d.length_penalty, "n_best": d.n_best}
-    raise ConfigError(f"decode.strategy must be one of ['greedy', 'sample', 'beam', 'diverse_beam'] "
-                      f"(got {d.strategy!r})")
+    """The keyword arguments of the chosen decoder: every key of the `decode` config but `strategy`."""
+    items = OmegaConf.to_container(d, resolve=True) if OmegaConf.is_config(d) else dict(d)
+    return {k: v for k, v in items.items() if k != "strategy"}
 
 
 def validate_schedule(cfg: DictConfig) -> None:
-    from captioning.schedules import validate_sampling_options, validate_schedule_params
+    from captioning.schedules import build_schedule_from_config
 
-    s = cfg.schedule
     try:
-        validate_schedule_params(s.name, k=s.k, c=s.c, eps_min=s.eps_min, p=s.p, unit=s.unit,
-                                 warmup_steps=s.warmup_steps)
-        validate_sampling_options(s.token_source, s.granularity, s.temperature, s.mode)
+        build_schedule_from_config(OmegaConf.to_container(cfg.schedule, resolve=True))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

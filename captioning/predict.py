@@ -42,8 +42,8 @@ def predict(checkpoint, inputs, decode_cfg, device: str = "auto", batch_size: in
     from captioning.data.coco import ImageRecord
     from captioning.data.dataset import EvalImageDataset
     from captioning.decoding import decode
-    from captioning.evaluate import load_model
-    from captioning.training.distributed import pick_device
+    from captioning.models.loading import load_model
+    from captioning.runtime.distributed import pick_device
 
     torch_device = pick_device(device)
     files = list_images(inputs)

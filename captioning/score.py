@@ -16,42 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+from captioning.data.coco import read_split_ids
+from captioning.evaluation.reports import format_table
 from captioning.metrics.coco import first_few, load_references, load_results, score_captions
-from captioning.metrics.java import check_java
-
-
-def format_table(metrics: dict[str, float]) -> str:
-    """Two aligned columns, metric name and raw value with 4 decimals (as pycocoevalcap prints them)."""
-    if not metrics:
-        return "(no metrics)"
-    width = max(len("metric"), *(len(name) for name in metrics))
-    cells = [f"{v:d}" if isinstance(v, int) and not isinstance(v, bool) else f"{float(v):.4f}"
-             for v in metrics.values()]
-    value_width = max(len("value"), *(len(c) for c in cells))
-    lines = [f"{'metric':<{width}}  {'value':>{value_width}}", "-" * (width + 2 + value_width)]
-    lines += [f"{name:<{width}}  {cell:>{value_width}}" for name, cell in zip(metrics, cells)]
-    return "\n".join(lines)
-
-
-def read_split_ids(split_file: str | Path, split: str) -> list[int]:
-    """COCO image ids of one split ("train", "restval", "val", "test") of Karpathy's dataset_coco.json."""
-    path = Path(split_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list) or not all(isinstance(im, dict) and "split" in im and "cocoid" in im
-                                               for im in images):
-        raise ValueError(f"{path} is not a Karpathy split file (expected {{\"images\": [{{\"cocoid\", \"split\", "
-                         "...}}]}}, e.g. dataset_coco.json)")
-    ids = sorted(int(im["cocoid"]) for im in images if im["split"] == split)
-    if not ids:
-        available = sorted({str(im["split"]) for im in images})
-        raise ValueError(f"split {split!r} has no images in {path}; available splits: {available}")
-    return ids
+from captioning.metrics.java import JavaMissingError, check_java
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         report = {"metrics": metrics, "num_images": len(image_ids), "annotations": str(args.annotations),
                   "results": str(args.results), "split": args.split}
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as e:
+    except (FileNotFoundError, ValueError, TypeError, JavaMissingError, OSError) as e:  # bad input: one line
         message = " ".join(str(e).split("\n"))
         print(f"captioning-score: error: {message}", file=sys.stderr)
         return 1
-    print(format_table(metrics))
+    print(format_table({"value": metrics}))
     print(f"wrote {out}")
     return 0
 

@@ -1,4 +1,5 @@
-"""`captioning-train` (= `python -m captioning.train`): Hydra around the plain `train(cfg, run_dir)`."""
+"""`captioning-train` (= `python -m captioning.train`): Hydra around the plain `train(cfg, run_dir)` of
+captioning.training.recipe. Nothing imports this module."""
 from __future__ import annotations
 
 import hydra
@@ -6,7 +7,7 @@ from omegaconf import DictConfig
 
 from captioning.cli import exit_on_user_error
 from captioning.config import config_dir
-from captioning.training.loop import train
+from captioning.training.recipe import train
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -46,24 +47,25 @@ def compose(overrides: list[str] = (), config_name: str = "config"):
         return hydra_compose(config_name, overrides=list(overrides))
 
 
+def signal_during_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """The process receives `signum` during optimizer step `step` (1-based), as SLURM would send it: the run
+    finishes that step, then saves and stops. Undone by monkeypatch at the end of the test."""
+    from captioning.training import recipe
+
+    original = recipe.train_step
+
+    def step_with_signal(state, batch):
+        if state.progress.step + 1 == step:
+            os.kill(os.getpid(), signum)
+        return original(state, batch)
+
+    monkeypatch.setattr(recipe, "train_step", step_with_signal)
+
+
 def preempt_run_during_step(monkeypatch, cfg, run_dir: Path, step: int) -> dict:
-    """Train with a SIGTERM sent during the forward pass of optimizer step `step`, as SLURM would."""
-    import signal
+    """Train with a SIGTERM during optimizer step `step`; the patch is undone afterwards."""
+    from captioning.training import recipe
 
-    from captioning.training import objective
-    from captioning.training.loop import train
-
-    calls = {"n": 0}
-    original = objective.CaptionLoss.forward
-
-    def forward_then_signal(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(objective.CaptionLoss, "forward", forward_then_signal)
-    try:
-        return train(cfg, run_dir)
-    finally:
-        monkeypatch.setattr(objective.CaptionLoss, "forward", original)
+    with monkeypatch.context() as patch:
+        signal_during_step(patch, step)
+        return recipe.train(cfg, run_dir)

@@ -25,7 +25,7 @@ from conftest import compose  # this script's folder (tests/) is first on sys.pa
 def check_helpers(overrides: list[str]) -> dict:
     """Collectives and the evaluation sharding with two real processes; the test asserts on the report."""
     from captioning.data.build import ResumableSampler
-    from captioning.training import distributed as dist_utils
+    from captioning.runtime import distributed as dist_utils
 
     info = dist_utils.init_distributed(device="cpu")
     report = {"rank": info.rank, "world_size": info.world_size}
@@ -42,7 +42,7 @@ def check_helpers(overrides: list[str]) -> dict:
         report["sampler"][epoch] = [key - epoch * 61 for key in sampler]
 
     # decode_records over an odd number of images: each rank decodes its shard, every rank gets all captions.
-    import captioning.inference as inference
+    import captioning.evaluation.captions as inference
     from captioning.data import build as data_build
     from captioning.models.captioner import build_captioner
 
@@ -67,11 +67,10 @@ def check_helpers(overrides: list[str]) -> dict:
 
 def run_training(out_dir: Path, overrides: list[str]) -> tuple[dict, int]:
     """train() with spies; returns this rank's report and the exit code captioning.train would use."""
-    import captioning.inference as inference
+    import captioning.evaluation.captions as inference
     from captioning.data.dataset import TrainCaptionDataset
-    from captioning.training import distributed as dist_utils
-    from captioning.training import loop
-    from captioning.training.objective import CaptionLoss
+    from captioning.runtime import distributed as dist_utils
+    from captioning.training import recipe
 
     rank = int(os.environ["RANK"])
     report = {"rank": rank, "train_keys": [], "reduced": [], "decoded_shards": []}
@@ -97,29 +96,27 @@ def run_training(out_dir: Path, overrides: list[str]) -> tuple[dict, int]:
         return eval_dataset(shard, cfg_data)
 
     models = []
-    build_captioner = loop.build_captioner
+    build_captioner = recipe.build_captioner
 
     def spy_build_captioner(*args, **kwargs):
         models.append(build_captioner(*args, **kwargs))
         return models[-1]
 
-    forward = CaptionLoss.forward
+    train_step = recipe.train_step
     signal_rank, signal_at = (int(v) for v in os.environ.get("DDP_WORKER_SIGTERM", "-1:-1").split(":"))
-    calls = {"n": 0}
 
-    def forward_maybe_signal(self, *args, **kwargs):
-        calls["n"] += 1
-        if rank == signal_rank and calls["n"] == signal_at:
+    def step_maybe_signal(state, batch):
+        if rank == signal_rank and state.progress.step + 1 == signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return forward(self, *args, **kwargs)
+        return train_step(state, batch)
 
     TrainCaptionDataset.__getitem__ = spy_get_item
     dist_utils.all_reduce_mean = spy_all_reduce_mean
     inference.eval_dataset = spy_eval_dataset
-    loop.build_captioner = spy_build_captioner
-    CaptionLoss.forward = forward_maybe_signal
+    recipe.build_captioner = spy_build_captioner
+    recipe.train_step = step_maybe_signal
 
-    summary = loop.train(compose(overrides), out_dir / f"run_rank{rank}")
+    summary = recipe.train(compose(overrides), out_dir / f"run_rank{rank}")
     report["summary"] = {k: v for k, v in summary.items() if k != "test"}
     report["test_metrics"] = summary.get("test")
     report["process_group_destroyed"] = not torch.distributed.is_initialized()

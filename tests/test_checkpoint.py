@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from captioning.training.checkpoint import load_checkpoint, save_checkpoint
+from captioning.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 WRITER = """
 import sys, torch
-from captioning.training.checkpoint import save_checkpoint
+from captioning.runtime.checkpoint import save_checkpoint
 path = sys.argv[1]
 torch.manual_seed(0)
 big = torch.randn(2_000_000)  # 8 MB: a write takes long enough to be interrupted

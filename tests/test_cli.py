@@ -104,6 +104,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data_root, tmp_path):
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 124, stderr[-2000:]
     assert "SIGTERM received" in stdout + stderr and "Traceback" not in stdout + stderr
-    from captioning.training.checkpoint import load_checkpoint
+    from captioning.runtime.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] >= 3

@@ -197,45 +197,80 @@ def test_mean_std():
     assert mean == 2.5 and std == pytest.approx(1.2909944487358056)  # sqrt(5/3)
 
 
-def test_wandb_source_gives_same_table(sweep):
+class FakeWandbRun:
+    """A W&B run as wandb.Api() returns it, fed from a local run record: its history holds every record in
+    the order it was logged, `_step` counting log calls (W&B's own x axis), the optimizer step in
+    `step_key`. Validation records come last, as tools/score_runs.py logs deferred scores after training, and
+    `_step` starts at 100 (a resumed run): `_step` is never the optimizer step."""
+
+    def __init__(self, record, test, step_key="trainer/step"):
+        self.id, self.name, self.state = record.run_id.strip("/").replace("/", "-"), "run", "finished"
+        self.config = {"schedule": {"name": "x"}, "experiment_name": record.row, "seed": record.seed}
+        self.summary = dict(test or {})
+        if test is None:
+            self.state = "crashed"
+        train = [h for h in record.history if not any(k.startswith("val/") for k in h)]
+        val = [h for h in record.history if any(k.startswith("val/") for k in h)]
+        self.rows = []
+        for n, h in enumerate(train + val):
+            row = {k: v for k, v in h.items() if k != "step"}
+            row["_step"] = 100 + n
+            if step_key is not None:
+                row[step_key] = h["step"]
+            self.rows.append(row)
+        self.queries = []
+
+    def history(self, keys, samples, pandas):
+        """Like the real one: only rows holding every key asked for, with those keys and `_step`."""
+        assert pandas is False
+        self.queries.append(list(keys))
+        return [{"_step": r["_step"], **{k: r[k] for k in keys}} for r in self.rows if all(k in r for k in keys)]
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs = runs
+        self.calls = []
+
+    def runs(self, path, filters):
+        self.calls.append((path, filters))
+        return self._runs
+
+
+def test_wandb_source_gives_same_table_and_curves_against_the_optimizer_step(sweep, tmp_path):
     """The W&B reader feeds the same aggregation; exercised with an in-memory stand-in for the API."""
-
-    class FakeSummary(dict):
-        pass
-
-    class FakeRun:
-        def __init__(self, record, test):
-            self.id, self.name, self.state = record.run_id.strip("/").replace("/", "-"), "run", "finished"
-            self.config = {"schedule": {"name": "x"}, "experiment_name": record.row, "seed": record.seed}
-            self.summary = FakeSummary(test or {})
-            if test is None:
-                self.state = "crashed"
-            self._history = record.history
-
-        def history(self, keys, samples, pandas):
-            assert pandas is False and len(keys) == 1
-            return [{"_step": h["step"], keys[0]: h[keys[0]]} for h in self._history if keys[0] in h]
-
-    class FakeApi:
-        def __init__(self, runs):
-            self._runs = runs
-            self.calls = []
-
-        def runs(self, path, filters):
-            self.calls.append((path, filters))
-            return self._runs
-
     local = cr.load_local_runs(sweep)
-    api = FakeApi([FakeRun(r, r.test_metrics) for r in local])
+    fakes = [FakeWandbRun(r, r.test_metrics) for r in local]
+    api = FakeApi(fakes)
     remote = cr.load_wandb_runs("me/captioning", "sweep-1", api=api)
     assert api.calls == [("me/captioning", {"group": "sweep-1"})]
+    assert ["trainer/step", "val/CIDEr"] in fakes[0].queries  # asks for the optimizer step with each curve
     local_table = cr.aggregate_table(local)
     remote_table = cr.aggregate_table(remote)
     assert [r["metrics"] for r in remote_table["rows"]] == [r["metrics"] for r in local_table["rows"]]
     assert [m["reason"] for m in remote_table["missing"]] == [
         "no test/* metrics in the run summary (state: crashed)"]
-    assert cr.curves(remote, "val/CIDEr") == cr.curves(local, "val/CIDEr")
+    cider = cr.curves(remote, "val/CIDEr")
+    assert cider == cr.curves(local, "val/CIDEr")
+    assert cider["teacher_forcing"]["step"] == [2, 4]  # optimizer steps, not the _step of those records
     assert cr.curves(remote, "train/teacher_forcing_prob") == cr.curves(local, "train/teacher_forcing_prob")
+
+    table = cr.write_outputs(remote, tmp_path / "report", list(cr.DEFAULT_METRICS), "wandb:me/captioning")
+    written = json.loads((tmp_path / "report" / "table.json").read_text())
+    assert written["curves"] == table["curves"]
+    assert written["curves"]["val/CIDEr"]["ss_inverse_sigmoid_k10"]["step"] == [2, 4]
+    assert written["curves"]["val/CIDEr"]["ss_inverse_sigmoid_k10"]["mean"] == pytest.approx([0.6, 0.9])
+    assert written["curves"]["train/teacher_forcing_prob"]["ss_inverse_sigmoid_k10"]["step"] == [0, 1, 2, 3, 4]
+
+
+def test_wandb_runs_logged_with_plain_step_still_read_and_step_never_used(sweep):
+    local = cr.load_local_runs(sweep)
+    legacy = cr.load_wandb_runs("p", "g", api=FakeApi([FakeWandbRun(r, r.test_metrics, "step") for r in local]))
+    assert cr.curves(legacy, "val/CIDEr") == cr.curves(local, "val/CIDEr")
+    # A history with W&B's `_step` alone has no optimizer step: no curve rather than a wrong one.
+    bare = cr.load_wandb_runs("p", "g", api=FakeApi([FakeWandbRun(r, r.test_metrics, None) for r in local]))
+    assert all(r.history == [] for r in bare)
+    assert cr.curves(bare, "val/CIDEr") == {}
 
 
 def test_interpolated_experiment_name_is_resolved(tmp_path):

@@ -61,9 +61,14 @@ def test_eval_config_composes_for_every_decoder():
     ("schedule=inverse_sigmoid schedule.k=0.5", "schedule.k"),
     ("schedule=exponential schedule.k=1.5", "schedule.k"),
     ("schedule=constant schedule.p=2", "schedule.p"),
-    ("schedule.token_source=beam", "schedule.token_source"),
-    ("schedule.granularity=word", "schedule.granularity"),
-    ("schedule.unit=hour", "schedule.unit"),
+    ("schedule=inverse_sigmoid schedule.token_source=beam", "schedule.token_source"),
+    ("schedule=always_sampling schedule.granularity=word", "schedule.granularity"),
+    ("schedule=linear schedule.unit=hour", "schedule.unit"),
+    # a key the variant does not use, even added with +, is an error (one idiom for decode and schedule)
+    ("schedule=teacher_forcing +schedule.k=5", "schedule.k"),
+    ("schedule=inverse_sigmoid +schedule.p=0.5", "schedule.p"),
+    ("decode=greedy +decode.beam_size=5", "beam_size"),
+    ("decode=beam +decode.temperature=0.5", "temperature"),
     ("decode=diverse_beam decode.num_groups=4", "num_groups"),
     ("decode.beam_size=0", "beam_size"),
     ("decode.strategy=nucleus", "decode.strategy"),
@@ -83,6 +88,15 @@ def test_bad_values_name_their_key(override, key):
     cfg = compose(override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_train_config(cfg)
+
+
+@pytest.mark.parametrize("override", ["decode=greedy decode.beam_size=5", "schedule=teacher_forcing schedule.k=5"])
+def test_a_key_the_variant_does_not_have_cannot_be_set(override):
+    """Without +, Hydra itself refuses the key (it is not in that variant's file): never silently ignored."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=override.split()[1].split("=")[0].replace(".", r"\.")):
+        compose(override.split())
 
 
 def test_coco_without_root_names_data_root():

@@ -14,7 +14,7 @@ from captioning.data.build import ResumableSampler, build_vocab, encoded_train_i
 from captioning.data.coco import read_coco_karpathy
 from captioning.data.dataset import BadImageTracker, BadInputError, EvalImageDataset, collate, encode_captions
 from captioning.data.images import BadImage, load_rgb
-from captioning.data.text import tokenize
+from captioning.data.text import training_tokens
 from captioning.data.vocab import Vocabulary
 from conftest import compose, tiny_overrides
 
@@ -56,7 +56,7 @@ def test_vocabulary_comes_from_the_train_split_only(data_copy):
     counts = {}
     for r in records["train"]:
         for c in r.captions:
-            for w in tokenize(c):
+            for w in training_tokens(c):
                 counts[w] = counts.get(w, 0) + 1
     assert set(vocab.itos[4:]) == {w for w, c in counts.items() if c > 5}  # count > threshold, train only
     assert vocab.itos[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -73,10 +73,10 @@ def test_vocabulary_encode_decode_and_round_trip():
 
 
 def test_tokenize_handles_newlines_and_unicode():
-    assert tokenize("A red\ncircle,\tleft of a CAFÉ\u2028sign!") == ["a", "red", "circle", "left", "of", "a", "cafe",
+    assert training_tokens("A red\ncircle,\tleft of a CAFÉ\u2028sign!") == ["a", "red", "circle", "left", "of", "a", "cafe",
                                                                      "sign"]
-    assert tokenize("🙂 ✨") == []
-    assert tokenize("  ") == []
+    assert training_tokens("🙂 ✨") == []
+    assert training_tokens("  ") == []
 
 
 def test_bad_captions_are_skipped_and_counted_or_raise(caplog):

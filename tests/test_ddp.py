@@ -176,8 +176,8 @@ def test_torchrun_captioning_train_end_to_end(ddp_data_root, tmp_path):
     assert json.loads((run_dir / "test_metrics.json").read_text())["images"] == 11
 
     # The checkpoints are complete and load into a model.
-    from captioning.evaluate import load_model
-    from captioning.training.checkpoint import load_checkpoint
+    from captioning.models.loading import load_model
+    from captioning.runtime.checkpoint import load_checkpoint
 
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert last["step"] == TRAIN_STEPS and last["config"]["trainer"]["device"] == "cpu"
@@ -239,7 +239,7 @@ def test_ranks_split_the_data_reduce_the_loss_and_end_identical(straight_run, dd
     params = [torch.load(out_dir / f"params_rank{r}.pt") for r in range(WORLD)]
     assert params[0].keys() == params[1].keys()
     assert [k for k in params[0] if not torch.equal(params[0][k], params[1][k])] == []
-    from captioning.training.checkpoint import load_checkpoint
+    from captioning.runtime.checkpoint import load_checkpoint
 
     saved = load_checkpoint(out_dir / "run_rank0" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(saved[k], params[0][k]) for k in saved)
@@ -266,7 +266,7 @@ def test_sigterm_on_one_rank_stops_all_and_the_resumed_run_matches(straight_run,
     assert len(reports) == WORLD, out[-6000:]
     for rep in reports:
         assert rep["summary"]["preempted"] and rep["summary"]["exit_code"] == 124 and rep["summary"]["steps"] == 2
-    from captioning.training.checkpoint import load_checkpoint
+    from captioning.runtime.checkpoint import load_checkpoint
 
     assert load_checkpoint(out_dir / "run_rank0" / "checkpoints" / "last.pt")["step"] == 2
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioning.metrics.exposure import (SUMMARY_KEYS, ExposureReport, exposure_bias_probe, probe_captions,
-                                         reference_loader)
+from captioning.data.build import reference_loader
+from captioning.metrics.exposure import SUMMARY_KEYS, ExposureReport, exposure_bias_probe, probe_captions
 from captioning.models.captioner import Captioner
 from captioning.models.decoder import RNNDecoder
 from captioning.models.encoder import PrecomputedFeatures
-from captioning.training.objective import shift_right
+from captioning.training.objectives import shift_right
 
 V, FEAT, MAX_LEN = 20, 8, 7
 PER_POSITION_KEYS = {"position", "tokens", "nll_tf", "nll_free", "nll_gap", "acc_tf", "acc_free", "acc_gap"}
@@ -240,7 +240,7 @@ def test_reference_loader_yields_every_reference_once(tmp_path):
     from PIL import Image
 
     from captioning.data.coco import ImageRecord
-    from captioning.data.text import tokenize
+    from captioning.data.text import training_tokens
     from captioning.data.vocab import Vocabulary
 
     captions = {1: ["a red cube", "the red cube on grass", "zzz qqq"],  # the last: only unknown words
@@ -250,7 +250,7 @@ def test_reference_loader_yields_every_reference_once(tmp_path):
         path = tmp_path / f"{image_id}.png"
         Image.new("RGB", (40, 36), (image_id * 60, 20, 90)).save(path)
         records.append(ImageRecord(image_id, path, "val", caps))
-    vocab = Vocabulary.build([tokenize(c) for caps in captions.values() for c in caps[:2]], 0)
+    vocab = Vocabulary.build([training_tokens(c) for caps in captions.values() for c in caps[:2]], 0)
     cfg = OmegaConf.create({"max_len": 4, "image_size": 32, "resize_size": None, "max_image_pixels": 10 ** 6,
                             "eval_batch_size": 8, "num_workers": 0})
     batches = list(reference_loader(records, vocab, cfg))

@@ -77,7 +77,7 @@ def test_extraction_resumes_and_refuses_other_settings(store, tiny_data_root, tm
 @pytest.mark.java
 def test_training_on_cached_features_then_predict_from_images(store, tiny_data_root, tmp_path, frozen):
     from captioning.predict import predict
-    from captioning.training.loop import train
+    from captioning.training.recipe import train
 
     overrides = tiny_overrides(tiny_data_root) + frozen + [f"data.features={store}", "trainer.max_steps=4",
                                                            "trainer.val_every_n_steps=4"]

@@ -1,16 +1,18 @@
 """Scheduled sampling's training forward: what is fed, and that epsilon = 1 is plain teacher forcing."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import math
 
 import pytest
 import torch
 
-from captioning.models.captioner import Captioner
+from captioning.models.captioner import Captioner, never_generated
 from captioning.models.decoder import RNNDecoder
 from captioning.models.encoder import ImageEncoder
-from captioning.schedules.feeding import choose_tokens, draw_coins, scheduled_sampling_logits
-from captioning.training.objective import CaptionLoss, shift_right
+from captioning.training.feeding import choose_tokens, draw_coins, scheduled_sampling_logits
+from captioning.training.objectives import CrossEntropyObjective, shift_right
 
 V, N, T = 40, 64, 9
 
@@ -33,7 +35,7 @@ def batch(seed: int = 0):
 
 def loss_and_grads(model, images, targets, prob, **options):
     model.zero_grad()
-    loss, stats = CaptionLoss(model, **options)(images, targets, prob)
+    loss, stats = CrossEntropyObjective(model, **options)(images, targets, prob)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, stats
 
@@ -66,7 +68,7 @@ def test_prob_one_is_teacher_forcing_bit_for_bit(mode):
 def test_choosing_then_one_fused_pass_equals_the_step_by_step_loop(cell):
     """Exact mode's two computations (GPU: choose the inputs without gradient, then one fused pass; CPU:
     step through with gradient) give the same fed tokens, logits and gradients."""
-    from captioning.schedules.feeding import _exact_single_pass, choose_inputs
+    from captioning.training.feeding import _exact_single_pass, choose_inputs
 
     model = tiny_model(cell).train()  # no dropout: both computations are deterministic given the coins
     images, targets = batch()
@@ -88,7 +90,7 @@ def test_choosing_then_one_fused_pass_equals_the_step_by_step_loop(cell):
 def test_two_pass_tokens_are_chosen_under_the_dropout_the_loss_sees():
     """Both passes share one draw of the dropout masks: every model-chosen input is the argmax of the
     very logits the loss uses at the previous position."""
-    from captioning.schedules.feeding import choose_inputs
+    from captioning.training.feeding import choose_inputs
 
     torch.manual_seed(0)
     model = Captioner(ImageEncoder("resnet18", None, trainable=True), RNNDecoder(V, 16, 24, dropout=0.5)).train()
@@ -98,7 +100,7 @@ def test_two_pass_tokens_are_chosen_under_the_dropout_the_loss_sees():
     chosen = choose_inputs(model, features, inputs, 0.0, "argmax", "token", 1.0)
     assert chosen.masks is not None and not chosen.use_truth[:, 1:].any()
     logits = model.forward_teacher_forcing(features, chosen.fed, chosen.masks)
-    assert torch.equal(chosen.fed[:, 1:], logits[:, :-1].argmax(-1))
+    assert torch.equal(chosen.fed[:, 1:], never_generated(logits[:, :-1], model).argmax(-1))
     assert not torch.equal(chosen.fed, choose_inputs(model, features, inputs, 0.0, "argmax", "token", 1.0).fed)
 
 
@@ -113,7 +115,7 @@ def test_tokens_are_chosen_under_the_dropout_the_loss_sees(layers):
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)
     logits, fed, use_truth = scheduled_sampling_logits(model, features, inputs, 0.0, token_source="argmax")
     assert not use_truth[:, 1:].any()
-    assert torch.equal(fed[:, 1:], logits[:, :-1].argmax(-1))
+    assert torch.equal(fed[:, 1:], never_generated(logits[:, :-1], model).argmax(-1))
 
 
 @pytest.mark.parametrize("mode", ["exact", "parallel"])
@@ -127,7 +129,7 @@ def test_prob_zero_feeds_no_ground_truth_after_bos(mode):
     assert use_truth[:, 0].all() and not use_truth[:, 1:].any()
     assert torch.equal(fed[:, 0], inputs[:, 0])
     if mode == "exact":  # every fed token is the argmax of the previous step's output: free running
-        assert torch.equal(fed[:, 1:], logits[:, :-1].argmax(-1))
+        assert torch.equal(fed[:, 1:], never_generated(logits[:, :-1], model).argmax(-1))
 
 
 def test_exact_always_sampling_with_argmax_equals_greedy_decoding():
@@ -156,7 +158,7 @@ def test_fraction_of_model_tokens_matches_one_minus_prob(prob):
     model = tiny_model().eval()
     images, targets = batch()
     torch.manual_seed(3)
-    fractions = [CaptionLoss(model)(images, targets, prob)[1]["model_token_fraction"].item() for _ in range(20)]
+    fractions = [CrossEntropyObjective(model)(images, targets, prob)[1]["model_token_fraction"].item() for _ in range(20)]
     positions = 20 * (targets[:, :, 1:] != 0).sum().item()
     assert abs(sum(fractions) / 20 - (1 - prob)) < 5 * math.sqrt(prob * (1 - prob) / positions)
 
@@ -178,14 +180,37 @@ def test_sequence_granularity_never_mixes_within_a_caption():
     assert 0.25 < free_running < 0.75 and not torch.equal(fed, inputs)
 
 
+SPECIAL_IDS = SimpleNamespace(pad_id=0, bos_id=1, eos_id=2)
+
+
+@pytest.mark.parametrize("token_source", ["sample", "argmax", "uniform"])
+def test_pad_and_bos_are_never_fed(token_source):
+    """A random model puts real mass on <pad> and <bos> (here: most of it); no training pass may feed them."""
+    logits = torch.randn(10_000, V)
+    logits[:, :2] += 4.0  # (N, V): <pad> and <bos> are the likeliest tokens
+    torch.manual_seed(0)
+    tokens = choose_tokens(logits, token_source, 1.0, SPECIAL_IDS)
+    assert tokens.shape == (10_000,)
+    assert not ((tokens == 0) | (tokens == 1)).any()
+    # and through a whole always-sampling pass of a random model: no fed input after <bos> is <pad>/<bos>
+    model = tiny_model()
+    images, targets = batch()
+    features = model.encode(images).repeat_interleave(targets.shape[1], 0)
+    inputs = shift_right(targets.flatten(0, 1), model.bos_id)
+    with torch.no_grad():
+        model.decoder.out.bias[:2] += 6.0  # the random model now prefers <pad>/<bos> at every step
+        _, fed, _ = scheduled_sampling_logits(model, features, inputs, 0.0, token_source)
+    assert not ((fed[:, 1:] == model.pad_id) | (fed[:, 1:] == model.bos_id)).any()
+
+
 def test_uniform_tokens_are_independent_of_the_model():
     logits_a = torch.randn(5000, V)
     logits_b = torch.full((5000, V), -1e9)
     logits_b[:, 7] = 0  # a model certain of token 7
     torch.manual_seed(0)
-    a = choose_tokens(logits_a, "uniform", 1.0, first_word_id=2)
+    a = choose_tokens(logits_a, "uniform", 1.0, SPECIAL_IDS)
     torch.manual_seed(0)
-    b = choose_tokens(logits_b, "uniform", 1.0, first_word_id=2)
+    b = choose_tokens(logits_b, "uniform", 1.0, SPECIAL_IDS)
     assert torch.equal(a, b)
     assert a.min() >= 2 and a.max() < V  # never <pad> or <bos>
     counts = torch.bincount(a, minlength=V)[2:].float()
@@ -196,11 +221,11 @@ def test_sampled_tokens_follow_the_model_distribution():
     probs = torch.tensor([0.0, 0.0, 0.1, 0.2, 0.7])
     logits = probs.clamp(min=1e-12).log().expand(20000, 5)
     torch.manual_seed(0)
-    tokens = choose_tokens(logits, "sample", 1.0, first_word_id=2)
+    tokens = choose_tokens(logits, "sample", 1.0, SPECIAL_IDS)
     freq = torch.bincount(tokens, minlength=5).float() / tokens.numel()
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
     # temperature -> 0 approaches argmax
-    cold = choose_tokens(logits, "sample", 1e-4, first_word_id=2)
+    cold = choose_tokens(logits, "sample", 1e-4, SPECIAL_IDS)
     assert (cold == 4).all()
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captioning.models.captioner import Captioner
+from captioning.models.captioner import Captioner, never_generated
 from captioning.models.decoder import RNNDecoder
 from captioning.models.encoder import PrecomputedFeatures
-from captioning.schedules.feeding import GraphedInputChooser, choose_inputs, scheduled_sampling_logits
-from captioning.training.objective import CaptionLoss, shift_right
+from captioning.training.feeding import GraphedInputChooser, choose_inputs, scheduled_sampling_logits
+from captioning.training.objectives import CrossEntropyObjective, shift_right
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 V, F = 500, 64
@@ -33,7 +33,7 @@ def test_teacher_forced_loss_and_grads_match_cpu():
     for device in ("cpu", "cuda"):
         model = model_on(device)
         features, targets = data(device)
-        loss, _ = CaptionLoss(model)(None, targets, 1.0, features=features)
+        loss, _ = CrossEntropyObjective(model)(features, targets, 1.0)
         loss.backward()
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.flatten().cpu() for p in model.parameters()]))
@@ -133,7 +133,7 @@ def test_graphed_training_step_chooses_under_the_dropout_the_loss_sees(precision
     assert chooser.disabled_reason is None and not use_truth[:, 1:].any()
     # each model-chosen token is the argmax of the logits the loss sees, up to the rounding by which the
     # stepwise and the fused passes differ (cuDNN may use TF32; bf16 rounds more)
-    previous = logits[:, :-1].float()
+    previous = never_generated(logits[:, :-1], model)  # float32; the tokens that may be fed
     gap = previous.max(-1).values - previous.gather(-1, fed[:, 1:, None])[..., 0]
     assert gap.max().item() < (1e-2 if precision == "fp32" else 0.1)
     assert (fed[:, 1:] == previous.argmax(-1)).float().mean().item() > 0.9
@@ -166,12 +166,12 @@ def test_decoders_give_the_same_captions_on_cuda_and_cpu(strategy, params, monke
 def test_bf16_autocast_training_step_is_finite_and_close():
     model = model_on("cuda")
     features, targets = data("cuda")
-    reference, _ = CaptionLoss(model)(None, targets, 0.75, features=features)
+    reference, _ = CrossEntropyObjective(model)(features, targets, 0.75)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, _ = CaptionLoss(model)(None, targets, 1.0, features=features)
+        loss, _ = CrossEntropyObjective(model)(features, targets, 1.0)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
-    fp32, _ = CaptionLoss(model)(None, targets, 1.0, features=features)
+    fp32, _ = CrossEntropyObjective(model)(features, targets, 1.0)
     assert loss.item() == pytest.approx(fp32.item(), rel=2e-2)
     assert torch.isfinite(reference)
 
@@ -182,8 +182,8 @@ def test_preempted_gpu_run_with_graphs_resumes_like_a_straight_run(tiny_data_roo
     from conftest import compose, preempt_run_during_step, tiny_overrides
 
     from captioning.loggers.jsonl import read_jsonl
-    from captioning.training.checkpoint import load_checkpoint
-    from captioning.training.loop import train
+    from captioning.runtime.checkpoint import load_checkpoint
+    from captioning.training.recipe import train
 
     overrides = tiny_overrides(tiny_data_root) + [
         "trainer.device=cuda", "schedule=inverse_sigmoid", "schedule.k=2", "model.decoder.dropout=0.3",

@@ -11,7 +11,7 @@ import pytest
 
 from captioning import score as score_cli
 from captioning.metrics import coco
-from captioning.metrics.coco import load_references, load_results, score_captions, tokenize
+from captioning.metrics.coco import load_references, load_results, score_captions, ptb_tokenize
 from captioning.metrics.diversity import (
     distinct_n,
     diversity_report,
@@ -101,7 +101,7 @@ def test_tokenize_equals_pycocoevalcap_tokenizer():
     captions = {i: [c] for i, c in enumerate(TRICKY)}
     captions[100] = TRICKY[:4]  # several captions for one image, in order
     theirs = PTBTokenizer().tokenize({i: [{"caption": c} for c in caps] for i, caps in captions.items()})
-    ours = tokenize(captions)
+    ours = ptb_tokenize(captions)
     assert ours == theirs
     assert ours[1] == ["café au lait naïve ångström école"]
     assert ours[3] == ["line one line two"]
@@ -112,12 +112,12 @@ def test_tokenize_equals_pycocoevalcap_tokenizer():
 def test_tokenize_keeps_one_line_per_caption_for_any_line_break():
     # pycocoevalcap only replaces "\n": "\r", "\v", "\f", U+2028 split a caption and shift all later ones
     odd = ["a\rb", "c\r\nd", "e\x0bf", "g\x0ch", "i\u2028j", "k\u2029l", "m\x85n", "o\tp"]
-    out = tokenize({1: odd, 2: ["A dog."]})
+    out = ptb_tokenize({1: odd, 2: ["A dog."]})
     assert out == {1: ["a b", "c d", "e f", "g h", "i j", "k l", "m n", "o p"], 2: ["a dog"]}
-    assert tokenize({}) == {}
-    assert tokenize({7: []}) == {7: []}
+    assert ptb_tokenize({}) == {}
+    assert ptb_tokenize({7: []}) == {7: []}
     with pytest.raises(TypeError, match="image 3"):
-        tokenize({3: "not a list"})
+        ptb_tokenize({3: "not a list"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,10 +352,13 @@ def test_check_java_rejects_broken_or_old_java(monkeypatch, tmp_path):
 
 
 def test_format_table_aligns_raw_values():
-    table = score_cli.format_table({"BLEU-4": 0.31234567, "CIDEr": 1.0, "vocab": 12})
+    from captioning.evaluation.reports import format_table
+
+    table = format_table({"value": {"BLEU-4": 0.31234567, "CIDEr": 1.0, "vocab": 12}})
     lines = table.splitlines()
-    assert lines[2] == "BLEU-4  0.3123" and lines[3] == "CIDEr   1.0000" and lines[4] == "vocab       12"
-    assert len({len(line) for line in lines}) == 1
+    assert lines[0].split() == ["value"]
+    assert [line.split() for line in lines[1:]] == [["BLEU-4", "0.3123"], ["CIDEr", "1.0000"], ["vocab", "12"]]
+    assert len({len(line) for line in lines}) == 1  # right-aligned columns
 
 
 @pytest.mark.java
@@ -369,7 +372,8 @@ def test_captioning_score_end_to_end(tmp_path, capsys):
     expected = score_captions(REFS, PREDS)  # reuses the shared METEOR process
     assert written["metrics"] == pytest.approx(expected, abs=1e-12) and written["num_images"] == 6
     printed = capsys.readouterr().out
-    assert f"CIDEr    {expected['CIDEr']:.4f}" in printed and str(out) in printed
+    assert any(line.split() == ["CIDEr", f"{expected['CIDEr']:.4f}"] for line in printed.splitlines())
+    assert str(out) in printed
     meteor_pid = coco._shared_meteor.proc.pid
 
     # Karpathy split: references restricted to the split's images, predictions must cover exactly them

@@ -5,10 +5,11 @@ import json
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from captioning.predict import list_images, predict
-from captioning.training.loop import train
+from captioning.training.recipe import train
 from conftest import compose, requires_java, tiny_overrides
 
 pytestmark = [requires_java(), pytest.mark.java]
@@ -45,11 +46,14 @@ def test_predict_captions_files_and_folders_as_json_lines(checkpoint, tiny_data_
 
 
 def test_score_command_on_our_own_results(checkpoint, tiny_data_root, tmp_path):
-    from captioning.evaluate import evaluate_checkpoint
+    from captioning.evaluation.evaluate import evaluate_checkpoint
+    from captioning.evaluation.reports import write_evaluation
     from captioning.score import main as score_main
 
     decode_cfg = compose(["decode=greedy"]).decode
-    metrics = evaluate_checkpoint(checkpoint, "test", decode_cfg, tmp_path, device="cpu")
+    evaluation = evaluate_checkpoint(checkpoint, "test", decode_cfg, device=torch.device("cpu"))
+    write_evaluation(evaluation, tmp_path)
+    metrics = evaluation.keyed()
     out = tmp_path / "scores.json"
     code = score_main([str(tiny_data_root / "annotations" / "captions_val2014.json"),
                        str(tmp_path / "results_test_greedy.json"), "--out", str(out)])
@@ -87,6 +91,9 @@ def test_compare_decoders_rejects_bad_names_and_combinations(checkpoint, tmp_pat
     with pytest.raises(ConfigError, match="num_groups"):
         evaluate(compose([f"checkpoint={checkpoint}", "compare_decoders=[diverse_beam]",
                           "+compare_overrides.beam_size=4", "+compare_overrides.n_best=4"], config_name="eval"), tmp_path)
+    with pytest.raises(ConfigError, match=r"compare_overrides: \['temperature'\] is a parameter of none"):
+        evaluate(compose([f"checkpoint={checkpoint}", "compare_decoders=[beam,diverse_beam]",
+                          "+compare_overrides.temperature=0.5"], config_name="eval"), tmp_path)
 
 
 def test_ensemble_evaluation(checkpoint, tiny_data_root, tmp_path):

@@ -263,12 +263,19 @@ def test_valid_sampling_options_pass():
 
 
 def test_build_schedule_from_config():
-    cfg = dict(name="exponential", k=0.9, c=None, eps_min=None, p=None, unit="step", warmup_steps=0,
+    cfg = dict(name="exponential", k=0.9, eps_min=0.0, unit="step", warmup_steps=0,
                token_source="sample", granularity="token", temperature=1.0, mode="exact")
     assert prob(build_schedule_from_config(cfg), step=2) == pytest.approx(0.81)
     with pytest.raises(ValueError, match=r"schedule\.mode"):
         build_schedule_from_config({**cfg, "mode": "fast"})
     with pytest.raises(ValueError, match=r"schedule\.bogus"):
         build_schedule_from_config({**cfg, "bogus": 1})
-    with pytest.raises(ValueError, match=r"schedule\.token_source"):
-        build_schedule_from_config({k: v for k, v in cfg.items() if k != "token_source"})
+    # a key of another kind is an error too, even null: each schedule file holds only its own keys
+    with pytest.raises(ValueError, match=r"schedule\.p: not a key of schedule exponential"):
+        build_schedule_from_config({**cfg, "p": None})
+    with pytest.raises(ValueError, match=r"schedule\.k: not a key of schedule teacher_forcing"):
+        build_schedule_from_config({"name": "teacher_forcing", "k": 5})
+    assert build_schedule_from_config({"name": "teacher_forcing"}).name == "teacher_forcing"
+    # sampling options default when absent (sample, token, 1.0, exact)
+    assert prob(build_schedule_from_config({k: v for k, v in cfg.items() if k != "token_source"}), 2) == \
+        pytest.approx(0.81)

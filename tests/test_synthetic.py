@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -16,9 +17,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from captioning.data import synthetic
+from captioning.data import scene_grammar, synthetic
 from captioning.data.synthetic import (COLORS, caption_scene, draw_scene, ensure_synthetic, generate_synthetic,
-                                       sample_scene, tokenize)
+                                       is_synthetic_root, load_scenes, sample_scene, tokenize)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(num_train=30, num_val=5, num_test=5, image_size=32, seed=3)
@@ -64,6 +65,67 @@ def test_generation_is_byte_identical(root, tmp_path):
         assert first[name] == second[name], name
     other_seed = generate_synthetic(tmp_path / "seed4", **{**SMALL, "seed": 4})
     assert (other_seed / "dataset_coco.json").read_bytes() != first["dataset_coco.json"]
+
+
+# sha256 of dataset_coco.json, captions_train2014.json, captions_val2014.json and synthetic_objects.json (in this
+# order) for SMALL, as written by the generator before its grammar became data (scene_grammar.py): the published
+# figures depend on these captions, so any change to them must be deliberate (and bump FORMAT_VERSION).
+GOLDEN_JSON_SHA256 = "e95d2e6b498563e9b23e07108aa236f06ebd60e991d0648a2615021577569127"
+
+
+def test_captions_and_metadata_are_those_of_format_version_1(root):
+    digest = hashlib.sha256()
+    for name in ("dataset_coco.json", "annotations/captions_train2014.json", "annotations/captions_val2014.json",
+                 "synthetic_objects.json"):
+        digest.update((root / name).read_bytes())
+    assert synthetic.FORMAT_VERSION == 1
+    assert digest.hexdigest() == GOLDEN_JSON_SHA256
+
+
+def test_fingerprint_covers_the_grammar(monkeypatch, tmp_path):
+    """Editing scene_grammar.py changes the generator fingerprint, so cached folders get regenerated."""
+    before = synthetic._generator_fingerprint()
+    edited = tmp_path / "scene_grammar.py"
+    edited.write_bytes(Path(scene_grammar.__file__).read_bytes() + b"# edited\n")
+    monkeypatch.setattr(scene_grammar, "__file__", str(edited))
+    assert synthetic._generator_fingerprint() != before
+
+
+def test_load_scenes_gives_back_the_generated_scenes(root):
+    """The scenes read from synthetic_objects.json are the ones drawn for each image (same rng key)."""
+    seed = SMALL["seed"]
+    for split, code, count in (("val", 1, SMALL["num_val"]), ("test", 2, SMALL["num_test"])):
+        loaded = load_scenes(root, split=split)
+        assert len(loaded) == count
+        for index in range(count):
+            drawn = sample_scene(random.Random(f"synthetic-v{synthetic.FORMAT_VERSION}:{seed}:{code}:{index}"))
+            scene = loaded[synthetic._cocoid(code, index, seed)]
+            assert (scene.layout, scene.position, scene.background) == (drawn.layout, drawn.position, drawn.background)
+            assert [(o.shape, o.color, o.size) for o in scene.objects] == [(o.shape, o.color, o.size)
+                                                                         for o in drawn.objects]
+            for a, b in zip(scene.objects, drawn.objects):
+                size = SMALL["image_size"]
+                assert abs(a.cx - b.cx) * size <= 0.01 and abs(a.cy - b.cy) * size <= 0.01
+                assert abs(a.extent - b.extent) * size <= 0.01 and a.rgb == COLORS[a.color]
+    assert len(load_scenes(root)) == SMALL["num_train"] + SMALL["num_val"] + SMALL["num_test"]
+    assert is_synthetic_root(root)
+    (root / synthetic.INCOMPLETE_MARKER).touch()
+    try:
+        assert not is_synthetic_root(root)  # a generation in progress is not readable
+    finally:
+        (root / synthetic.INCOMPLETE_MARKER).unlink()
+
+
+def test_public_names_survive_and_come_from_the_grammar():
+    for name in synthetic.__all__:
+        assert hasattr(synthetic, name), name
+    for name in ("SHAPE_WORDS", "SIZE_WORDS", "RELATION_WORDS", "RELATION_TO_IT", "POSITION_WORDS", "VERBS",
+                 "THINGS", "PICTURE", "GREY", "TEMPLATES", "COLORS", "SHAPES", "tokenize"):
+        assert getattr(synthetic, name) is getattr(scene_grammar, name), name  # one copy, shared with the checker
+    rng = random.Random(5)
+    scene = sample_scene(rng)
+    template, weight = synthetic.TEMPLATES[len(scene.objects)][0]
+    assert weight > 0 and isinstance(template(scene, random.Random(1)), str)  # still (callable, weight) pairs
 
 
 def test_val_and_test_images_do_not_depend_on_num_train(root, tmp_path):

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioning.evaluate import evaluate_checkpoint
+from captioning.evaluation.evaluate import evaluate_checkpoint
 from captioning.loggers.jsonl import read_jsonl
-from captioning.training import objective
-from captioning.training.checkpoint import load_checkpoint
-from captioning.training.loop import PREEMPTION_EXIT_CODE, train
-from conftest import compose, preempt_run_during_step, requires_java, tiny_overrides
+from captioning.runtime.checkpoint import load_checkpoint
+from captioning.runtime.preemption import PREEMPTION_EXIT_CODE
+from captioning.training.recipe import train
+from conftest import compose, preempt_run_during_step, requires_java, signal_during_step, tiny_overrides
 
 pytestmark = [requires_java(), pytest.mark.java]
 
@@ -50,9 +50,8 @@ def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
     assert written["test/CIDEr"] == test["test/CIDEr"]
 
     # Evaluating the best checkpoint again reproduces the training run's figures exactly.
-    again = evaluate_checkpoint(tmp_path / "checkpoints" / "best.pt", "test", cfg.decode, tmp_path / "eval",
-                                device="cpu")
-    assert again == test
+    again = evaluate_checkpoint(tmp_path / "checkpoints" / "best.pt", "test", cfg.decode, device=torch.device("cpu"))
+    assert again.keyed() == test
 
 
 def _param_vector(path):
@@ -96,15 +95,7 @@ def test_sigusr1_saves_then_hands_over_to_the_launchers_handler(tiny_data_root, 
         calls.append((signum, (tmp_path / "checkpoints" / "last.pt").is_file()))
 
     previous = signal.signal(signal.SIGUSR1, launcher_handler)
-    original = objective.CaptionLoss.forward
-
-    def forward_then_signal(self, *args, **kwargs):
-        if not calls and not getattr(forward_then_signal, "sent", False):
-            forward_then_signal.sent = True
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(objective.CaptionLoss, "forward", forward_then_signal)
+    signal_during_step(monkeypatch, 1, signal.SIGUSR1)
     try:
         summary = train(compose(tiny_overrides(tiny_data_root)), tmp_path)
         assert summary["preempted"] and summary["requeue"] == "previous handler" and summary["steps"] == 1
@@ -196,18 +187,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tiny_data_root, tmp_pa
     """After a SIGKILL the log may run ahead of last.pt; the resumed run must not log those steps twice."""
     overrides = tiny_overrides(tiny_data_root) + ["trainer.max_steps=6", "trainer.val_every_n_steps=3",
                                                   "trainer.log_every_n_steps=1", "trainer.evaluate_after_training=false"]
-    calls = {"n": 0}
-    original = objective.CaptionLoss.forward
-
-    def forward_then_signal(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(objective.CaptionLoss, "forward", forward_then_signal)
-    assert train(compose(overrides), tmp_path)["steps"] == 3
-    monkeypatch.setattr(objective.CaptionLoss, "forward", original)
+    assert preempt_run_during_step(monkeypatch, compose(overrides), tmp_path, 3)["steps"] == 3
     with open(tmp_path / "metrics.jsonl", "a") as f:  # what a run killed at step 5 had logged beyond last.pt
         f.write('{"step": 4, "train/loss": 9.0}\n{"step": 5, "train/loss": 9.0}\n')
     train(compose(overrides), tmp_path)

@@ -16,18 +16,16 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from captioning.decoding import decode  # noqa: E402
 from captioning.models.captioner import Captioner  # noqa: E402
 from captioning.models.decoder import RNNDecoder  # noqa: E402
 from captioning.models.encoder import PrecomputedFeatures  # noqa: E402
-from captioning.training.objective import CaptionLoss  # noqa: E402
+from captioning.training.objectives import CrossEntropyObjective  # noqa: E402
 
 VOCAB, EMBED, HIDDEN, FEATURE, IMAGES, CAPTIONS, LENGTH, DECODE_IMAGES = 9487, 512, 512, 2048, 50, 5, 16, 500
 
@@ -55,7 +53,7 @@ def build_model(device: torch.device) -> Captioner:
 
 
 def train_step_fn(model, features, targets, teacher_forcing_prob, amp_dtype, compile_mode=None, cuda_graphs=True):
-    loss_module = CaptionLoss(model, token_source="sample", granularity="token", mode="exact",
+    loss_module = CrossEntropyObjective(model, token_source="sample", granularity="token", mode="exact",
                               cuda_graphs=cuda_graphs)
     if compile_mode:
         loss_module = torch.compile(loss_module, mode=compile_mode)
@@ -64,7 +62,7 @@ def train_step_fn(model, features, targets, teacher_forcing_prob, amp_dtype, com
 
     def step():
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, _ = loss_module(None, targets, teacher_forcing_prob, features=features)
+            loss, _ = loss_module(features, targets, teacher_forcing_prob)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -102,7 +100,7 @@ def end_to_end(device: torch.device, amp_dtype, backbone: str, image_size: int, 
     torch.manual_seed(0)
     model = Captioner(ImageEncoder(backbone, None, trainable=True), RNNDecoder(VOCAB, EMBED, HIDDEN, 1, "lstm", 0.0))
     model = model.to(device).to(memory_format=torch.channels_last).train()
-    loss_module = CaptionLoss(model, token_source="sample", granularity="token", mode="exact", cuda_graphs=True)
+    loss_module = CrossEntropyObjective(model, token_source="sample", granularity="token", mode="exact", cuda_graphs=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batches = iter(loader)
 

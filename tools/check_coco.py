@@ -25,6 +25,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from captioning.data.coco import read_karpathy_images
+
 ANNOTATION_FILES = ("annotations/captions_train2014.json", "annotations/captions_val2014.json")
 IMAGE_DIRS = ("train2014", "val2014")
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -61,9 +63,7 @@ def default_karpathy_file(root: str | Path) -> Path:
 
 def karpathy_split_counts(karpathy_file: str | Path) -> dict[str, int]:
     """Number of images per Karpathy split, plus the usual "train+restval" total."""
-    with open(karpathy_file) as f:
-        images = json.load(f)["images"]
-    counts = Counter(entry.get("split", "?") for entry in images)
+    counts = Counter(entry["split"] for entry in read_karpathy_images(karpathy_file, "--karpathy"))
     result = {split: counts.get(split, 0) for split in KARPATHY_SPLITS}
     result.update({split: n for split, n in counts.items() if split not in KARPATHY_SPLITS})
     result["train+restval"] = result["train"] + result["restval"]

@@ -6,7 +6,8 @@
 Local source: a Hydra multirun folder whose run folders (SWEEP_DIR/0/, SWEEP_DIR/1/, ..., or one
 level deeper, SWEEP_DIR/*/0/) each hold .hydra/config.yaml, metrics.jsonl and, for a finished run,
 test_metrics.json. W&B source: the runs of one group, read through wandb.Api() (config, summary,
-history). Both sources are turned into the same `RunRecord`s, and everything after that
+history against the optimizer step `trainer/step` that captioning's W&B logger logs with every record,
+or `step` in older runs; never W&B's `_step`, which counts log calls). Both sources are turned into the same `RunRecord`s, and everything after that
 (grouping, statistics, table, plots) is shared.
 
 Runs are grouped into rows by `experiment_name` when the config has one, else by `schedule.name`.
@@ -16,10 +17,10 @@ values (as pycocoevalcap reports them, e.g. CIDEr 0.95, not 95.0), printed with 
 JSON keeps full precision. Runs without test metrics (crashed / unfinished) are listed by folder
 and left out of the statistics.
 
-Outputs (in --out-dir, default SWEEP_DIR): table.md, table.json, teacher_forcing_prob.png
-(train/teacher_forcing_prob against step, mean over seeds) and val_cider.png (val/CIDEr against
-step, mean over seeds with a min-max band). Curves are averaged step by step over the runs that
-logged that step.
+Outputs (in --out-dir, default SWEEP_DIR): table.md, table.json (the table, and under "curves" the
+plotted points), teacher_forcing_prob.png (train/teacher_forcing_prob against the optimizer step, mean
+over seeds) and val_cider.png (val/CIDEr against the optimizer step, mean over seeds with a min-max
+band). Curves are averaged step by step over the runs that logged that step.
 """
 
 from __future__ import annotations
@@ -33,10 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from captioning.loggers.jsonl import read_jsonl
+from captioning.loggers.wandb_logger import STEP_METRIC
+
 DEFAULT_METRICS = ("BLEU-4", "METEOR", "CIDEr")
 TF_PROB_KEY = "train/teacher_forcing_prob"
 VAL_CIDER_KEY = "val/CIDEr"
 CURVE_KEYS = (TF_PROB_KEY, VAL_CIDER_KEY)
+# The optimizer step in W&B histories: STEP_METRIC ("trainer/step"); "step" in runs logged before it.
+# Never W&B's `_step`, which counts log calls (several per optimizer step; deferred scores come last).
+WANDB_STEP_KEYS = (STEP_METRIC, "step")
 
 
 @dataclass
@@ -95,23 +102,6 @@ def find_run_dirs(sweep_dir: Path) -> list[Path]:
                     and (grandchild / ".hydra" / "config.yaml").is_file()):
                 found.append(grandchild)
     return sorted(found, key=lambda p: _natural_key(p.relative_to(sweep_dir)))
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; blank lines skipped, bad lines are an error naming the line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
 
 
 def _resolve_keys(config: dict[str, Any], config_path: Path) -> dict[str, Any]:
@@ -187,13 +177,22 @@ def load_wandb_runs(project: str, group: str, api: Any = None, samples: int = 10
         test_metrics = {k: v for k, v in summary.items() if k.startswith("test/")} or None
         reason = None if test_metrics else f"no test/* metrics in the run summary (state: {run.state})"
         history = []
-        for key in CURVE_KEYS:  # one query per key: W&B returns only rows holding all given keys
-            for entry in run.history(keys=[key], samples=samples, pandas=False):
-                step = entry.get("step", entry.get("_step"))
-                if step is not None and key in entry:
-                    history.append({"step": step, key: entry[key]})
+        for key in CURVE_KEYS:
+            history += wandb_curve(run, key, samples)
         records.append(RunRecord(run_id, row, seed, test_metrics, reason, history))
     return records
+
+
+def wandb_curve(run: Any, key: str, samples: int) -> list[dict[str, Any]]:
+    """[{"step": optimizer step, key: value}, ...] of one W&B run. One query per key, asking for the
+    step metric with it: W&B returns only the rows holding all the keys asked for (plus `_step`)."""
+    for step_key in WANDB_STEP_KEYS:
+        rows = [{"step": entry[step_key], key: entry[key]}
+                for entry in run.history(keys=[step_key, key], samples=samples, pandas=False)
+                if entry.get(step_key) is not None and key in entry]
+        if rows:
+            return rows
+    return []
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -356,14 +355,16 @@ def plot_curves(curve_data: Mapping[str, Mapping[str, list[float]]], key: str, p
 
 
 def write_outputs(runs: list[RunRecord], out_dir: Path, metrics: Sequence[str], source: str) -> dict[str, Any]:
-    """Write table.md, table.json and the two plots; return the table."""
+    """Write table.md, table.json (with the plotted curves, against the optimizer step) and the two
+    plots; return the table."""
     table = aggregate_table(runs, metrics)
     table["source"] = source
+    table["curves"] = {key: curves(runs, key) for key in CURVE_KEYS}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "table.md").write_text(format_markdown(table), encoding="utf-8")
     (out_dir / "table.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-    plot_curves(curves(runs, TF_PROB_KEY), TF_PROB_KEY, out_dir / "teacher_forcing_prob.png", band=False)
-    plot_curves(curves(runs, VAL_CIDER_KEY), VAL_CIDER_KEY, out_dir / "val_cider.png", band=True)
+    plot_curves(table["curves"][TF_PROB_KEY], TF_PROB_KEY, out_dir / "teacher_forcing_prob.png", band=False)
+    plot_curves(table["curves"][VAL_CIDER_KEY], VAL_CIDER_KEY, out_dir / "val_cider.png", band=True)
     return table
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from captioning.data.build import eval_dataset, load_records, make_loader  # noqa: E402
 from captioning.models.captioner import build_image_encoder  # noqa: E402
 

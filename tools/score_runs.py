@@ -8,6 +8,12 @@ teacher-forcing probability logged at that step), and scores results_test_*.json
 and a `test/*` record, with the most-common-caption reference, exactly as a run with scoring=now does.
 The data is read from the run's own config (synthetic data is regenerated identically here), or from
 --data-root. Runs already scored are left alone.
+
+A run that logged to W&B (logger=wandb: its folder holds wandb_run_id.txt) gets the same records in
+that same W&B run, resumed by its saved id (`wandb.init(id=..., resume="allow")`), at the optimizer step
+they belong to (`trainer/step`), so its test/* metrics reach the run summary and
+`compare_runs --wandb-group` counts it. logger.wandb.mode of the run's config, WANDB_MODE and the API
+key of the machine running this decide online or offline, as in training.
 """
 from __future__ import annotations
 
@@ -18,10 +24,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from captioning.data.build import load_records  # noqa: E402
-from captioning.inference import references_of, score, score_with_baseline  # noqa: E402
+from captioning.evaluation.captions import references_of, score, score_with_baseline  # noqa: E402
+from captioning.loggers.base import MultiLogger
 from captioning.loggers.jsonl import JsonlLogger, read_jsonl  # noqa: E402
+from captioning.loggers.wandb_logger import WandbLogger, saved_run_info
 from captioning.metrics import check_java, load_results  # noqa: E402
 
 
@@ -32,6 +39,24 @@ def run_folders(paths: list[Path]) -> list[Path]:
             raise FileNotFoundError(f"no such folder: {path}")
         found += sorted({p.parent.parent for p in path.glob("**/.hydra/config.yaml")})
     return found
+
+
+def run_logger(run: Path, cfg) -> MultiLogger:
+    """metrics.jsonl, and the run's own W&B run (resumed by its saved id) when it logged to W&B."""
+    loggers = [JsonlLogger(run / "metrics.jsonl")]
+    wandb_cfg = OmegaConf.select(cfg, "logger.wandb", default=None)
+    if wandb_cfg is not None:
+        info = saved_run_info(run)
+        if info is None:
+            print(f"{run}: warning: logger=wandb but no wandb_run_id.txt (the run never started W&B?): "
+                  "scores go to metrics.jsonl only", file=sys.stderr)
+        else:
+            setting = lambda key: OmegaConf.select(wandb_cfg, key, default=None)  # noqa: E731
+            loggers.append(WandbLogger(run, info.get("project") or setting("project"),
+                                       info.get("entity", setting("entity")), info.get("group", setting("group")),
+                                       info.get("name"), info.get("tags"), setting("mode"),
+                                       info.get("job_type") or "train"))
+    return MultiLogger(loggers)
 
 
 def score_run(run: Path, data_root: str | None, records_cache: dict) -> str:
@@ -51,7 +76,7 @@ def score_run(run: Path, data_root: str | None, records_cache: dict) -> str:
     records = records_cache[key]
     history = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     prob_at = {r["step"]: r["train/teacher_forcing_prob"] for r in history if "train/teacher_forcing_prob" in r}
-    logger = JsonlLogger(run / "metrics.jsonl")
+    logger = run_logger(run, cfg)
     for path in val_files:
         step = int(path.stem.split("_")[1])
         predictions = load_results(path)

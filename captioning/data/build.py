@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from captioning.data.coco import ImageRecord, read_coco_karpathy
-from captioning.data.dataset import EvalImageDataset, TrainCaptionDataset, encode_captions
-from captioning.data.text import tokenize
+from captioning.data.dataset import AllReferencesDataset, EvalImageDataset, TrainCaptionDataset, encode_captions
+from captioning.data.text import training_tokens
 from captioning.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def load_records(cfg_data) -> dict[str, list[ImageRecord]]:
 
 def build_vocab(train_records: list[ImageRecord], cfg_data) -> Vocabulary:
     """From the training split only: val/test words never enter the vocabulary."""
-    return Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), cfg_data.word_count_threshold)
+    return Vocabulary.build((training_tokens(c) for r in train_records for c in r.captions), cfg_data.word_count_threshold)
 
 
 class ResumableSampler(Sampler[int]):
@@ -107,3 +107,20 @@ def eval_dataset(records: list[ImageRecord], cfg_data) -> EvalImageDataset:
 
     return EvalImageDataset(records, cfg_data.image_size, cfg_data.resize_size, cfg_data.max_image_pixels,
                             open_feature_store(cfg_data))
+
+
+def reference_loader(records, vocab, cfg_data, batch_size: int | None = None) -> DataLoader:
+    """Loader of {"images", "targets" (B, C, L)} with all references of `records` (e.g. the val split),
+    encoded as for training (max_len words, unknown words -> <unk>), for the probes that score references.
+    Captions that are empty or only unknown words are skipped (with a logged warning), whatever
+    data.on_bad_caption says: with the training vocabulary that is expected of some val captions."""
+    from captioning.data.features import open_feature_store
+
+    items, _ = encode_captions(records, vocab, cfg_data.max_len, on_bad_caption="skip")
+    if not items:
+        raise ValueError("reference loader: no image of the given records has a usable caption")
+    captions_per_image = max(len(captions) for _, captions in items)
+    dataset = AllReferencesDataset(items, vocab, cfg_data.image_size, cfg_data.resize_size, captions_per_image,
+                                   cfg_data.max_len, cfg_data.max_image_pixels, seed=0,
+                                   features=open_feature_store(cfg_data))
+    return make_loader(dataset, batch_size or cfg_data.eval_batch_size, num_workers=min(cfg_data.num_workers, 4))

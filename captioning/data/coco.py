@@ -53,16 +53,39 @@ def check_coco_paths(root: str | Path, karpathy_file: str | Path | None = None,
     return root, karpathy, annotations
 
 
+def read_karpathy_images(path: str | Path, key: str = "data.karpathy_file") -> list[dict]:
+    """The "images" of a Karpathy split file (dataset_coco.json): dicts with at least "cocoid" and "split"
+    (and "filepath"/"filename" for images on disk). `key` names the option the path came from in errors."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: Karpathy split file not found: {path}")
+    try:
+        images = json.loads(path.read_text(encoding="utf-8"))["images"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{key}: {path} is not a Karpathy split file (expected {{\"images\": [{{\"cocoid\", "
+                         f"\"split\", ...}}]}}, e.g. dataset_coco.json): {e}") from None
+    if not isinstance(images, list) or not all(isinstance(im, dict) and "split" in im and "cocoid" in im
+                                               for im in images):
+        raise ValueError(f"{key}: {path} is not a Karpathy split file (every image needs \"cocoid\" and \"split\")")
+    return images
+
+
+def read_split_ids(path: str | Path, split: str, key: str = "--split-file") -> list[int]:
+    """COCO image ids of one split ("train", "restval", "val", "test") of a Karpathy split file, sorted."""
+    images = read_karpathy_images(path, key)
+    ids = sorted(int(im["cocoid"]) for im in images if im["split"] == split)
+    if not ids:
+        available = sorted({str(im["split"]) for im in images})
+        raise ValueError(f"split {split!r} has no images in {path}; available splits: {available}")
+    return ids
+
+
 def read_coco_karpathy(root: str | Path, karpathy_file: str | Path | None = None,
                        annotation_files: list | None = None, restval_to_train: bool = True,
                        splits: tuple[str, ...] = SPLITS) -> dict[str, list[ImageRecord]]:
     """Image records per split, each with its raw COCO captions."""
     root, karpathy, annotations = check_coco_paths(root, karpathy_file, annotation_files)
-    try:
-        karpathy_images = json.loads(karpathy.read_text())["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"data.karpathy_file: {karpathy} is not a Karpathy split file "
-                         f"(expected {{'images': [...]}}): {e}") from e
+    karpathy_images = read_karpathy_images(karpathy)
 
     captions: dict[int, list[str]] = {}
     for path in annotations:

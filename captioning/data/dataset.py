@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from captioning.data.coco import ImageRecord
 from captioning.data.images import BadImage, build_transform, load_rgb
-from captioning.data.text import tokenize
+from captioning.data.text import training_tokens
 from captioning.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def encode_captions(records: list[ImageRecord], vocab: Vocabulary, max_len: int,
     for record in records:
         encoded = []
         for caption in record.captions:
-            tokens = tokenize(caption)
+            tokens = training_tokens(caption)
             ids = vocab.encode(tokens, max_len)
             kind = "empty" if not tokens else "unknown_only" if all(i == vocab.unk_id for i in ids) else None
             if kind is None:
@@ -167,3 +167,12 @@ class BadImageTracker:
             if bad.path not in self.skipped:
                 self.skipped[bad.path] = bad.reason
                 log.warning("skipped image %s: %s (%d skipped so far)", bad.path, bad.reason, len(self.skipped))
+
+
+class AllReferencesDataset(TrainCaptionDataset):
+    """Every reference caption of every image exactly once (the training dataset picks a random subset or
+    repeats): row r holds the image's r-th caption, rows beyond its own captions stay padding (probes
+    skip them). captions_per_image must be the largest number of captions of any image."""
+
+    def pick_captions(self, index: int, epoch: int) -> list[list[int]]:
+        return self.items[index][1]

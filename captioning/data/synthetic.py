@@ -5,7 +5,8 @@ very same reading code as real COCO (image folders, `captions_*2014.json` loadab
 Karpathy's `dataset_coco.json`). Each image shows 1 to 3 shapes on a plain grey-ish background; each
 shape has a shape (circle, square, triangle, star, cross, diamond), a named colour, a size class
 (small / large) and a position relative to the others. Five reference captions per image come from a
-small grammar with synonyms and varied word order; every caption is true of its image, and multi-object
+small grammar with synonyms and varied word order (captioning.data.scene_grammar, which also checks captions
+and prefixes against a scene); every caption is true of its image, and multi-object
 scenes always get at least one long caption (12-16 words) so that one early wrong word derails the rest,
 which is exactly where teacher forcing and scheduled sampling differ.
 
@@ -33,12 +34,16 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from captioning.data import scene_grammar
+from captioning.data.scene_grammar import (  # noqa: F401  (re-exported: the module's public names since v1)
+    COLORS, GREY, PICTURE, POSITION_WORDS, RELATION_TO_IT, RELATION_WORDS, SHAPE_WORDS, SHAPES, SIZE_WORDS,
+    TEMPLATES, THINGS, VERBS, tokenize)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -52,6 +57,8 @@ __all__ = [
     "tokenize",
     "generate_synthetic",
     "ensure_synthetic",
+    "is_synthetic_root",
+    "load_scenes",
 ]
 
 FORMAT_VERSION = 1  # bump whenever the generated files change, so cached folders are regenerated
@@ -67,17 +74,7 @@ OWNED_FILES = (KARPATHY_FILE, OBJECTS_FILE, META_FILE)
 # ---------------------------------------------------------------------------------------------------
 # Scene vocabulary: what can be in an image
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "blue": (30, 70, 230),
-    "green": (30, 170, 50),
-    "yellow": (245, 225, 30),
-    "purple": (140, 40, 180),
-    "orange": (250, 140, 20),
-    "white": (250, 250, 250),
-    "black": (15, 15, 15),
-}
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+# COLORS (colour word -> RGB) and SHAPES come from scene_grammar, the words of the caption grammar.
 SIZE_EXTENT = {"small": 0.16, "large": 0.30}  # object extent as a fraction of the image side
 SINGLE_POSITIONS = {"center": (0.5, 0.5), "left": (0.25, 0.5), "right": (0.75, 0.5),
                     "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
@@ -184,222 +181,11 @@ def draw_scene(scene: Scene, image_size: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Caption grammar. Templates build lowercase text with spaced punctuation (" , ", " : "); the surface
-# step then gives some captions COCO's raw look (capital first letter, final period, attached commas).
+# Captions. The grammar (phrase tables and templates) is data in scene_grammar.py, shared with the truth checker
+# (captioning.metrics.scene) so the two cannot drift apart; here: the length window, the raw COCO look, and the
+# draw of five distinct captions per image.
 
-SHAPE_WORDS = {"circle": ["circle", "disc", "round shape"], "square": ["square", "box"],
-               "triangle": ["triangle"], "star": ["star"], "cross": ["cross"], "diamond": ["diamond"]}
-SIZE_WORDS = {"large": ["large", "big"], "small": ["small", "little", "tiny"]}
-RELATION_WORDS = {"left": ["to the left of", "left of", "on the left of"],
-                  "right": ["to the right of", "right of", "on the right of"],
-                  "above": ["above", "on top of", "over"],
-                  "below": ["below", "under", "beneath", "underneath"]}
-RELATION_TO_IT = {"left": ["to its left", "on its left"], "right": ["to its right", "on its right"],
-                  "above": ["above it", "over it"], "below": ["below it", "under it", "beneath it"]}
-POSITION_WORDS = {"center": ["in the middle", "in the center", "at the center"],
-                  "left": ["on the left", "on the left side"], "right": ["on the right", "on the right side"],
-                  "top": ["at the top", "near the top"], "bottom": ["at the bottom", "near the bottom"]}
-VERBS = ["is", "sits", "lies", "is placed"]
-THINGS = ["shapes", "objects"]
-PICTURE = ["a picture of", "an image of", "an image showing", "a picture showing"]
-GREY = ["grey", "gray"]
-
-
-def _article(phrase: str) -> str:
-    """'a' or 'an' for the phrase that follows (all grammar words starting with a vowel take 'an')."""
-    return "an" if phrase[0] in "aeiou" else "a"
-
-
-def _np(obj: SceneObject, rng: random.Random, definite: bool = False, shape_word: str | None = None,
-        size_prob: float = 0.5) -> str:
-    """Noun phrase for one object: '[a|the] [size] colour shape', e.g. 'a small red disc'."""
-    words = [rng.choice(SIZE_WORDS[obj.size])] if rng.random() < size_prob else []
-    words += [obj.color, shape_word or rng.choice(SHAPE_WORDS[obj.shape])]
-    body = " ".join(words)
-    return f"{'the' if definite else _article(body)} {body}"
-
-
-def _maybe(rng: random.Random, text: str, p: float = 0.5) -> str:
-    return text if rng.random() < p else ""
-
-
-def _join(*parts: str) -> str:
-    return " ".join(p for p in parts if p)
-
-
-# -- one object
-
-def _one_position(s: Scene, rng: random.Random) -> str:
-    return _join(_np(s.objects[0], rng), _maybe(rng, rng.choice(VERBS)), _position(s, rng))
-
-
-def _one_single(s: Scene, rng: random.Random) -> str:
-    return _join("a single", _np(s.objects[0], rng).split(" ", 1)[1], _maybe(rng, _position(s, rng)))
-
-
-def _one_picture(s: Scene, rng: random.Random) -> str:
-    return _join(rng.choice(PICTURE), _np(s.objects[0], rng), _maybe(rng, _position(s, rng)))
-
-
-def _one_background(s: Scene, rng: random.Random) -> str:
-    return _join(_np(s.objects[0], rng), "on a", _maybe(rng, "plain"), rng.choice(GREY), "background")
-
-
-def _one_count(s: Scene, rng: random.Random) -> str:
-    lead = rng.choice(["there is only one", "there is one", "only one", "one"])
-    return _join(lead, rng.choice(["shape", "object"]), ":", _np(s.objects[0], rng))
-
-
-def _position(s: Scene, rng: random.Random) -> str:
-    return _join(rng.choice(POSITION_WORDS[s.position]), _maybe(rng, rng.choice(["of the image", "of the picture"]), 0.3))
-
-
-# -- two objects: objects[0] is left of / above objects[1]
-
-def _subject_pair(s: Scene, rng: random.Random) -> tuple[SceneObject, SceneObject, str]:
-    """Pick which object is the sentence subject; return (subject, other, relation of subject to other)."""
-    first, second = s.objects
-    if rng.random() < 0.5:
-        return first, second, "left" if s.layout == "horizontal" else "above"
-    return second, first, "right" if s.layout == "horizontal" else "below"
-
-
-def _pair_plain(s: Scene, rng: random.Random) -> str:
-    a, b, rel = _subject_pair(s, rng)
-    return _join(_np(a, rng), rng.choice(RELATION_WORDS[rel]), _np(b, rng))
-
-
-def _pair_verb(s: Scene, rng: random.Random) -> str:
-    a, b, rel = _subject_pair(s, rng)
-    return _join(_np(a, rng), rng.choice(VERBS), rng.choice(RELATION_WORDS[rel]), _np(b, rng))
-
-
-def _pair_there(s: Scene, rng: random.Random) -> str:
-    a, b, rel = _subject_pair(s, rng)
-    return _join("there is", _np(a, rng), rng.choice(RELATION_WORDS[rel]), _np(b, rng))
-
-
-def _pair_count(s: Scene, rng: random.Random) -> str:
-    a, b, _ = _subject_pair(s, rng)
-    return _join("two", rng.choice(THINGS), ":", _np(a, rng), "and", _np(b, rng))
-
-
-def _pair_with(s: Scene, rng: random.Random) -> str:
-    a, b, rel = _subject_pair(s, rng)
-    return _join(_np(b, rng), "with", _np(a, rng), rng.choice(RELATION_TO_IT[rel]))
-
-
-def _pair_together(s: Scene, rng: random.Random) -> str:
-    a, b, _ = _subject_pair(s, rng)
-    how = ["side by side", "next to each other"] if s.layout == "horizontal" else ["one above the other"]
-    return _join(_np(a, rng), "and", _np(b, rng), rng.choice(how))
-
-
-def _pair_definite(s: Scene, rng: random.Random) -> str:
-    a, b, rel = _subject_pair(s, rng)
-    return _join(_np(a, rng, definite=True), rng.choice(VERBS), rng.choice(RELATION_WORDS[rel]),
-                 _np(b, rng, definite=True))
-
-
-def _pair_picture(s: Scene, rng: random.Random) -> str:  # long
-    a, b, rel = _subject_pair(s, rng)
-    return _join(rng.choice(PICTURE), "two", rng.choice(THINGS), ":", _np(a, rng), rng.choice(VERBS),
-                 rng.choice(RELATION_WORDS[rel]), _np(b, rng))
-
-
-def _pair_refer(s: Scene, rng: random.Random) -> str:  # long: the second half refers back to the first
-    a, b, rel = _subject_pair(s, rng)
-    word_a, word_b = rng.choice(SHAPE_WORDS[a.shape]), rng.choice(SHAPE_WORDS[b.shape])
-    return _join(_np(a, rng, shape_word=word_a), "and", _np(b, rng, shape_word=word_b), ", the", word_a,
-                 rng.choice(VERBS), rng.choice(RELATION_WORDS[rel]), "the", word_b)
-
-
-def _pair_sides(s: Scene, rng: random.Random) -> str:  # long
-    first, second = s.objects
-    side1, side2 = ("on the left", "on the right") if s.layout == "horizontal" else ("at the top", "at the bottom")
-    return _join(side1, "there is", _np(first, rng), "and", side2, _maybe(rng, "there is"), _np(second, rng))
-
-
-def _pair_background(s: Scene, rng: random.Random) -> str:  # long
-    a, b, rel = _subject_pair(s, rng)
-    return _join(_np(a, rng), _maybe(rng, rng.choice(VERBS)), rng.choice(RELATION_WORDS[rel]), _np(b, rng),
-                 "on a", _maybe(rng, "plain"), rng.choice(GREY), "background")
-
-
-# -- three objects, in reading order (left to right or top to bottom)
-
-def _line(s: Scene, rng: random.Random) -> str:
-    return rng.choice(["in a row", "in a line"] if s.layout == "horizontal" else ["in a column", "in a line"])
-
-
-def _reading_order(s: Scene) -> str:
-    return "from left to right" if s.layout == "horizontal" else "from top to bottom"
-
-
-def _tri_count(s: Scene, rng: random.Random) -> str:
-    o1, o2, o3 = s.objects
-    return _join("three", rng.choice(THINGS), ":", _np(o1, rng), ",", _np(o2, rng), "and", _np(o3, rng),
-                 _line(s, rng))
-
-
-def _tri_between(s: Scene, rng: random.Random) -> str:
-    o1, o2, o3 = s.objects
-    if rng.random() < 0.5:
-        o1, o3 = o3, o1
-    return _join(_np(o2, rng), _maybe(rng, rng.choice(VERBS)), "between",
-                 _np(o1, rng), "and", _np(o3, rng))
-
-
-def _tri_order(s: Scene, rng: random.Random) -> str:
-    o1, o2, o3 = s.objects
-    listing = _join(_np(o1, rng), ",", _np(o2, rng), "and", _np(o3, rng))
-    if rng.random() < 0.5:
-        return _join(_reading_order(s), ":", listing)
-    return _join(listing, _reading_order(s))
-
-
-def _tri_chain(s: Scene, rng: random.Random) -> str:  # long
-    o1, o2, o3 = s.objects
-    rel = "left" if s.layout == "horizontal" else "above"
-    if rng.random() < 0.5:  # describe the chain from the other end
-        o1, o3 = o3, o1
-        rel = {"left": "right", "above": "below"}[rel]
-    return _join(_np(o1, rng), rng.choice(RELATION_WORDS[rel]), _np(o2, rng), ", which", rng.choice(VERBS),
-                 rng.choice(RELATION_WORDS[rel]), _np(o3, rng))
-
-
-def _tri_there(s: Scene, rng: random.Random) -> str:
-    return _join("there are three", rng.choice(THINGS), _line(s, rng), "on a", _maybe(rng, "plain"),
-                 rng.choice(GREY), "background")
-
-
-def _tri_sides(s: Scene, rng: random.Random) -> str:  # long
-    o1, o2, o3 = s.objects
-    side1, side2 = ("on the left", "on the right") if s.layout == "horizontal" else ("at the top", "at the bottom")
-    return _join(_np(o2, rng), _maybe(rng, rng.choice(VERBS)), "between", _np(o1, rng), side1, "and",
-                 _np(o3, rng), side2)
-
-
-def _tri_middle(s: Scene, rng: random.Random) -> str:
-    line = "row" if s.layout == "horizontal" else "column"
-    return _join(_np(s.objects[1], rng), "in the middle of a", line, "of three", rng.choice(THINGS))
-
-
-# (template, relative weight); vague templates are drawn less often.
-TEMPLATES = {
-    1: [(_one_position, 1.0), (_one_single, 1.0), (_one_picture, 1.0), (_one_background, 1.0), (_one_count, 0.7)],
-    2: [(_pair_plain, 1.0), (_pair_verb, 1.0), (_pair_there, 1.0), (_pair_count, 0.7), (_pair_with, 1.0),
-        (_pair_together, 0.5), (_pair_definite, 1.0), (_pair_picture, 1.0), (_pair_refer, 1.0),
-        (_pair_sides, 1.0), (_pair_background, 1.0)],
-    3: [(_tri_count, 1.0), (_tri_between, 1.0), (_tri_order, 1.0), (_tri_chain, 1.0), (_tri_there, 0.25),
-        (_tri_sides, 1.0), (_tri_middle, 0.5)],
-}
 MIN_WORDS, MAX_WORDS, LONG_MIN_WORDS = 5, 16, 12
-
-
-def tokenize(caption: str) -> list[str]:
-    """Karpathy-style tokens: lowercase alphanumeric words, punctuation dropped."""
-    return re.findall(r"[a-z0-9]+", caption.lower())
 
 
 def _surface(text: str, rng: random.Random) -> str:
@@ -427,7 +213,7 @@ def caption_scene(scene: Scene, rng: random.Random, num_captions: int = 5) -> li
     for k in range(num_captions):
         low = LONG_MIN_WORDS if (k == 0 and len(scene.objects) > 1) else MIN_WORDS
         for _ in range(1000):
-            text = rng.choices(templates, weights)[0](scene, rng)
+            text = scene_grammar.sample_text(rng.choices(templates, weights)[0], scene, rng)
             tokens = tokenize(text)
             if low <= len(tokens) <= MAX_WORDS and " ".join(tokens) not in seen:
                 break
@@ -496,9 +282,11 @@ def _clear_previous(root: Path) -> None:
 
 
 def _generator_fingerprint() -> str:
-    """A hash of this file: any change to the generator regenerates cached folders, even if nobody bumped
-    FORMAT_VERSION (a stale cache would silently evaluate on other images and captions)."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """A hash of this file and of the caption grammar: any change to the generator regenerates cached folders,
+    even if nobody bumped FORMAT_VERSION (a stale cache would silently evaluate on other images and captions)."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(Path(scene_grammar.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _meta(num_train: int, num_val: int, num_test: int, image_size: int, seed: int) -> dict:
@@ -599,3 +387,40 @@ def ensure_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250
         if existing != wanted or (root / INCOMPLETE_MARKER).exists():
             generate_synthetic(root, num_train, num_val, num_test, image_size, seed)
     return root
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a generation back
+
+def is_synthetic_root(root: str | Path) -> bool:
+    """Is `root` a finished synthetic generation (its scene metadata present, no generation in progress)?
+    False for a real COCO folder, which has no synthetic_objects.json."""
+    root = Path(root)
+    return (root / OBJECTS_FILE).is_file() and not (root / INCOMPLETE_MARKER).exists()
+
+
+def load_scenes(root: str | Path, split: str | None = None) -> dict[int, Scene]:
+    """Scenes of a synthetic generation, by COCO image id (cocoid), read from root/synthetic_objects.json;
+    only those of one Karpathy split ("train", "restval", "val", "test") if `split` is given.
+
+    Objects keep their reading order; centres and extents come from the stored boxes (rounded to 0.01 pixel) and
+    `rgb` is the named colour (the drawn jitter is not stored). Raises ValueError for a folder that is not a
+    synthetic generation or was written by another FORMAT_VERSION (its captions follow another grammar)."""
+    root = Path(root)
+    if not is_synthetic_root(root):
+        raise ValueError(f"{root} is not a synthetic data set generated here (no {OBJECTS_FILE}, or a generation "
+                         f"in progress)")
+    meta = json.loads((root / OBJECTS_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{root / OBJECTS_FILE} has format_version {meta.get('format_version')!r}, this code reads "
+                         f"{FORMAT_VERSION}: regenerate the data set")
+    size = meta["image_size"]
+    scenes = {}
+    for cocoid, info in meta["images"].items():
+        if split is not None and info["split"] != split:
+            continue
+        objects = [SceneObject(o["shape"], o["color"], o["size"], (o["bbox"][0] + o["bbox"][2] / 2) / size,
+                               (o["bbox"][1] + o["bbox"][3] / 2) / size, o["bbox"][2] / size, COLORS[o["color"]])
+                   for o in info["objects"]]
+        scenes[int(cocoid)] = Scene(tuple(info["background"]), info["layout"], info["position"], objects)
+    return scenes

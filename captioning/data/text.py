@@ -17,7 +17,7 @@ def normalize_caption(text: str) -> str:
     return " ".join(text.split())
 
 
-def tokenize(text: str) -> list[str]:
+def training_tokens(text: str) -> list[str]:
     """Lower-case word tokens. Accents are folded (café -> cafe); other symbols are dropped."""
     text = normalize_caption(text).lower()
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")

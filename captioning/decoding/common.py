@@ -19,6 +19,8 @@ import numbers
 
 import torch
 
+from captioning.models.captioner import never_generated  # noqa: F401  (the one mask of tokens no caption contains)
+
 Hypothesis = tuple[list[int], float]  # (word ids without bos/eos/pad, score)
 
 # strategy -> {parameter: default}; a default of _REQUIRED means the caller must pass it.
@@ -105,14 +107,6 @@ def validate_decode_params(strategy: str, **params: object) -> dict[str, object]
 def gnmt_length_penalty(length: int, alpha: float) -> float:
     """GNMT length penalty lp = ((5 + length) / 6) ** alpha (Wu et al. 2016); alpha = 0 gives 1."""
     return ((5.0 + length) / 6.0) ** alpha
-
-
-def never_generated(log_probs: torch.Tensor, model) -> torch.Tensor:
-    """Return log_probs (N, V) with bos and pad set to -inf (out of place), in at least float32."""
-    out = log_probs.to(dtype=torch.promote_types(log_probs.dtype, torch.float32), copy=True)  # (N, V)
-    out[..., model.bos_id] = float("-inf")  # scalar indexing: no host-to-device copy per step
-    out[..., model.pad_id] = float("-inf")
-    return out
 
 
 def to_hypotheses(words: torch.Tensor, num_words: torch.Tensor, scores: torch.Tensor) -> list[list[Hypothesis]]:

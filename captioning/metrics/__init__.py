@@ -8,8 +8,8 @@ from captioning.metrics.coco import (
     load_references,
     load_results,
     score_captions,
-    tokenize,
-    tokenize_lines,
+    ptb_tokenize,
+    ptb_tokenize_lines,
 )
 from captioning.metrics.diversity import (
     distinct_n,
@@ -17,6 +17,7 @@ from captioning.metrics.diversity import (
     diversity_report_tokenized,
     oracle_scores,
     self_bleu4,
+    unique_ngram_ratio,
 )
 from captioning.metrics.java import check_java
 
@@ -24,6 +25,7 @@ __all__ = [
     "check_java",
     "close_meteor",
     "distinct_n",
+    "unique_ngram_ratio",
     "diversity_report",
     "diversity_report_tokenized",
     "load_references",
@@ -31,6 +33,6 @@ __all__ = [
     "oracle_scores",
     "score_captions",
     "self_bleu4",
-    "tokenize",
-    "tokenize_lines",
+    "ptb_tokenize",
+    "ptb_tokenize_lines",
 ]

@@ -62,7 +62,7 @@ _LINE_BREAKS = re.compile("[\n\r\t\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 # PTB tokenization
 
 
-def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
+def ptb_tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
     """PTB-tokenize every caption: {image_id: [caption, ...]} -> same shape, tokens joined by spaces.
 
     Identical to pycocoevalcap's PTBTokenizer().tokenize() (lower-cased, punctuation removed) for
@@ -77,14 +77,14 @@ def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
                 raise TypeError(f"caption for image {image_id!r} must be a string, got {caption!r}")
             keys.append(image_id)
             lines.append(caption)
-    tokenized = tokenize_lines(lines)
+    tokenized = ptb_tokenize_lines(lines)
     out: dict[int, list[str]] = {image_id: [] for image_id in captions}
     for image_id, line in zip(keys, tokenized):
         out[image_id].append(line)
     return out
 
 
-def tokenize_lines(lines: list[str]) -> list[str]:
+def ptb_tokenize_lines(lines: list[str]) -> list[str]:
     """PTB-tokenize a flat list of captions (one JVM call); returns one string per input line."""
     if not lines:
         return []
@@ -224,8 +224,8 @@ def score_captions(references: dict[int, list[str]], predictions: dict[int, str]
     names = _check_metric_names(metrics, spice)
     ids = _check_inputs(references, predictions)
     java = check_java()
-    gts = tokenize({image_id: list(references[image_id]) for image_id in ids})
-    res = tokenize({image_id: [predictions[image_id]] for image_id in ids})
+    gts = ptb_tokenize({image_id: list(references[image_id]) for image_id in ids})
+    res = ptb_tokenize({image_id: [predictions[image_id]] for image_id in ids})
     if not any(ref for refs in gts.values() for ref in refs):
         raise ValueError("every reference caption is empty after PTB tokenization (punctuation is removed)")
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from captioning.metrics.coco import first_few, tokenize_lines
+from captioning.metrics.coco import first_few, ptb_tokenize_lines
 
 
 def distinct_n(captions: list[str], n: int) -> float:
@@ -77,7 +77,7 @@ def diversity_report(nbest: dict[int, list[str]], references: dict[int, list[str
     ids, k = _check(nbest, references, k)
     captions = [caption for i in ids for caption in nbest[i][:k]]
     refs = [ref for i in ids for ref in references[i]]
-    tokenized = iter(tokenize_lines(captions + refs))
+    tokenized = iter(ptb_tokenize_lines(captions + refs))
     nbest_tok = {i: [next(tokenized) for _ in range(k)] for i in ids}
     refs_tok = {i: [next(tokenized) for _ in references[i]] for i in ids}
     return diversity_report_tokenized(nbest_tok, refs_tok, k)

@@ -32,7 +32,7 @@ from typing import Iterable
 
 import torch
 
-from captioning.data.dataset import TrainCaptionDataset, encode_captions
+from captioning.models.captioner import never_generated
 
 SUMMARY_KEYS = ("exposure/nll_tf", "exposure/nll_free", "exposure/nll_gap",
                 "exposure/acc_tf", "exposure/acc_free", "exposure/acc_gap")
@@ -61,7 +61,7 @@ def probe_captions(model, images: torch.Tensor, captions: torch.Tensor, image_in
         if i > 0:
             fed = torch.cat([captions[:, i - 1], greedy[n:]])  # (2N,): reference word | own previous argmax
             log_probs, state = model.step(fed, state)  # (2N, V)
-        greedy = log_probs.argmax(-1)  # (2N,)
+        greedy = never_generated(log_probs, model).argmax(-1)  # (2N,): as greedy decoding, never <pad>/<bos>
         nll.append(-log_probs.gather(1, reference[:, i:i + 1]).squeeze(1))  # (2N,)
         correct.append(greedy == reference[:, i])
         greedy_tokens.append(greedy[n:])
@@ -184,31 +184,3 @@ def exposure_bias_probe(model, batches: Iterable[dict], device: torch.device | s
         "nll_tf": means[0].tolist(), "nll_free": means[1].tolist(), "nll_gap": (means[1] - means[0]).tolist(),
         "acc_tf": means[2].tolist(), "acc_free": means[3].tolist(), "acc_gap": (means[2] - means[3]).tolist()}
     return ExposureReport(per_position, images_seen, captions_seen)
-
-
-class AllReferencesDataset(TrainCaptionDataset):
-    """Every reference caption of every image exactly once (the training dataset picks a random subset or
-    repeats): row r holds the image's r-th caption, rows beyond its own captions stay padding (the probe
-    skips them). captions_per_image must be the largest number of captions of any image."""
-
-    def pick_captions(self, index: int, epoch: int) -> list[list[int]]:
-        return self.items[index][1]
-
-
-def reference_loader(records, vocab, cfg_data, batch_size: int | None = None):
-    """Loader of {"images", "targets" (B, C, L)} with all references of `records` (e.g. the val split),
-    encoded as for training (max_len words, unknown words -> <unk>). Captions that are empty or only
-    unknown words are skipped (with a logged warning), whatever data.on_bad_caption says: with the training
-    vocabulary that is expected of some val captions, not a data error."""
-    from captioning.data.build import make_loader
-
-    items, _ = encode_captions(records, vocab, cfg_data.max_len, on_bad_caption="skip")
-    if not items:
-        raise ValueError("exposure probe: no image of the given records has a usable caption")
-    captions_per_image = max(len(captions) for _, captions in items)
-    from captioning.data.features import open_feature_store
-
-    dataset = AllReferencesDataset(items, vocab, cfg_data.image_size, cfg_data.resize_size, captions_per_image,
-                                   cfg_data.max_len, cfg_data.max_image_pixels, seed=0,
-                                   features=open_feature_store(cfg_data))
-    return make_loader(dataset, batch_size or cfg_data.eval_batch_size, num_workers=min(cfg_data.num_workers, 4))

@@ -15,15 +15,19 @@ import subprocess
 JAVA_HINT = "pycocoevalcap's PTB tokenizer and METEOR need Java 8+; install e.g. openjdk-17-jre-headless"
 
 
+class JavaMissingError(RuntimeError):
+    """No usable Java runtime: a user error (install one), reported in one line by the entry points."""
+
+
 def check_java() -> str:
-    """Return the path of the `java` executable on PATH, or raise RuntimeError saying what is wrong.
+    """Return the path of the `java` executable on PATH, or raise JavaMissingError saying what is wrong.
 
     Checks that `java` exists, that `java -version` runs, and (when the version string can be
     parsed) that it is Java 8 or newer. The version probe is cached per executable path.
     """
     java = shutil.which("java")
     if java is None:
-        raise RuntimeError(f"Java runtime not found on PATH: {JAVA_HINT}")
+        raise JavaMissingError(f"Java runtime not found on PATH: {JAVA_HINT}")
     _probe_java(java)
     return java
 
@@ -35,15 +39,15 @@ def _probe_java(java: str) -> int | None:
         proc = subprocess.run([java, "-version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuntimeError(f"Java runtime at {java} is not usable (`java -version` failed: {e}): {JAVA_HINT}") from e
+        raise JavaMissingError(f"Java runtime at {java} is not usable (`java -version` failed: {e}): {JAVA_HINT}") from e
     text = (proc.stderr + proc.stdout).decode("utf-8", errors="replace")
     if proc.returncode != 0:
         first = text.strip().splitlines()[0] if text.strip() else "no output"
-        raise RuntimeError(f"Java runtime at {java} is not usable (`java -version` exited with "
+        raise JavaMissingError(f"Java runtime at {java} is not usable (`java -version` exited with "
                            f"{proc.returncode}: {first}): {JAVA_HINT}")
     major = _major_version(text)
     if major is not None and major < 8:
-        raise RuntimeError(f"Java runtime at {java} is Java {major}: {JAVA_HINT}")
+        raise JavaMissingError(f"Java runtime at {java} is Java {major}: {JAVA_HINT}")
     return major
 
 

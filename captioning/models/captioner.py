@@ -37,9 +37,10 @@ class Captioner(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)  # (B, 3, H, W) -> (B, F)
 
-    def state_from_features(self, features: torch.Tensor) -> State:
-        """Feed the projected image feature as the step before <bos>."""
-        image_embedding = self.decoder.dropout(self.image_proj(features))  # (N, E)
+    def state_from_features(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> State:
+        """Feed the projected image feature as the step before <bos>. `mask`: dropout (N, E) drawn beforehand."""
+        image_embedding = self.image_proj(features)  # (N, E)
+        image_embedding = self.decoder.dropout(image_embedding) if mask is None else image_embedding * mask
         _, state = self.decoder.run(image_embedding[:, None], None)
         return state
 
@@ -47,10 +48,23 @@ class Captioner(nn.Module):
     def init_state(self, images: torch.Tensor) -> State:
         return self.state_from_features(self.encode(images))
 
+    def step_hidden(self, tokens: torch.Tensor, state: State, masks: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, State]:
+        """tokens (N,) -> the decoder's output (N, H) after dropout, new state. `masks`: the dropout of this step's
+        input (N, E) and output (N, H), drawn beforehand (see `draw_dropout_masks`), instead of the decoder's own."""
+        words = self.decoder.embed(tokens)  # (N, E)
+        words = self.decoder.dropout(words) if masks is None else words * masks[0]
+        outputs, state = self.decoder.run(words[:, None], state)  # (N, 1, H)
+        hidden = self.decoder.dropout(outputs[:, 0]) if masks is None else outputs[:, 0] * masks[1]  # (N, H)
+        return hidden, state
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer: hidden (..., H), already through dropout -> logits (..., V)."""
+        return self.decoder.out(hidden)
+
     def step_logits(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        inputs = self.decoder.dropout(self.decoder.embed(tokens))[:, None]  # (N, 1, E)
-        outputs, state = self.decoder.run(inputs, state)  # (N, 1, H)
-        return self.decoder.logits(outputs[:, 0]), state  # (N, V)
+        hidden, state = self.step_hidden(tokens, state)
+        return self.project(hidden), state  # (N, V)
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         logits, state = self.step_logits(tokens, state)
@@ -59,6 +73,29 @@ class Captioner(nn.Module):
     @staticmethod
     def reorder_state(state: State, index: torch.Tensor) -> State:
         return tuple(s.index_select(1, index) for s in state)
+
+    # -- primitives for passes that choose their own inputs (scheduled sampling) ------------------------
+    @property
+    def dropout_inside_rnn(self) -> bool:
+        """True while training a multi-layer RNN with dropout between its layers: masks that cuDNN draws
+        internally cannot be drawn beforehand and shared by two passes."""
+        rnn = self.decoder.rnn
+        return self.training and rnn.num_layers > 1 and rnn.dropout > 0
+
+    def draw_dropout_masks(self, n: int, t: int, device: torch.device) -> DropoutMasks | None:
+        """The decoder's dropout for a teacher-forced pass over (N, T) inputs, drawn up front; None when inactive."""
+        p = self.decoder.dropout.p
+        if not self.training or p == 0:
+            return None
+        keep = 1.0 - p
+        embed_dim, hidden_dim = self.decoder.embed.embedding_dim, self.decoder.out.in_features
+        inputs = torch.empty(n, t + 1, embed_dim, device=device).bernoulli_(keep).div_(keep)  # (N, T+1, E)
+        outputs = torch.empty(n, t, hidden_dim, device=device).bernoulli_(keep).div_(keep)  # (N, T, H)
+        return DropoutMasks(inputs, outputs)
+
+    def step_parameters(self) -> list[torch.Tensor]:
+        """The parameters a step reads after encoding (a CUDA graph of the step loop is keyed on their addresses)."""
+        return [*self.decoder.parameters(), *self.image_proj.parameters()]
 
     # -- teacher forcing: one fused sequence call --------------------------------------------
     def forward_teacher_forcing(self, features: torch.Tensor, inputs: torch.Tensor,
@@ -73,6 +110,15 @@ class Captioner(nn.Module):
             return self.decoder.logits(outputs[:, 1:])  # (N, T, V)
         outputs, _ = self.decoder.run(sequence * masks.inputs.to(sequence.dtype), None)
         return self.decoder.out(outputs[:, 1:] * masks.outputs.to(outputs.dtype))
+
+
+def never_generated(scores: torch.Tensor, model) -> torch.Tensor:
+    """scores (..., V) with <bos> and <pad> set to -inf (out of place), in at least float32: the tokens no decoder
+    emits and no training pass feeds in place of the ground truth."""
+    out = scores.to(dtype=torch.promote_types(scores.dtype, torch.float32), copy=True)  # (..., V)
+    out[..., model.bos_id] = float("-inf")  # scalar indexing: no host-to-device copy per step
+    out[..., model.pad_id] = float("-inf")
+    return out
 
 
 def build_image_encoder(cfg_encoder, trainable: bool) -> ImageEncoder:

@@ -268,23 +268,37 @@ def build_schedule(name: str, **params: Any) -> TeacherForcingSchedule:
     return TeacherForcingSchedule(name=name, **_resolve_params(name, params))
 
 
-def build_schedule_from_config(cfg: Mapping[str, Any]) -> TeacherForcingSchedule:
-    """Build from a whole `schedule` config group (name, schedule params, sampling options).
+SAMPLING_DEFAULTS = {"token_source": "sample", "granularity": "token", "temperature": 1.0, "mode": "exact"}
 
-    The sampling options (token_source, granularity, temperature, mode) are validated too but are
-    not part of the schedule; any other key is an error naming it.
-    """
+
+def config_keys(name: str) -> tuple[str, ...]:
+    """The keys a `schedule` config of kind `name` may hold: its shape parameters and, unless it is plain
+    teacher forcing (which never feeds the model's tokens), unit, warm-up and the sampling options."""
+    if name == "teacher_forcing":
+        return ("name",)
+    return ("name", *_SHAPE_PARAMS[name], "unit", "warmup_steps", *SAMPLING_OPTION_KEYS)
+
+
+def sampling_options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """token_source, granularity, temperature, mode of a `schedule` config (defaults where it has none)."""
+    options = {key: cfg.get(key, default) for key, default in SAMPLING_DEFAULTS.items()}
+    validate_sampling_options(*options.values())
+    return options
+
+
+def build_schedule_from_config(cfg: Mapping[str, Any]) -> TeacherForcingSchedule:
+    """Build from a whole `schedule` config group, the one place schedule configs are checked: a key the
+    kind does not use is an error naming it; the sampling options are validated too."""
     cfg = dict(cfg)
-    if "name" not in cfg:
-        raise ValueError(f"schedule.name is missing (valid: {', '.join(SCHEDULE_NAMES)})")
-    unknown = sorted(set(cfg) - {"name", *SCHEDULE_PARAM_KEYS, *SAMPLING_OPTION_KEYS})
+    name = cfg.get("name")
+    if name not in _SHAPE_PARAMS:
+        raise ValueError(f"schedule.name must be one of {', '.join(SCHEDULE_NAMES)} (got {name!r})")
+    unknown = sorted(set(cfg) - set(config_keys(name)))
     if unknown:
-        raise ValueError(f"unknown schedule config key(s): {', '.join('schedule.' + k for k in unknown)}")
-    missing = [key for key in SAMPLING_OPTION_KEYS if key not in cfg]
-    if missing:
-        raise ValueError(f"missing schedule config key(s): {', '.join('schedule.' + k for k in missing)}")
-    validate_sampling_options(*(cfg[key] for key in SAMPLING_OPTION_KEYS))
-    return build_schedule(cfg["name"], **{key: cfg[key] for key in SCHEDULE_PARAM_KEYS if key in cfg})
+        raise ValueError(f"{', '.join('schedule.' + k for k in unknown)}: not a key of schedule {name} "
+                         f"(its keys: {', '.join(config_keys(name))})")
+    sampling_options_from_config(cfg)
+    return build_schedule(name, **{key: cfg[key] for key in SCHEDULE_PARAM_KEYS if key in cfg})
 
 
 def schedule_values(schedule: TeacherForcingSchedule, steps: int,

@@ -12,9 +12,9 @@ import torch
 from captioning.data.build import eval_dataset, make_loader
 from captioning.data.coco import ImageRecord
 from captioning.data.dataset import BadImageTracker
-from captioning.data.text import tokenize
+from captioning.data.text import training_tokens
 from captioning.data.vocab import Vocabulary
-from captioning.training.distributed import DistInfo, gather_objects
+from captioning.runtime.distributed import DistInfo, gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def score(references: dict[int, list[str]], predictions: dict[int, str], spice: 
 
 def most_common_caption(train_records: list[ImageRecord]) -> str:
     """The single most frequent training caption (after tokenisation); ties broken alphabetically."""
-    counts = Counter(" ".join(tokenize(c)) for r in train_records for c in r.captions)
+    counts = Counter(" ".join(training_tokens(c)) for r in train_records for c in r.captions)
     counts.pop("", None)
     return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from captioning.models.captioner import Captioner, DropoutMasks
+from captioning.models.captioner import Captioner, DropoutMasks, never_generated
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +58,18 @@ def coins_after_bos(inputs: torch.Tensor, teacher_forcing_prob: float | torch.Te
     return use_truth
 
 
-def choose_tokens(logits: torch.Tensor, token_source: str, temperature: float, first_word_id: int) -> torch.Tensor:
-    """logits (..., V) -> token ids (...) chosen without gradient."""
-    logits = logits.detach().float()
+def choose_tokens(logits: torch.Tensor, token_source: str, temperature: float, model: Captioner) -> torch.Tensor:
+    """logits (..., V) -> token ids (...) chosen without gradient; never <pad> or <bos> (`never_generated`),
+    which no decoder emits either."""
+    if token_source == "uniform":  # any real token: <eos>, <unk> or a word (ids after <pad>, <bos>)
+        first_word_id = max(model.pad_id, model.bos_id) + 1
+        return torch.randint(first_word_id, logits.shape[-1], logits.shape[:-1], device=logits.device)
+    logits = never_generated(logits.detach(), model)  # float32 or wider
     if token_source == "argmax":
         return logits.argmax(-1)
-    if token_source == "uniform":  # any real token: <eos>, <unk> or a word, never <pad>/<bos>
-        return torch.randint(first_word_id, logits.shape[-1], logits.shape[:-1], device=logits.device)
     # Gumbel-max: an exact sample from softmax(logits / T), without multinomial's host sync.
     uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)
     return (logits / temperature - torch.log(-torch.log(uniform))).argmax(-1)
-
-
-def draw_dropout_masks(model: Captioner, n: int, t: int, device: torch.device) -> DropoutMasks | None:
-    """The decoder's dropout for a teacher-forced pass over (N, T) inputs, drawn up front; None when inactive."""
-    p = model.decoder.dropout.p
-    if not model.training or p == 0:
-        return None
-    keep = 1.0 - p
-    embed_dim, hidden_dim = model.decoder.embed.embedding_dim, model.decoder.out.in_features
-    inputs = torch.empty(n, t + 1, embed_dim, device=device).bernoulli_(keep).div_(keep)  # (N, T+1, E)
-    outputs = torch.empty(n, t, hidden_dim, device=device).bernoulli_(keep).div_(keep)  # (N, T, H)
-    return DropoutMasks(inputs, outputs)
 
 
 class ChosenInputs(NamedTuple):
@@ -96,23 +86,14 @@ def choose_inputs(model: Captioner, features: torch.Tensor, inputs: torch.Tensor
     every input: features (N, F), inputs (N, T) ground truth starting with <bos>."""
     n, t = inputs.shape
     use_truth = coins_after_bos(inputs, teacher_forcing_prob, granularity)  # (N, T)
-    masks = draw_dropout_masks(model, n, t, inputs.device)
-    decoder = model.decoder
-    image_embedding = model.image_proj(features)  # (N, E)
-    if masks is not None:
-        image_embedding = image_embedding * masks.inputs[:, 0]
-    _, state = decoder.run(image_embedding[:, None], None)
+    masks = model.draw_dropout_masks(n, t, inputs.device)
+    state = model.state_from_features(features, None if masks is None else masks.inputs[:, 0])
     token = inputs[:, 0]  # (N,) <bos>
     fed = [token]
     for step in range(1, t):
-        words = decoder.embed(token)  # (N, E): the input fed at step - 1
-        if masks is not None:
-            words = words * masks.inputs[:, step]
-        outputs, state = decoder.run(words[:, None], state)
-        hidden = outputs[:, 0]  # (N, H), predicts the input of `step`
-        if masks is not None:
-            hidden = hidden * masks.outputs[:, step - 1]
-        model_token = choose_tokens(decoder.out(hidden), token_source, temperature, model.eos_id)  # (N,)
+        step_masks = None if masks is None else (masks.inputs[:, step], masks.outputs[:, step - 1])
+        hidden, state = model.step_hidden(token, state, step_masks)  # (N, H): predicts the input of `step`
+        model_token = choose_tokens(model.project(hidden), token_source, temperature, model)  # (N,)
         token = torch.where(use_truth[:, step], inputs[:, step], model_token)
         fed.append(token)
     return ChosenInputs(torch.stack(fed, 1), use_truth, masks)
@@ -149,7 +130,7 @@ class GraphedInputChooser:
         if self.disabled_reason is not None or not features.is_cuda:
             return choose_inputs(model, features, inputs, teacher_forcing_prob, *settings)
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        pointers = tuple(p.data_ptr() for module in (model.decoder, model.image_proj) for p in module.parameters())
+        pointers = tuple(p.data_ptr() for p in model.step_parameters())
         key = (tuple(features.shape), features.dtype, tuple(inputs.shape), model.training, autocast, settings,
                pointers)
         entry = self.graphs.get(key)
@@ -217,17 +198,16 @@ def _exact_single_pass(model: Captioner, features: torch.Tensor, inputs: torch.T
                     rows = (~use_truth[:, t]).nonzero().squeeze(1)  # (M,)
                     token = inputs[:, t].clone()
                     if rows.numel():
-                        logits = model.decoder.out(hidden[-1][rows])  # (M, V)
-                        token[rows] = choose_tokens(logits, token_source, temperature, model.eos_id)
+                        logits = model.project(hidden[-1][rows])  # (M, V)
+                        token[rows] = choose_tokens(logits, token_source, temperature, model)
                 else:
-                    logits = model.decoder.out(hidden[-1])  # (N, V)
-                    model_token = choose_tokens(logits, token_source, temperature, model.eos_id)
+                    logits = model.project(hidden[-1])  # (N, V)
+                    model_token = choose_tokens(logits, token_source, temperature, model)
                     token = torch.where(use_truth[:, t], inputs[:, t], model_token)
-        words = model.decoder.dropout(model.decoder.embed(token))[:, None]  # (N, 1, E)
-        outputs, state = model.decoder.run(words, state)  # (N, 1, H)
-        hidden.append(model.decoder.dropout(outputs[:, 0]))  # (N, H)
+        output, state = model.step_hidden(token, state)  # (N, H)
+        hidden.append(output)
         fed.append(token)
-    return model.decoder.out(torch.stack(hidden, 1)), torch.stack(fed, 1)  # (N, T, V), (N, T)
+    return model.project(torch.stack(hidden, 1)), torch.stack(fed, 1)  # (N, T, V), (N, T)
 
 
 def scheduled_sampling_logits(model: Captioner, features: torch.Tensor, inputs: torch.Tensor,
@@ -249,13 +229,12 @@ def scheduled_sampling_logits(model: Captioner, features: torch.Tensor, inputs: 
         use_truth = coins_after_bos(inputs, teacher_forcing_prob, granularity)  # (N, T)
         with torch.no_grad():
             draft = model.forward_teacher_forcing(features, inputs)  # (N, T, V)
-        model_tokens = choose_tokens(draft[:, :-1], token_source, temperature, model.eos_id)  # (N, T-1)
+        model_tokens = choose_tokens(draft[:, :-1], token_source, temperature, model)  # (N, T-1)
         fed = inputs.clone()
         fed[:, 1:] = torch.where(use_truth[:, 1:], inputs[:, 1:], model_tokens)
         return model.forward_teacher_forcing(features, fed), fed, use_truth
 
-    rnn = model.decoder.rnn
-    if not inputs.is_cuda or (model.training and rnn.num_layers > 1 and rnn.dropout > 0):
+    if not inputs.is_cuda or model.dropout_inside_rnn:
         use_truth = coins_after_bos(inputs, teacher_forcing_prob, granularity)
         logits, fed = _exact_single_pass(model, features, inputs, use_truth, token_source, temperature)
         return logits, fed, use_truth

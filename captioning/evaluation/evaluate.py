@@ -1,0 +1,130 @@
+"""One evaluation of a model on one split: captions, COCO metrics, the most-common-caption reference, the
+exposure probe and (for n-best decoders) diversity, as an `Evaluation` that reports.py writes out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from captioning.data import build as data_build
+from captioning.data.coco import ImageRecord
+from captioning.evaluation.captions import decode_records, references_of, score_with_baseline
+from captioning.metrics.exposure import ExposureReport, exposure_bias_probe
+from captioning.models.loading import load_model
+from captioning.runtime.distributed import DistInfo
+
+
+@dataclass
+class Evaluation:
+    """What one decoder gave on one split. `metrics`/`baseline` are empty when scoring is deferred."""
+    split: str
+    strategy: str
+    decode_params: dict
+    captions: dict[int, list[tuple[str, float]]]  # image_id -> [(caption, score), ...] best first
+    exposure: ExposureReport
+    records: list[ImageRecord]
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline: dict[str, float] = field(default_factory=dict)
+    baseline_caption: str | None = None
+    checkpoint: str | None = None
+    checkpoint_step: int | None = None
+
+    @property
+    def scored(self) -> bool:
+        return bool(self.metrics)
+
+    @property
+    def predictions(self) -> dict[int, str]:
+        return {i: hyps[0][0] for i, hyps in self.captions.items()}
+
+    def keyed(self) -> dict[str, float]:
+        """Every figure under `split/name` (`test/CIDEr`, `test/most_common_caption/CIDEr`, `test/exposure/...`)."""
+        s = self.split
+        result = {f"{s}/{k}": v for k, v in self.metrics.items()}
+        result.update({f"{s}/most_common_caption/{k}": v for k, v in self.baseline.items()})
+        result.update({f"{s}/{k}": v for k, v in self.exposure.summary().items()})
+        return result
+
+
+def load_ensemble(checkpoint_path, others, device: torch.device):
+    """`load_model` for the first checkpoint; with `others`, an EnsembleModel averaging every member's per-step
+    probabilities (all must share the vocabulary and the kind of input)."""
+    model, vocab, cfg, state = load_model(checkpoint_path, device)
+    if not others:
+        return model, vocab, cfg, state
+    from captioning.decoding import EnsembleModel
+
+    members = [model]
+    for path in others:
+        member, member_vocab, member_cfg, _ = load_model(Path(str(path)).expanduser(), device)
+        if member_vocab.itos != vocab.itos:
+            raise ValueError(f"ensemble: {path} has another vocabulary than {checkpoint_path}")
+        if member_cfg.data.get("features") != cfg.data.get("features"):
+            raise ValueError(f"ensemble: {path} reads other inputs (data.features) than {checkpoint_path}")
+        members.append(member)
+    return EnsembleModel(members), vocab, cfg, state
+
+
+def run_exposure_probe(model, records: list[ImageRecord], vocab, cfg_data, device: torch.device,
+                       batch_size: int | None = None) -> ExposureReport:
+    return exposure_bias_probe(model, data_build.reference_loader(records, vocab, cfg_data, batch_size), device,
+                               cfg_data.max_len)
+
+
+def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: str, decode_cfg, cfg_data,
+                   device: torch.device, *, info: DistInfo = DistInfo(), score_now: bool = True, spice: bool = False,
+                   batch_size: int | None = None, exposure: ExposureReport | None = None) -> Evaluation | None:
+    """Decode `records[split]` with the `decode` config and score it (`score_now`), next to the most common
+    training caption (`records["train"]`). Under DDP every rank decodes its shard; rank 0 alone scores and gets
+    the Evaluation (the others None). `exposure`: a probe already run on this model and split (it does not
+    depend on the decoder)."""
+    from captioning.config import decode_kwargs
+
+    if split not in records:
+        raise ValueError(f"split must be one of {sorted(records)} (got {split!r})")
+    split_records = records[split]
+    params = decode_kwargs(decode_cfg)
+    captions = decode_records(model, split_records, vocab, cfg_data, decode_cfg.strategy, params, device, info,
+                              batch_size=batch_size)
+    if not info.is_main:
+        return None
+    if exposure is None:
+        exposure = run_exposure_probe(model, split_records, vocab, cfg_data, device, batch_size)
+    evaluation = Evaluation(split, decode_cfg.strategy, params, captions, exposure, split_records)
+    if score_now:
+        score_evaluation(evaluation, records["train"], spice)
+    return evaluation
+
+
+def score_evaluation(evaluation: Evaluation, train_records: list[ImageRecord], spice: bool = False) -> None:
+    """COCO metrics of the top captions, the most-common-caption reference and, for n-best decoders, diversity."""
+    from captioning.metrics import diversity_report
+
+    predictions = evaluation.predictions
+    references = references_of(evaluation.records, predictions)
+    metrics, baseline, baseline_caption = score_with_baseline(references, predictions, train_records, spice)
+    nbest = {i: [c for c, _ in hyps] for i, hyps in evaluation.captions.items()}
+    if max(len(v) for v in nbest.values()) > 1:
+        metrics.update(diversity_report(nbest, references))
+    evaluation.metrics, evaluation.baseline, evaluation.baseline_caption = metrics, baseline, baseline_caption
+
+
+def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, *, device: torch.device,
+                        info: DistInfo = DistInfo(), records: dict[str, list[ImageRecord]] | None = None,
+                        data_root: str | None = None, ensemble: list | None = None, score_now: bool = True,
+                        spice: bool = False, batch_size: int | None = None,
+                        exposure: ExposureReport | None = None) -> Evaluation | None:
+    """`evaluate_model` on a checkpoint (and, with `ensemble`, more checkpoints averaged with it), on the data it
+    was trained on (or `data_root`); `records` already read can be passed in."""
+    from omegaconf import OmegaConf
+
+    model, vocab, train_cfg, state = load_ensemble(checkpoint_path, ensemble, device)
+    cfg_data = OmegaConf.merge(train_cfg.data, {"root": data_root}) if data_root else train_cfg.data
+    if records is None:
+        records = data_build.load_records(cfg_data)
+    evaluation = evaluate_model(model, vocab, records, split, decode_cfg, cfg_data, device, info=info,
+                                score_now=score_now, spice=spice, batch_size=batch_size, exposure=exposure)
+    if evaluation is not None:
+        evaluation.checkpoint, evaluation.checkpoint_step = str(checkpoint_path), state["step"]
+    return evaluation

@@ -1,0 +1,86 @@
+"""An Evaluation written out: the COCO results file, the metrics JSON, the exposure report and plot, the
+printed table, and the logger's metrics and sample table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from captioning.evaluation.captions import write_results
+from captioning.evaluation.evaluate import Evaluation
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Metric table: one column per system (model, reference, decoder...), one row per metric."""
+    systems = list(rows)
+    metrics = list(dict.fromkeys(m for s in systems for m in rows[s]))
+    if not metrics:
+        return "(no metrics)"
+    width = max(len(m) for m in metrics) + 2
+    column = max(12, *(len(s) + 2 for s in systems))
+    lines = [" " * width + "".join(f"{s:>{column}}" for s in systems)]
+    for m in metrics:
+        lines.append(f"{m:<{width}}" + "".join(f"{_cell(rows[s].get(m, float('nan'))):>{column}}" for s in systems))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """Counts as integers, figures with 4 decimals (as pycocoevalcap prints them)."""
+    return f"{value:d}" if isinstance(value, int) and not isinstance(value, bool) else f"{float(value):.4f}"
+
+
+def results_path(out_dir: Path, evaluation: Evaluation) -> Path:
+    return Path(out_dir) / f"results_{evaluation.split}_{evaluation.strategy}.json"
+
+
+def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> None:
+    """OUT/results_<split>_<strategy>.json (COCO server format), OUT/<split>_exposure.{json,png} and, when
+    scored, OUT/<split>_metrics.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = evaluation.split
+    write_results(results_path(out_dir, evaluation), evaluation.captions)
+    (out_dir / f"{split}_exposure.json").write_text(json.dumps(evaluation.exposure.to_json(), indent=2))
+    evaluation.exposure.plot(out_dir / f"{split}_exposure.png")
+    if evaluation.scored:
+        (out_dir / f"{split}_metrics.json").write_text(json.dumps(
+            {**evaluation.keyed(), "checkpoint": evaluation.checkpoint, "checkpoint_step": evaluation.checkpoint_step,
+             "decode": evaluation.strategy, "decode_params": evaluation.decode_params,
+             "most_common_caption": evaluation.baseline_caption, "images": len(evaluation.captions)}, indent=2))
+
+
+def print_evaluation(evaluation: Evaluation, out_dir: str | Path) -> None:
+    split = evaluation.split
+    if not evaluation.scored:
+        print(f"{split}: wrote {results_path(Path(out_dir), evaluation)} (scoring deferred)")
+        return
+    print(f"\n{split} split, {len(evaluation.captions)} images, decode={evaluation.strategy} "
+          f"{json.dumps(evaluation.decode_params)}, checkpoint step {evaluation.checkpoint_step}")
+    print(format_table({"model": evaluation.metrics, "most common caption": evaluation.baseline}))
+    summary = evaluation.exposure.summary()
+    print(f"exposure bias: reference NLL per token {summary['exposure/nll_tf']:.3f} teacher-forced vs "
+          f"{summary['exposure/nll_free']:.3f} free-running (gap {summary['exposure/nll_gap']:.3f}); "
+          f"accuracy {summary['exposure/acc_tf']:.3f} vs {summary['exposure/acc_free']:.3f}")
+    print(f'(most common training caption: "{evaluation.baseline_caption}")\n')
+
+
+def sample_rows(records, captions: dict[int, list[tuple[str, float]]], count: int) -> list[list[str]]:
+    """[image path, generated caption, references joined] for the first `count` decoded images."""
+    return [[r.path, captions[r.image_id][0][0], " | ".join(r.captions)] for r in records[:count]
+            if r.image_id in captions]
+
+
+def log_evaluation(evaluation: Evaluation, logger, step: int | None = None, sample_images: int = 16) -> None:
+    """All `split/name` figures at `step` (default: the checkpoint's step) and a table of sample captions."""
+    step = evaluation.checkpoint_step if step is None else step
+    logger.log_metrics(evaluation.keyed(), step)
+    if evaluation.scored:
+        logger.log_table(f"{evaluation.split}/samples", ["image", "generated", "references"],
+                         sample_rows(evaluation.records, evaluation.captions, sample_images), step)
+
+
+def report_evaluation(evaluation: Evaluation, out_dir: str | Path, logger=None, step: int | None = None) -> None:
+    """Write, print and (with a logger) log one evaluation: what every evaluating command does with it."""
+    write_evaluation(evaluation, out_dir)
+    print_evaluation(evaluation, out_dir)
+    if logger is not None:
+        log_evaluation(evaluation, logger, step)

@@ -1,0 +1,1 @@
+"""Runtime helpers any layer may import: device and precision, distributed set-up, checkpoints, preemption."""

@@ -1,0 +1,76 @@
+"""Training objectives: what one optimizer step minimises. Each is one nn.Module (so DistributedDataParallel
+sees a single forward()) with a small interface the recipe relies on, and nothing else:
+
+    settings = objective.step_settings(step, epoch)   # per-step values, e.g. {"teacher_forcing_prob": 0.9}:
+                                                      #   passed to forward and logged as train/<name>
+    loss, stats = objective(images, targets, **settings)  # stats: scalar tensors, logged as train/<name>
+    objective.describe()                              # one line for the log
+
+Today: `CrossEntropyObjective`, the next word's cross-entropy under a teacher-forcing schedule (1 = plain
+teacher forcing; scheduled sampling feeds the model's own tokens, see feeding.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captioning.models.captioner import Captioner
+from captioning.schedules import (TeacherForcingSchedule, build_schedule, build_schedule_from_config,
+                                  sampling_options_from_config)
+from captioning.training.feeding import GraphedInputChooser, scheduled_sampling_logits
+
+
+def shift_right(targets: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """targets (N, T) = w1..wn <eos> <pad>... -> decoder inputs (N, T) = <bos> w1..wn <eos>..."""
+    bos = torch.full_like(targets[:, :1], bos_id)
+    return torch.cat([bos, targets[:, :-1]], dim=1)
+
+
+class CrossEntropyObjective(nn.Module):
+    """Cross-entropy of the next word, under a teacher-forcing probability from `schedule` (the paper's
+    epsilon; 1 = plain teacher forcing). `cuda_graphs`: on a GPU, replay exact scheduled sampling's
+    token-choosing loop as CUDA graphs."""
+
+    name = "cross_entropy"
+
+    def __init__(self, model: Captioner, schedule: TeacherForcingSchedule | None = None, token_source: str = "sample",
+                 granularity: str = "token", temperature: float = 1.0, mode: str = "exact", cuda_graphs: bool = False):
+        super().__init__()
+        self.model = model
+        self.schedule = schedule or build_schedule("teacher_forcing")
+        self.token_source, self.granularity, self.temperature, self.mode = token_source, granularity, temperature, mode
+        self.chooser = GraphedInputChooser() if cuda_graphs else None
+
+    def step_settings(self, step: int, epoch: int) -> dict[str, float]:
+        return {"teacher_forcing_prob": self.schedule.teacher_forcing_prob(step, epoch)}
+
+    def describe(self) -> str:
+        return f"cross-entropy; teacher forcing: {self.schedule.describe()}"
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_forcing_prob: float = 1.0
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """images (B, 3, H, W) (or cached features (B, F)), targets (B, C, T) -> mean token loss, stats."""
+        features = self.model.encode(images)  # (B, F)
+        captions_per_image = targets.shape[1]
+        features = features.repeat_interleave(captions_per_image, dim=0)  # (B*C, F)
+        targets = targets.flatten(0, 1)  # (N, T)
+        inputs = shift_right(targets, self.model.bos_id)  # (N, T)
+        logits, _, use_truth = scheduled_sampling_logits(
+            self.model, features, inputs, teacher_forcing_prob, self.token_source, self.granularity,
+            self.temperature, self.mode, self.chooser)  # (N, T, V)
+        real = targets != self.model.pad_id  # (N, T)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.model.pad_id)
+        # Share of fed inputs (after <bos>, within the caption) that were the model's own tokens.
+        fed_positions = real[:, 1:]
+        model_fed = (~use_truth[:, 1:] & fed_positions).sum()
+        return loss, {"model_token_fraction": model_fed / fed_positions.sum().clamp(min=1)}
+
+
+def build_objective(cfg, model: Captioner, cuda_graphs: bool) -> nn.Module:
+    """The objective the config names (today `cross_entropy` under `schedule`)."""
+    from omegaconf import OmegaConf
+
+    schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True)
+    return CrossEntropyObjective(model, build_schedule_from_config(schedule_cfg),
+                                 **sampling_options_from_config(schedule_cfg), cuda_graphs=cuda_graphs)
