@@ -1,7 +1,7 @@
 """`captioning-score ANNOTATIONS RESULTS`: score a COCO results file with the COCO caption metrics.
 
     captioning-score captions_val2014.json results.json [--out scores.json] [--spice]
-                     [--split-file dataset_coco.json --split test]
+                     [--split-file dataset_coco.json --split test] [--synthetic-root DATA_FOLDER]
 
 References are the captions in ANNOTATIONS of the images in RESULTS, or, with --split-file/--split,
 of the images of that Karpathy split (RESULTS must then cover exactly that split). Prints a table
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spice", action="store_true", help="also compute SPICE (needs its Stanford models)")
     parser.add_argument("--split-file", help="Karpathy split file (dataset_coco.json); needs --split")
     parser.add_argument("--split", help="Karpathy split whose images are scored, e.g. test")
+    parser.add_argument("--synthetic-root", help="a synthetic data folder (with synthetic_objects.json): also judge "
+                                                 "every caption against its scene (scene/correct ...)")
     args = parser.parse_args(argv)
     if (args.split_file is None) != (args.split is None):
         parser.error("--split-file and --split must be given together")
@@ -51,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
             image_ids = sorted(predictions)
         references = load_references(args.annotations, image_ids)
         metrics = score_captions(references, predictions, spice=args.spice)
+        if args.synthetic_root:
+            from captioning.data.synthetic import load_scenes
+            from captioning.evaluation.evaluate import scene_truth
+
+            metrics.update(scene_truth(predictions, load_scenes(args.synthetic_root)))
         out = Path(args.out) if args.out else Path(args.results).with_suffix(".scores.json")
         report = {"metrics": metrics, "num_images": len(image_ids), "annotations": str(args.annotations),
                   "results": str(args.results), "split": args.split}
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    except (FileNotFoundError, ValueError, TypeError, JavaMissingError, OSError) as e:  # bad input: one line
+    except (FileNotFoundError, ValueError, TypeError, KeyError, JavaMissingError, OSError) as e:  # bad input: one line
         message = " ".join(str(e).split("\n"))
         print(f"captioning-score: error: {message}", file=sys.stderr)
         return 1

@@ -61,6 +61,13 @@ def test_score_command_on_our_own_results(checkpoint, tiny_data_root, tmp_path):
     scored = json.loads(out.read_text())["metrics"]
     for name in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
         assert scored[name] == pytest.approx(metrics[f"test/{name}"], abs=1e-12), name
+    assert "scene/correct" not in scored  # only with the synthetic data folder:
+    assert score_main([str(tiny_data_root / "annotations" / "captions_val2014.json"),
+                       str(tmp_path / "results_test_greedy.json"), "--out", str(out),
+                       "--synthetic-root", str(tiny_data_root)]) == 0
+    scored = json.loads(out.read_text())["metrics"]
+    assert scored["scene/correct"] == metrics["test/scene/correct"]
+    assert scored["scene/grammatical"] == metrics["test/scene/grammatical"]
 
 
 def test_compare_decoders_side_by_side(checkpoint, tmp_path, capsys):

@@ -49,6 +49,19 @@ def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
     written = json.loads((tmp_path / "test_metrics.json").read_text())
     assert written["test/CIDEr"] == test["test/CIDEr"]
 
+    # Synthetic data: every evaluation judges the captions against the exact scenes, the reference row too.
+    from captioning.data.synthetic import load_scenes
+    from captioning.metrics.scene import scene_metrics
+
+    scenes = load_scenes(tiny_data_root)
+    truth = scene_metrics({r["image_id"]: r["caption"] for r in results}, scenes)
+    assert test["test/scene/correct"] == truth["scene/correct"]
+    assert test["test/scene/grammatical"] == truth["scene/grammatical"]
+    caption = written["most_common_caption"]
+    assert test["test/most_common_caption/scene/correct"] == \
+        scene_metrics({r["image_id"]: caption for r in results}, scenes)["scene/correct"]
+    assert all("val/scene/correct" in r for r in val)
+
     # Evaluating the best checkpoint again reproduces the training run's figures exactly.
     again = evaluate_checkpoint(tmp_path / "checkpoints" / "best.pt", "test", cfg.decode, device=torch.device("cpu"))
     assert again.keyed() == test

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from captioning.decoding import decode  # noqa: E402
-from captioning.models.captioner import Captioner  # noqa: E402
-from captioning.models.decoder import RNNDecoder  # noqa: E402
-from captioning.models.encoder import PrecomputedFeatures  # noqa: E402
-from captioning.training.objectives import CrossEntropyObjective  # noqa: E402
+from captioning.decoding import decode
+from captioning.models.captioner import Captioner
+from captioning.models.decoder import RNNDecoder
+from captioning.models.encoder import PrecomputedFeatures
+from captioning.training.objectives import CrossEntropyObjective
 
 VOCAB, EMBED, HIDDEN, FEATURE, IMAGES, CAPTIONS, LENGTH, DECODE_IMAGES = 9487, 512, 512, 2048, 50, 5, 16, 500
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioning.data.build import eval_dataset, load_records, make_loader  # noqa: E402
-from captioning.models.captioner import build_image_encoder  # noqa: E402
+from captioning.data.build import eval_dataset, load_records, make_loader
+from captioning.models.captioner import build_image_encoder
 
 
 def compose_config(overrides: list[str]):

@@ -24,12 +24,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from captioning.data.build import load_records  # noqa: E402
-from captioning.evaluation.captions import references_of, score, score_with_baseline  # noqa: E402
+from captioning.data.build import load_records, load_scene_truth
+from captioning.evaluation.captions import references_of, score, score_with_baseline
+from captioning.evaluation.evaluate import scene_truth
 from captioning.loggers.base import MultiLogger
-from captioning.loggers.jsonl import JsonlLogger, read_jsonl  # noqa: E402
+from captioning.loggers.jsonl import JsonlLogger, read_jsonl
 from captioning.loggers.wandb_logger import WandbLogger, saved_run_info
-from captioning.metrics import check_java, load_results  # noqa: E402
+from captioning.metrics import check_java, load_results
 
 
 def run_folders(paths: list[Path]) -> list[Path]:
@@ -86,6 +87,10 @@ def score_run(run: Path, data_root: str | None, records_cache: dict) -> str:
         predictions = load_results(path)
         references = references_of(records["test"], predictions)
         model_metrics, baseline_metrics, baseline = score_with_baseline(references, predictions, records["train"])
+        scenes = load_scene_truth(cfg_data)  # synthetic data: the scene truth of both
+        if scenes is not None:
+            model_metrics.update(scene_truth(predictions, scenes))
+            baseline_metrics.update(scene_truth({i: baseline for i in predictions}, scenes))
         metrics = {f"test/{k}": v for k, v in model_metrics.items()}
         metrics.update({f"test/most_common_caption/{k}": v for k, v in baseline_metrics.items()})
         step = max(prob_at) if prob_at else 0

@@ -124,3 +124,14 @@ def reference_loader(records, vocab, cfg_data, batch_size: int | None = None) ->
                                    cfg_data.max_len, cfg_data.max_image_pixels, seed=0,
                                    features=open_feature_store(cfg_data))
     return make_loader(dataset, batch_size or cfg_data.eval_batch_size, num_workers=min(cfg_data.num_workers, 4))
+
+
+def load_scene_truth(cfg_data) -> dict | None:
+    """image_id -> Scene for synthetic data (the exact truth the scene checker judges captions against);
+    None for COCO or any folder that is not a synthetic generation."""
+    if cfg_data.name != "synthetic":
+        return None
+    from captioning.data.synthetic import is_synthetic_root, load_scenes
+
+    root = resolve_root(cfg_data)
+    return load_scenes(root) if is_synthetic_root(root) else None

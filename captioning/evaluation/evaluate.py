@@ -93,12 +93,14 @@ def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: s
         exposure = run_exposure_probe(model, split_records, vocab, cfg_data, device, batch_size)
     evaluation = Evaluation(split, decode_cfg.strategy, params, captions, exposure, split_records)
     if score_now:
-        score_evaluation(evaluation, records["train"], spice)
+        score_evaluation(evaluation, records["train"], spice, data_build.load_scene_truth(cfg_data))
     return evaluation
 
 
-def score_evaluation(evaluation: Evaluation, train_records: list[ImageRecord], spice: bool = False) -> None:
-    """COCO metrics of the top captions, the most-common-caption reference and, for n-best decoders, diversity."""
+def score_evaluation(evaluation: Evaluation, train_records: list[ImageRecord], spice: bool = False,
+                     scenes: dict | None = None) -> None:
+    """COCO metrics of the top captions, the most-common-caption reference and, for n-best decoders, diversity;
+    with `scenes` (synthetic data), the scene truth of both (`scene/correct` ...)."""
     from captioning.metrics import diversity_report
 
     predictions = evaluation.predictions
@@ -107,7 +109,20 @@ def score_evaluation(evaluation: Evaluation, train_records: list[ImageRecord], s
     nbest = {i: [c for c, _ in hyps] for i, hyps in evaluation.captions.items()}
     if max(len(v) for v in nbest.values()) > 1:
         metrics.update(diversity_report(nbest, references))
+    if scenes is not None:
+        metrics.update(scene_truth(predictions, scenes))
+        baseline.update(scene_truth({i: baseline_caption for i in predictions}, scenes))
     evaluation.metrics, evaluation.baseline, evaluation.baseline_caption = metrics, baseline, baseline_caption
+
+
+def scene_truth(predictions: dict[int, str], scenes: dict) -> dict[str, float]:
+    """`scene/...` figures of one caption per image against the exact scenes (NaN-free: a figure with no claim
+    to count is left out)."""
+    import math
+
+    from captioning.metrics.scene import scene_metrics
+
+    return {k: v for k, v in scene_metrics(predictions, scenes).items() if not math.isnan(v)}
 
 
 def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, *, device: torch.device,

@@ -61,6 +61,9 @@ def print_evaluation(evaluation: Evaluation, out_dir: str | Path) -> None:
           f"{summary['exposure/nll_free']:.3f} free-running (gap {summary['exposure/nll_gap']:.3f}); "
           f"accuracy {summary['exposure/acc_tf']:.3f} vs {summary['exposure/acc_free']:.3f}")
     print(f'(most common training caption: "{evaluation.baseline_caption}")\n')
+    if "scene/correct" in evaluation.metrics:
+        print(f"scene truth: {evaluation.metrics['scene/correct']:.3f} of the captions are fully true of their image "
+              f"({evaluation.baseline.get('scene/correct', float('nan')):.3f} for the most common caption)\n")
 
 
 def sample_rows(records, captions: dict[int, list[tuple[str, float]]], count: int) -> list[list[str]]:

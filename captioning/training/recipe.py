@@ -32,7 +32,7 @@ from captioning.data.dataset import BadImageTracker
 from captioning.data.features import open_feature_store
 from captioning.data.vocab import Vocabulary
 from captioning.evaluation.captions import decode_records, references_of, score, write_results
-from captioning.evaluation.evaluate import evaluate_checkpoint
+from captioning.evaluation.evaluate import evaluate_checkpoint, scene_truth
 from captioning.evaluation.reports import report_evaluation, sample_rows
 from captioning.loggers.jsonl import read_jsonl
 from captioning.metrics.exposure import exposure_bias_probe
@@ -106,6 +106,7 @@ class TrainingState:
     preemption: PreemptionFlag | None = None
     bar: Any = None
     reference_loader: Any = None  # the val references for the exposure probe, built at the first validation
+    scenes: dict | None = None  # synthetic data: image_id -> the scene, for the scene truth checker
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -244,6 +245,7 @@ def start_logging(state: TrainingState) -> None:
     state.bar = tqdm(total=state.total_steps, initial=state.progress.step, dynamic_ncols=True, desc="train",
                      disable=not (state.info.is_main and cfg.trainer.progress_bar))
     state.window = TrainingWindow()
+    state.scenes = data_build.load_scene_truth(cfg.data)
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
@@ -325,6 +327,8 @@ def validate(state: TrainingState) -> dict[str, float]:
             write_results(state.run_dir / "val_results" / f"step_{state.progress.step:08d}.json", captions)
         else:
             metrics = {f"val/{k}": v for k, v in score(references_of(val_records, predictions), predictions).items()}
+        if state.scenes is not None:  # synthetic data: the exact truth, no Java needed
+            metrics.update({f"val/{k}": v for k, v in scene_truth(predictions, state.scenes).items()})
         if state.reference_loader is None:
             state.reference_loader = data_build.reference_loader(val_records, state.vocab, cfg.data)
         with autocast(state.device, state.amp_dtype):
