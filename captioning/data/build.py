@@ -33,6 +33,12 @@ def resolve_root(cfg_data) -> Path:
     return Path(str(cfg_data.root)).expanduser()
 
 
+def prepare_inputs(cfg):
+    """The run's config with its model inputs ready: today the config as it is (a place for input preparation
+    that must run before the data and the model are built, e.g. features cached for the run)."""
+    return cfg
+
+
 def load_records(cfg_data) -> dict[str, list[ImageRecord]]:
     root = resolve_root(cfg_data)
     return read_coco_karpathy(root, cfg_data.karpathy_file, cfg_data.annotation_files,

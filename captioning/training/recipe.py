@@ -122,6 +122,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> TrainingState:
     """Check the config, join the process group, build data, model, objective and optimizer (in this order:
     the random initialisation depends on it)."""
     validate_train_config(cfg)
+    cfg = data_build.prepare_inputs(cfg)
     if cfg.trainer.scoring != "deferred":
         from captioning.metrics import check_java
 
