@@ -11,10 +11,13 @@ log = logging.getLogger("captioning")
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """What a user can fix from the message alone: a bad config value, a missing file, bad input data, no Java.
-    Our own checks raise ValueError (ConfigError and BadInputError are ValueErrors) with the key or file named."""
+    Our own checks raise ValueError (ConfigError and BadInputError are ValueErrors) with the key or file named; a
+    run folder that cannot take a checkpoint and a diverged run end the same way (exit 2, one message)."""
     from captioning.metrics.java import JavaMissingError
+    from captioning.runtime.checkpoint import CheckpointWriteError
+    from captioning.training.recipe import NonFiniteLossError
 
-    return (ValueError, FileNotFoundError, JavaMissingError)
+    return (ValueError, FileNotFoundError, JavaMissingError, CheckpointWriteError, NonFiniteLossError)
 
 
 def exit_on_user_error(fn):

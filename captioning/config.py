@@ -22,6 +22,21 @@ class ConfigError(ValueError):
     pass
 
 
+def _register_resolvers() -> None:
+    """`${run_folder:}` in hydra.run.dir: DATE/TIME, or slurm-JOBID in a plain SLURM batch job (a requeued job
+    finds its checkpoints again; runtime.cluster.run_folder_name)."""
+    import time
+
+    from captioning.runtime.cluster import run_folder_name
+
+    started = time.strftime("%Y-%m-%d/%H-%M-%S")  # one timestamp per process, as Hydra's ${now:} gives
+    if not OmegaConf.has_resolver("run_folder"):
+        OmegaConf.register_new_resolver("run_folder", lambda: run_folder_name(now=started))
+
+
+_register_resolvers()
+
+
 def _require(condition: bool, key: str, message: str, value) -> None:
     if not condition:
         raise ConfigError(f"{key} {message} (got {value!r})")
@@ -153,6 +168,17 @@ def validate_trainer(cfg: DictConfig) -> None:
     _positive_int(cfg, "trainer.val_every_n_steps")
     _positive_int(cfg, "trainer.val_max_images", allow_none=True)
     _positive_int(cfg, "trainer.log_every_n_steps")
+    _positive_int(cfg, "trainer.checkpoint_every_n_steps", allow_none=True)
+    minutes = t.get("checkpoint_every_minutes")
+    _require(minutes is None or (isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and minutes > 0),
+             "trainer.checkpoint_every_minutes", "must be a number of minutes > 0 or null", minutes)
+    _choice(cfg, "trainer.on_nonfinite", ("skip", "stop"))
+    _require(str(t.get("progress_bar")) in ("auto", "True", "False"), "trainer.progress_bar", "must be auto, true or false",
+             t.get("progress_bar"))
+    timeout = t.get("dist_timeout_minutes")
+    _require(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
+             "trainer.dist_timeout_minutes", "must be a number of minutes > 0", timeout)
+    _positive_int(cfg, "trainer.max_nonfinite_in_a_row")
     _positive_int(cfg, "trainer.num_threads", allow_none=True)
     _choice(cfg, "trainer.precision", ("fp32", "bf16", "fp16"))
     _choice(cfg, "trainer.scoring", ("now", "deferred"))

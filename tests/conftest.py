@@ -30,21 +30,23 @@ def tiny_data_root(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(root: Path) -> list[str]:
-    """A run that trains in seconds on CPU."""
+    """A run that trains in seconds on CPU: a tiny CNN (ShuffleNet v2 x0.5, 0.3M parameters, 6x faster than the
+    default ResNet-18 here), tiny decoder, tiny data. Tests about the CNN itself use the default encoder."""
     return [f"data.root={root}", *(f"data.synthetic.{k}={v}" for k, v in TINY.items()), "data.image_size=32",
+            "model.encoder.name=shufflenet_v2_x0_5",
             "data.batch_size=6", "data.eval_batch_size=10", "data.num_workers=0", "data.word_count_threshold=2",
             "model.decoder.embed_dim=32", "model.decoder.hidden_dim=32", "trainer.max_steps=6",
             "trainer.val_every_n_steps=3", "trainer.log_every_n_steps=2", "trainer.progress_bar=false",
             "trainer.device=cpu", "decode.beam_size=2"]
 
 
-def compose(overrides: list[str] = (), config_name: str = "config"):
+def compose(overrides: list[str] = (), config_name: str = "config", return_hydra_config: bool = False):
     from hydra import compose as hydra_compose, initialize_config_dir
 
     from captioning.config import config_dir
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides))
+        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def signal_during_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:

@@ -29,7 +29,7 @@ def weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def frozen(weights) -> list[str]:
-    return ["model.encoder.trainable=false", f"model.encoder.weights={weights}"]
+    return ["model.encoder.name=resnet18", "model.encoder.trainable=false", f"model.encoder.weights={weights}"]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ V, N, T = 40, 64, 9
 
 def tiny_model(cell: str = "lstm", dropout: float = 0.0) -> Captioner:
     torch.manual_seed(0)
-    encoder = ImageEncoder("resnet18", None, trainable=True)
+    encoder = ImageEncoder("shufflenet_v2_x0_5", None, trainable=True)
     return Captioner(encoder, RNNDecoder(V, 16, 24, num_layers=2, cell=cell, dropout=dropout))
 
 
@@ -93,7 +93,7 @@ def test_two_pass_tokens_are_chosen_under_the_dropout_the_loss_sees():
     from captioning.training.feeding import choose_inputs
 
     torch.manual_seed(0)
-    model = Captioner(ImageEncoder("resnet18", None, trainable=True), RNNDecoder(V, 16, 24, dropout=0.5)).train()
+    model = Captioner(ImageEncoder("shufflenet_v2_x0_5", None, trainable=True), RNNDecoder(V, 16, 24, dropout=0.5)).train()
     images, targets = batch()
     features = model.encode(images).detach().repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)
@@ -108,7 +108,7 @@ def test_two_pass_tokens_are_chosen_under_the_dropout_the_loss_sees():
 def test_tokens_are_chosen_under_the_dropout_the_loss_sees(layers):
     """The same through scheduled_sampling_logits, with dropout inside a two-layer RNN too."""
     torch.manual_seed(0)
-    model = Captioner(ImageEncoder("resnet18", None, trainable=True),
+    model = Captioner(ImageEncoder("shufflenet_v2_x0_5", None, trainable=True),
                       RNNDecoder(V, 16, 24, num_layers=layers, dropout=0.5)).train()
     images, targets = batch()
     features = model.encode(images).repeat_interleave(4, 0)

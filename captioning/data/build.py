@@ -135,7 +135,7 @@ def reference_loader(records, vocab, cfg_data, batch_size: int | None = None) ->
 def load_scene_truth(cfg_data) -> dict | None:
     """image_id -> Scene for synthetic data (the exact truth the scene checker judges captions against);
     None for COCO or any folder that is not a synthetic generation."""
-    if cfg_data.name != "synthetic":
+    if cfg_data.get("name") != "synthetic":
         return None
     from captioning.data.synthetic import is_synthetic_root, load_scenes
 

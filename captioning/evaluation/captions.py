@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from captioning.data.vocab import Vocabulary
 from captioning.runtime.distributed import DistInfo, gather_objects
 
 log = logging.getLogger(__name__)
+PROGRESS_MIN_IMAGES = 1000  # splits at least this long log their decoding progress (COCO's 5,000 val images)
 
 
 @torch.no_grad()
@@ -34,7 +36,10 @@ def decode_records(model, records: list[ImageRecord], vocab: Vocabulary, cfg_dat
                          num_workers=min(cfg_data.num_workers, 4), pin_memory=device.type == "cuda")
     tracker = BadImageTracker(cfg_data.on_bad_image)
     captions: dict[int, list[tuple[str, float]]] = {}
-    for batch in loader:
+    started, report_every = time.perf_counter(), max(1, len(loader) // 10)  # long splits: ten progress lines
+    for number, batch in enumerate(loader, start=1):
+        if len(shard) >= PROGRESS_MIN_IMAGES and info.is_main and number % report_every == 0:
+            log.info("decoding (%s): %d/%d batches, %.0f s", strategy, number, len(loader), time.perf_counter() - started)
         tracker(batch)
         if batch["size"] == 0:
             continue

@@ -24,7 +24,8 @@ class JsonlLogger:
         record = {"step": int(step)}
         for key, value in metrics.items():
             value = float(value)
-            record[key] = value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
+            if math.isfinite(value):  # JSON has no NaN/inf: a figure that is not a number is left out
+                record[key] = value
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import io
 import json
+import logging
 import numbers
 import os
 import re
@@ -57,6 +58,7 @@ KNOWN_METRICS = DEFAULT_METRICS + ("SPICE",)
 # for U+0085, as an ellipsis that is then removed as punctuation), so a space gives the same tokens.
 _LINE_BREAKS = re.compile("[\n\r\t\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
+_log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------
 # PTB tokenization
@@ -224,6 +226,8 @@ def score_captions(references: dict[int, list[str]], predictions: dict[int, str]
     names = _check_metric_names(metrics, spice)
     ids = _check_inputs(references, predictions)
     java = check_java()
+    if len(ids) >= 1000:  # COCO's splits take minutes: say what is running
+        _log.info("scoring %d images: %s", len(ids), ", ".join(names))
     gts = ptb_tokenize({image_id: list(references[image_id]) for image_id in ids})
     res = ptb_tokenize({image_id: [predictions[image_id]] for image_id in ids})
     if not any(ref for refs in gts.values() for ref in refs):

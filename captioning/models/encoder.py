@@ -21,7 +21,11 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
         raise ValueError(f"model.encoder.weights: could not read weights file {path}: {e}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of other shapes: another architecture
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise ValueError(f"model.encoder.weights: {path} does not match the architecture ({first[0].strip()})") from None
     # The classifier head may be absent from a backbone-only file; anything else is a mismatch.
     missing = [k for k in missing if not k.startswith(("fc.", "classifier.", "heads."))]
     if missing or unexpected:

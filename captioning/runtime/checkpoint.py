@@ -1,8 +1,9 @@
-"""One checkpoint dict with everything needed to resume, written atomically.
+"""One checkpoint dict with everything needed to resume, written atomically, one generation kept back.
 
-Written to a temporary file in the same folder, flushed and fsynced, then renamed over the
-old one: a kill at any instant leaves either the previous checkpoint or the new one, never a
-partial file.
+Written to a temporary file in the same folder, flushed and fsynced; then (with `keep_previous`) the old
+file becomes NAME.prev.pt and the new one takes its name. A kill at any instant leaves the previous
+checkpoint, the new one or both, never a partial file in their place; a full disk or an unwritable folder
+leaves the previous checkpoint intact and raises CheckpointWriteError naming the file.
 """
 from __future__ import annotations
 
@@ -32,26 +33,66 @@ def restore_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
-def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space, no permission); what was saved before is intact."""
+
+
+def previous_path(path: str | Path) -> Path:
+    """last.pt -> last.prev.pt: the generation kept back by save_checkpoint(keep_previous=True)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make renames durable
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path, keep_previous: bool = False) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointWriteError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            os.replace(path, previous_path(path))  # until the next line, the previous generation is the newest
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            kept = [str(p) for p in (path, previous_path(path)) if p.is_file()]
+            raise CheckpointWriteError(e.errno, f"could not write checkpoint {path} ({e.strerror or e}); "
+                                       f"left intact: {kept or 'nothing saved before'}") from e
         raise
     return path
+
+
+def probe_writable(folder: str | Path) -> None:
+    """Write, fsync and delete a small file in `folder` (made if missing): an unwritable or full run folder
+    stops the run before training starts, not at its first checkpoint."""
+    folder = Path(folder)
+    probe = folder / f".write_probe_{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointWriteError(e.errno, f"the run folder {folder} is not writable ({e.strerror or e}): "
+                                   "checkpoints could not be saved; choose another hydra.run.dir or free space") from e
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -66,3 +107,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if key not in checkpoint:
             raise ValueError(f"checkpoint {path} is not a captioning checkpoint (no {key!r} entry)")
     return checkpoint
+
+
+def load_newest_usable(paths: list[Path], map_location, check) -> tuple[dict, Path] | None:
+    """The first of `paths` (newest first) that exists, reads and passes `check(checkpoint, path)` (which raises
+    ValueError for an inconsistent one); each one passed over is reported by name. None if none exists; a
+    ValueError naming every file and why when some exist but none is usable."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    problems = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            checkpoint = load_checkpoint(path, map_location=map_location)
+            check(checkpoint, path)
+        except ValueError as e:
+            log.warning("resume: %s is not usable (%s); trying the previous checkpoint", path, e)
+            problems.append(f"{path.name}: {e}")
+            continue
+        if problems:
+            log.warning("resume: resuming from %s (newer checkpoints were unusable)", path)
+        return checkpoint, path
+    if problems:
+        raise ValueError(f"no usable checkpoint to resume from in {paths[0].parent}: " + "; ".join(problems) +
+                         ". Move the folder away to start over, or pass trainer.resume=never or trainer.resume=PATH")
+    return None

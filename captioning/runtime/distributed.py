@@ -32,13 +32,15 @@ class DistInfo:
 
 
 def read_env() -> DistInfo:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; under srun without torchrun, SLURM_* give the same."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        return DistInfo(int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
-                        int(os.environ.get("SLURM_LOCALID", 0)))
-    return DistInfo()
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or an srun step's SLURM_* (runtime.cluster.detect_world); an sbatch
+    shell of several tasks without srun is an error naming the fix, not a hang."""
+    from captioning.runtime.cluster import detect_world
+
+    world = detect_world()
+    if world.world_size > 1 and world.source == "srun":
+        os.environ.setdefault("MASTER_ADDR", world.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(world.master_port))
+    return DistInfo(world.rank, world.world_size, world.local_rank)
 
 
 def pick_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
@@ -63,21 +65,24 @@ def backend_for(device: str) -> str:
     return "gloo"
 
 
-def init_distributed(backend: str | None = None, device: str = "auto") -> DistInfo:
+def init_distributed(backend: str | None = None, device: str = "auto", timeout_minutes: float = 60) -> DistInfo:
     """Join the process group when the environment describes more than one process; `device` is the
-    `trainer.device` value and picks the backend unless `backend` is given."""
+    `trainer.device` value and picks the backend unless `backend` is given. `timeout_minutes` bounds every
+    collective (the other ranks wait that long while rank 0 scores a validation alone)."""
+    import datetime
+
     info = read_env()
     if info.enabled and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # plain srun: rank 0's node is the first in the node list
-            os.environ["MASTER_ADDR"] = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = backend or backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         # rank and world size passed explicitly: under srun they are not in RANK/WORLD_SIZE.
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
         if backend != "gloo":
-            info.cpu_group = dist.new_group(backend="gloo")
+            info.cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return info
 
 
@@ -99,6 +104,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     tensor = torch.tensor([int(bool(flag))], dtype=torch.int32)  # CPU: gloo default group or info.cpu_group
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=info.cpu_group)
     return bool(tensor.item())
+
+
+def any_rank_flags(flags: tuple[bool, ...], info: DistInfo) -> tuple[bool, ...]:
+    """`any_rank` for several flags in one exchange."""
+    if not info.enabled:
+        return tuple(bool(f) for f in flags)
+    tensor = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=info.cpu_group)
+    return tuple(bool(v) for v in tensor.tolist())
 
 
 def broadcast_object(obj, info: DistInfo, src: int = 0):

@@ -38,7 +38,8 @@ from captioning.loggers.jsonl import read_jsonl
 from captioning.metrics.exposure import exposure_bias_probe
 from captioning.models.captioner import Captioner, build_captioner
 from captioning.runtime import distributed as dist_utils
-from captioning.runtime.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from captioning.runtime.checkpoint import (capture_rng_state, load_newest_usable, previous_path, probe_writable,
+                                          restore_rng_state, save_checkpoint)
 from captioning.runtime.precision import autocast, autocast_dtype
 from captioning.runtime.preemption import PREEMPTION_EXIT_CODE, PreemptionFlag
 from captioning.training.objectives import build_objective
@@ -59,21 +60,55 @@ class Progress:
 
 @dataclass
 class TrainingWindow:
-    """What happened since the last log record: summed losses and stats (device tensors, read once per record,
-    so the step itself never waits for the device), captions, images, time blocked on the loader."""
+    """What happened since the last log record: summed losses and stats of the steps whose loss was finite
+    (device tensors, read once per record, so the step itself never waits for the device), captions, images,
+    time blocked on the loader."""
     steps: int = 0
     captions: int = 0
     images: int = 0
     data_wait: float = 0.0
     start: float = field(default_factory=time.perf_counter)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    finite_steps: torch.Tensor | None = None
 
-    def add(self, values: dict[str, torch.Tensor], captions: int, images: int) -> None:
+    def add(self, values: dict[str, torch.Tensor], finite: torch.Tensor, captions: int, images: int) -> None:
         for name, value in values.items():
-            self.sums[name] = self.sums[name] + value.detach() if name in self.sums else value.detach().clone()
+            value = torch.where(finite, value.detach(), 0.0)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.finite_steps = finite.long() if self.finite_steps is None else self.finite_steps + finite.long()
         self.steps += 1
         self.captions += captions
         self.images += images
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the loss (or the gradient) was NaN or inf and `trainer.on_nonfinite` says stop."""
+
+
+@dataclass
+class NonFiniteGuard:
+    """Device-side record of non-finite steps (no host synchronisation per step): the total, the current run of
+    them in a row, the longest run, and the first bad step and its loss; the grad scaler's own skips (fp16)."""
+    total: torch.Tensor
+    in_a_row: torch.Tensor
+    longest: torch.Tensor
+    first_step: torch.Tensor
+    first_loss: torch.Tensor
+    scaler_skips: torch.Tensor
+
+    @classmethod
+    def on(cls, device: torch.device) -> "NonFiniteGuard":
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        return cls(zero.clone(), zero.clone(), zero.clone(), zero - 1, torch.zeros((), device=device), zero.clone())
+
+    def record(self, finite: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+        bad = (~finite).long()
+        self.total += bad
+        self.in_a_row.copy_((self.in_a_row + 1) * bad)
+        torch.maximum(self.longest, self.in_a_row, out=self.longest)
+        first = (self.first_step < 0) & ~finite
+        self.first_step.copy_(torch.where(first, step, self.first_step))
+        self.first_loss.copy_(torch.where(first, loss.detach().float(), self.first_loss))
 
 
 @dataclass
@@ -105,6 +140,8 @@ class TrainingState:
     bad_images: BadImageTracker | None = None
     preemption: PreemptionFlag | None = None
     bar: Any = None
+    guard: NonFiniteGuard | None = None
+    last_checkpoint_time: float = field(default_factory=time.monotonic)
     reference_loader: Any = None  # the val references for the exposure probe, built at the first validation
     scenes: dict | None = None  # synthetic data: image_id -> the scene, for the scene truth checker
 
@@ -127,7 +164,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> TrainingState:
         from captioning.metrics import check_java
 
         check_java()  # before any heavy work: validation and evaluation need pycocoevalcap's Java tools
-    info = dist_utils.init_distributed(device=str(cfg.trainer.device))
+    info = dist_utils.init_distributed(device=str(cfg.trainer.device), timeout_minutes=cfg.trainer.dist_timeout_minutes)
     run_dir = Path(dist_utils.broadcast_object(str(run_dir), info))  # rank 0's: ${now} in a path may differ by rank
     device = dist_utils.pick_device(str(cfg.trainer.device), info)
     if cfg.trainer.num_threads:
@@ -187,22 +224,27 @@ def maybe_unfreeze(state: TrainingState) -> None:
         log.info("step %d: encoder unfrozen (model.encoder.unfreeze_after_steps=%d)", state.progress.step, unfreeze_at)
 
 
-def resume_path(state: TrainingState) -> Path | None:
-    """RUN_DIR/checkpoints/last.pt under `trainer.resume=auto` when it exists, the given file, or None."""
+def resume_candidates(state: TrainingState) -> list[Path]:
+    """Under `trainer.resume=auto`: RUN_DIR/checkpoints/last.pt, then the generation kept back (last.prev.pt), then
+    best.pt; the given file; or nothing (`never`)."""
     resume = str(state.cfg.trainer.resume)
     if resume == "auto":
         last = state.checkpoint_dir / "last.pt"
-        return last if last.is_file() else None
-    return None if resume == "never" else Path(resume).expanduser()
+        return [last, previous_path(last), state.checkpoint_dir / "best.pt"]
+    return [] if resume == "never" else [Path(resume).expanduser()]
 
 
 def resume(state: TrainingState) -> None:
-    """Restore model, optimizer, scheduler, scaler, progress and every rank's random streams; drop metrics
-    records written after the checkpoint (a killed run will write them again)."""
-    path = resume_path(state)
-    if path is not None:
-        checkpoint = load_checkpoint(path, map_location=state.device)
-        load_training_state(state, checkpoint, path)
+    """Restore model, optimizer, scheduler, scaler, progress and every rank's random streams from the newest
+    usable checkpoint (an unreadable or inconsistent one is reported by name and the previous one used); drop
+    metrics records written after it (a killed run will write them again)."""
+    candidates = resume_candidates(state)
+    found = load_newest_usable(candidates, state.device, lambda ckpt, path: check_resumable(state, ckpt, path))
+    if found is None and str(state.cfg.trainer.resume) not in ("auto", "never"):
+        raise FileNotFoundError(f"trainer.resume: checkpoint not found: {candidates[0]}")
+    if found is not None:
+        checkpoint, path = found
+        load_training_state(state, checkpoint)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.progress.step, state.progress.epoch,
                  state.progress.batch_in_epoch)
         metrics_file = state.run_dir / "metrics.jsonl"
@@ -213,10 +255,18 @@ def resume(state: TrainingState) -> None:
     maybe_unfreeze(state)  # a run resumed past the unfreezing step
 
 
-def load_training_state(state: TrainingState, checkpoint: dict, path: Path) -> None:
+def check_resumable(state: TrainingState, checkpoint: dict, path: Path) -> None:
+    """ValueError if `checkpoint` cannot continue this run: another vocabulary, missing entries, non-finite weights."""
+    missing = [k for k in ("optimizer", "scaler", "rng", "epoch", "batch_in_epoch", "best_metric") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: not a training checkpoint")
     if checkpoint["vocab"]["itos"] != state.vocab.itos:
-        raise ValueError(f"trainer.resume: {path} was trained with a different vocabulary "
-                         "(other data or data.word_count_threshold)")
+        raise ValueError(f"{path} was trained with a different vocabulary (other data or data.word_count_threshold)")
+    if not all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point()):
+        raise ValueError(f"{path} holds non-finite weights")
+
+
+def load_training_state(state: TrainingState, checkpoint: dict) -> None:
     state.model.load_state_dict(checkpoint["model"])
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     if state.lr_scheduler and checkpoint["lr_scheduler"]:
@@ -241,10 +291,14 @@ def start_logging(state: TrainingState) -> None:
         log.info("vocabulary: %d words (count > %d in the train split); %d training images, %d steps per epoch, "
                  "%d steps; objective: %s", len(state.vocab), cfg.data.word_count_threshold,
                  len(state.loader.dataset), state.steps_per_epoch, state.total_steps, state.objective.describe())
+    if state.info.is_main:
+        probe_writable(state.checkpoint_dir)  # an unwritable or full run folder stops the run now, not at a save
+    state.guard = NonFiniteGuard.on(state.device)
+    state.last_checkpoint_time = time.monotonic()
     state.bad_images = BadImageTracker(cfg.data.on_bad_image)
     state.preemption = PreemptionFlag()
     state.bar = tqdm(total=state.total_steps, initial=state.progress.step, dynamic_ncols=True, desc="train",
-                     disable=not (state.info.is_main and cfg.trainer.progress_bar))
+                     disable=not (state.info.is_main and show_progress_bar(cfg.trainer.progress_bar)))
     state.window = TrainingWindow()
     state.scenes = data_build.load_scene_truth(cfg.data)
 
@@ -269,7 +323,8 @@ def training_batches(state: TrainingState) -> Iterator[dict]:
 
 
 def train_step(state: TrainingState, batch: dict) -> None:
-    """One optimizer step on one batch: forward under autocast, backward (scaled for fp16), clipping, update."""
+    """One optimizer step on one batch: forward under autocast, backward (scaled for fp16), clipping, update. A
+    step whose loss or gradient is not finite changes nothing (NonFiniteGuard counts it; fp16's scaler skips too)."""
     maybe_unfreeze(state)
     cfg, progress = state.cfg, state.progress
     state.step_settings = state.objective.step_settings(progress.step, progress.epoch)
@@ -279,16 +334,67 @@ def train_step(state: TrainingState, batch: dict) -> None:
         loss, stats = state.train_forward(images, targets, **state.step_settings)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
-    if cfg.optim.grad_clip_norm:
-        state.scaler.unscale_(state.optimizer)
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip_norm)
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
+    state.scaler.unscale_(state.optimizer)  # a no-op without fp16
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip_norm or math.inf)
+    finite = torch.isfinite(loss.detach())
+    if not state.scaler.is_enabled():  # with fp16, non-finite gradients are the scaler's business (skip, rescale)
+        finite = finite & torch.isfinite(grad_norm)
+    apply_update_if(state, finite)
     if state.lr_scheduler:
         state.lr_scheduler.step()
+    state.guard.record(finite, loss, progress.step + 1)
     progress.step += 1
-    state.window.add({"loss": loss, **stats}, targets.shape[0] * targets.shape[1], targets.shape[0])
+    state.window.add({"loss": loss, **stats}, finite, targets.shape[0] * targets.shape[1], targets.shape[0])
     state.bar.update(1)
+
+
+def apply_update_if(state: TrainingState, finite: torch.Tensor) -> None:
+    """The optimizer (and grad scaler) step, kept only where `finite` (a device bool). On a CPU, asking is free;
+    on a GPU the weights and optimizer state are put back from a copy where not finite, so the step never waits."""
+    optimizer, scaler = state.optimizer, state.scaler
+    if state.device.type != "cuda":
+        if bool(finite):
+            scaler.step(optimizer)
+        scaler.update()
+        return
+    kept = [t for group in optimizer.param_groups for p in group["params"]
+            for t in (p, *(v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)))]
+    before = [t.detach().clone() for t in kept]
+    scale = scaler._scale.clone() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():
+        for tensor, old in zip(kept, before):
+            tensor.copy_(torch.where(finite, tensor, old))
+    if scale is not None:  # the scaler lowered its scale: it skipped this step (inf/NaN gradients under fp16)
+        state.guard.scaler_skips += (scaler._scale < scale).long()
+
+
+def check_finite(state: TrainingState) -> tuple[dict[str, float], NonFiniteLossError | None]:
+    """At the logging cadence (one read of the guard): `train/nonfinite_steps` so far, and the stop that
+    `trainer.on_nonfinite` asks for (stop: at the first; skip: after `trainer.max_nonfinite_in_a_row` in a row)."""
+    g, t = state.guard, state.cfg.trainer
+    total, longest, first_step, first_loss = int(g.total), int(g.longest), int(g.first_step), float(g.first_loss)
+    figures = {"train/nonfinite_steps": float(total)}
+    if state.scaler.is_enabled():
+        figures["train/scaler_skipped_steps"] = float(g.scaler_skips)
+    if total and (t.on_nonfinite == "stop" or longest >= t.max_nonfinite_in_a_row):
+        why = ("trainer.on_nonfinite=stop" if t.on_nonfinite == "stop"
+               else f"{longest} steps in a row (trainer.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row})")
+        return figures, NonFiniteLossError(
+            f"training diverged: the loss or gradient was not finite at step {first_step} (loss {first_loss}), "
+            f"{total} such step(s) so far, {why}; their updates were not applied and no checkpoint holds them. "
+            f"Try a lower learning rate (optim.optimizer.lr), gradient clipping (optim.grad_clip_norm), or "
+            f"trainer.precision=fp32/bf16 instead of fp16")
+    return figures, None
+
+
+def show_progress_bar(setting) -> bool:
+    """`trainer.progress_bar`: true, false, or auto (a bar only when stderr is a terminal: SLURM log files get
+    one line per log record instead of thousands of redraws)."""
+    import sys
+
+    return sys.stderr.isatty() if str(setting) == "auto" else bool(setting)
 
 
 def due(state: TrainingState, every: int) -> bool:
@@ -296,11 +402,15 @@ def due(state: TrainingState, every: int) -> bool:
 
 
 def log_progress(state: TrainingState) -> None:
-    """One `train/` record over the window since the last one: means over steps (and ranks), throughput."""
+    """One `train/` record over the window since the last one: means over its finite steps (and ranks),
+    throughput, the non-finite count; stops a diverged run (NonFiniteLossError)."""
     window, info = state.window, state.info
     elapsed = max(time.perf_counter() - window.start, 1e-9)
-    metrics = dist_utils.all_reduce_mean({f"train/{k}": v.item() / window.steps for k, v in window.sums.items()},
-                                         info, state.device)
+    finite_steps = int(window.finite_steps) if window.finite_steps is not None else 0
+    means = {f"train/{k}": v.item() / finite_steps if finite_steps else math.nan for k, v in window.sums.items()}
+    metrics = {k: v for k, v in dist_utils.all_reduce_mean(means, info, state.device).items() if math.isfinite(v)}
+    finite_figures, divergence = check_finite(state)
+    metrics.update(finite_figures)
     metrics["train/captions_per_s"] = window.captions * info.world_size / elapsed
     metrics["train/images_per_s"] = window.images * info.world_size / elapsed
     # Share of the wall time spent waiting for the next batch (> 0.1: the loader limits the step).
@@ -308,9 +418,16 @@ def log_progress(state: TrainingState) -> None:
     metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]
     metrics["train/epoch"] = state.progress.epoch + state.progress.batch_in_epoch / state.steps_per_epoch
     state.logger.log_metrics(metrics, state.progress.step)
-    state.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", cap_s=f"{metrics['train/captions_per_s']:.0f}",
+    state.bar.set_postfix(loss=f"{metrics.get('train/loss', math.nan):.3f}",
+                          cap_s=f"{metrics['train/captions_per_s']:.0f}",
                           **{k: f"{v:.3f}" for k, v in state.step_settings.items()})
+    if state.bar.disable and state.info.is_main:  # batch jobs: one line per record instead of a redrawn bar
+        log.info("step %d/%d  loss %s  %s  %.0f captions/s", state.progress.step, state.total_steps,
+                 f"{metrics['train/loss']:.4f}" if "train/loss" in metrics else "n/a",
+                 "  ".join(f"{k} {v:.3f}" for k, v in state.step_settings.items()), metrics["train/captions_per_s"])
     state.window = TrainingWindow()
+    if divergence is not None:  # after the record: the log shows the steps that led here
+        raise divergence
 
 
 def validate(state: TrainingState) -> dict[str, float]:
@@ -357,15 +474,31 @@ def gather_rng(state: TrainingState) -> list:
 
 
 def save(state: TrainingState, names: tuple[str, ...] = ("last.pt",)) -> None:
-    """Every rank gathers its random streams; rank 0 writes RUN_DIR/checkpoints/NAME for each name."""
+    """Every rank gathers its random streams; rank 0 writes RUN_DIR/checkpoints/NAME for each name (last.pt keeps
+    its previous generation as last.prev.pt). Weights that are not finite are never written."""
     rng_per_rank = gather_rng(state)
     if state.info.is_main:
+        if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+            raise NonFiniteLossError(f"step {state.progress.step}: the weights are not finite; not saving them "
+                                     f"(the checkpoints in {state.checkpoint_dir} are from before)")
         checkpoint = checkpoint_dict(state, rng_per_rank)
         for name in names:
-            save_checkpoint(checkpoint, state.checkpoint_dir / name)
+            save_checkpoint(checkpoint, state.checkpoint_dir / name, keep_previous=name == "last.pt")
+    state.last_checkpoint_time = time.monotonic()
 
 
-def validate_and_save(state: TrainingState) -> None:
+def checkpoint_due(state: TrainingState, clock_says: bool) -> bool:
+    """`trainer.checkpoint_every_n_steps`, or `clock_says` (trainer.checkpoint_every_minutes, any rank's clock)."""
+    every = state.cfg.trainer.checkpoint_every_n_steps
+    return clock_says or bool(every and state.progress.step % every == 0)
+
+
+def clock_due(state: TrainingState) -> bool:
+    minutes = state.cfg.trainer.checkpoint_every_minutes
+    return bool(minutes) and time.monotonic() - state.last_checkpoint_time >= 60 * minutes
+
+
+def validate_and_save(state: TrainingState) -> bool:
     """Validate, log, keep the best by `trainer.monitor` (deferred scoring: the latest), save last.pt (+ best.pt)."""
     started = time.perf_counter()
     cfg, progress = state.cfg, state.progress
@@ -383,11 +516,14 @@ def validate_and_save(state: TrainingState) -> None:
             f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/")))
     dist_utils.barrier(state.info)
     state.window.start += time.perf_counter() - started  # throughput counts training only
+    return True
 
 
-def preempted(state: TrainingState) -> bool:
-    """A signal on any rank: every rank stops at the same step."""
-    return dist_utils.any_rank(state.preemption.requested, state.info)
+def boundary_flags(state: TrainingState) -> tuple[bool, bool]:
+    """(a preemption signal on any rank, the checkpoint clock due on any rank): one exchange per step, so that
+    every rank stops, or saves, at the same step."""
+    flags = dist_utils.any_rank_flags((state.preemption.requested, clock_due(state)), state.info)
+    return flags[0], flags[1]
 
 
 def stop_for_requeue(state: TrainingState, summary: dict) -> dict:
@@ -438,11 +574,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 train_step(state, batch)
                 if due(state, cfg.trainer.log_every_n_steps):
                     log_progress(state)
-                if due(state, cfg.trainer.val_every_n_steps):
-                    validate_and_save(state)
+                validated = due(state, cfg.trainer.val_every_n_steps) and validate_and_save(state)
+                signal_received, clock_says = boundary_flags(state)
+                if not validated and checkpoint_due(state, clock_says):
+                    save(state)
                 if state.progress.step >= state.total_steps:
                     break
-                if preempted(state):
+                if signal_received:
                     stopped_by_signal = True
                     break
     finally:

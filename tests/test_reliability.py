@@ -1,0 +1,140 @@
+"""Runs that survive a cluster: checkpoints on their own clock, one generation kept back, non-finite steps
+skipped or stopped, an unwritable or full run folder found early (CPU, tiny data, no Java: deferred scoring)."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from captioning.runtime.checkpoint import CheckpointWriteError, load_checkpoint, previous_path
+from captioning.training import recipe
+from captioning.training.objectives import CrossEntropyObjective
+from captioning.training.recipe import NonFiniteLossError, train
+from conftest import compose, preempt_run_during_step, tiny_overrides
+
+DEFERRED = ["trainer.scoring=deferred", "trainer.evaluate_after_training=false", "trainer.log_every_n_steps=1"]
+
+
+def overrides(root, *more):
+    return tiny_overrides(root) + DEFERRED + list(more)
+
+
+def params(path):
+    return torch.cat([v.flatten().float() for v in load_checkpoint(path)["model"].values()])
+
+
+def test_checkpoints_by_steps_keep_one_generation_back(tiny_data_root, tmp_path):
+    train(compose(overrides(tiny_data_root, "trainer.max_steps=5", "trainer.val_every_n_steps=100",
+                            "trainer.checkpoint_every_n_steps=2")), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    # validation at the last step (5) saves last.pt; the step cadence saved at 2 and 4 before it
+    assert load_checkpoint(last)["step"] == 5 and load_checkpoint(previous_path(last))["step"] == 4
+
+
+def test_a_truncated_last_checkpoint_resumes_from_the_previous_one(tiny_data_root, tmp_path, caplog, monkeypatch):
+    cfg = compose(overrides(tiny_data_root, "trainer.max_steps=6", "trainer.val_every_n_steps=3"))
+    straight = tmp_path / "straight"
+    train(cfg, straight)
+    run = tmp_path / "run"
+    assert preempt_run_during_step(monkeypatch, cfg, run, 4)["steps"] == 4
+    last = run / "checkpoints" / "last.pt"  # step 4 (the preemption save); last.prev.pt is step 3's
+    assert load_checkpoint(previous_path(last))["step"] == 3
+    last.write_bytes(last.read_bytes()[:1000])  # a failing file system
+    with caplog.at_level(logging.WARNING):
+        summary = train(cfg, run)
+    assert any("last.pt is not usable" in r.getMessage() for r in caplog.records)
+    assert summary["steps"] == 6
+    assert torch.equal(params(run / "checkpoints" / "last.pt"), params(straight / "checkpoints" / "last.pt"))
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the records after step 3 were written again, once
+
+
+def test_no_usable_checkpoint_says_what_to_do(tiny_data_root, tmp_path):
+    cfg = compose(overrides(tiny_data_root, "trainer.max_steps=2", "trainer.val_every_n_steps=1"))
+    train(cfg, tmp_path)
+    for name in ("last.pt", "last.prev.pt", "best.pt"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"no usable checkpoint.*last\.pt.*last\.prev\.pt.*best\.pt.*trainer\.resume=never"):
+        train(cfg, tmp_path)
+
+
+def test_a_diverging_run_stops_with_the_step_and_keeps_only_finite_numbers(tiny_data_root, tmp_path):
+    cfg = compose(overrides(tiny_data_root, "optim.optimizer.lr=1e20", "optim.grad_clip_norm=null",
+                            "trainer.max_steps=40", "trainer.val_every_n_steps=5", "trainer.max_nonfinite_in_a_row=3"))
+    with pytest.raises(NonFiniteLossError, match=r"not finite at step \d+ \(loss (nan|inf)\).*learning rate"):
+        train(cfg, tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # valid JSON
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for r in records for v in r.values())
+    assert any(r.get("train/nonfinite_steps", 0) >= 3 for r in records)
+    for path in (tmp_path / "checkpoints").glob("*.pt"):
+        assert torch.isfinite(params(path)).all(), path
+
+
+def test_one_nonfinite_step_is_skipped_and_counted(tiny_data_root, tmp_path, monkeypatch):
+    forward = CrossEntropyObjective.forward
+    calls = {"n": 0}
+
+    def nan_at_third(self, *args, **kwargs):
+        loss, stats = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), stats
+
+    monkeypatch.setattr(CrossEntropyObjective, "forward", nan_at_third)
+    weights = {}
+    original_step = recipe.apply_update_if
+
+    def spy(state, finite):
+        before = [p.detach().clone() for p in state.model.parameters()]
+        original_step(state, finite)
+        weights[state.progress.step + 1] = all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
+
+    monkeypatch.setattr(recipe, "apply_update_if", spy)
+    summary = train(compose(overrides(tiny_data_root, "trainer.max_steps=5", "trainer.val_every_n_steps=5")), tmp_path)
+    assert summary["steps"] == 5
+    assert weights == {1: False, 2: False, 3: True, 4: False, 5: False}  # only step 3 changed nothing
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["train/nonfinite_steps"] for r in records if "train/nonfinite_steps" in r]
+    assert counts == [0, 0, 1, 1, 1]
+    assert [("train/loss" in r) for r in records if "train/nonfinite_steps" in r] == [True, True, False, True, True]
+
+
+def test_on_nonfinite_stop_ends_at_the_first(tiny_data_root, tmp_path):
+    cfg = compose(overrides(tiny_data_root, "optim.optimizer.lr=1e20", "optim.grad_clip_norm=null",
+                            "trainer.on_nonfinite=stop", "trainer.max_steps=40", "trainer.val_every_n_steps=40"))
+    with pytest.raises(NonFiniteLossError, match="trainer.on_nonfinite=stop"):
+        train(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train/nonfinite_steps"] == 1
+
+
+def test_an_unwritable_run_folder_stops_before_training(tiny_data_root, tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the checkpoint folder should be")
+    with pytest.raises(CheckpointWriteError, match="not writable"):
+        train(compose(overrides(tiny_data_root)), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists() or "train/loss" not in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_data_root, tmp_path, monkeypatch):
+    import captioning.runtime.checkpoint as checkpoint_module
+
+    real_save, saves = torch.save, {"n": 0}
+
+    def save_until_full(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] >= 3:  # the third write (step 4's last.pt) finds the disk full halfway
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_full)
+    with pytest.raises(CheckpointWriteError, match=r"No space left on device.*left intact.*last\.pt"):
+        train(compose(overrides(tiny_data_root, "trainer.max_steps=6", "trainer.val_every_n_steps=2")), tmp_path)
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    folder = tmp_path / "checkpoints"
+    assert load_checkpoint(folder / "last.pt")["step"] == 2  # saves 1-2: last.pt and best.pt at step 2
+    assert not list(folder.glob(".*.tmp"))  # no partial file left behind
