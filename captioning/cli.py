@@ -20,9 +20,25 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, FileNotFoundError, JavaMissingError, CheckpointWriteError, NonFiniteLossError)
 
 
+class JobFailed(Exception):
+    """A user error in one job of a multirun: Hydra records the job as failed, runs the others of the sweep, then
+    reports it (a SystemExit would end the whole sweep at the first bad job)."""
+
+
+def in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not inside a Hydra job
+        return False
+
+
 def exit_on_user_error(fn):
     """Inside a @hydra.main task: a user error exits with status 2 and its message (Hydra would otherwise
-    print a traceback); an integer return value becomes the exit status. Other exceptions propagate."""
+    print a traceback); an integer return value becomes the exit status. Other exceptions propagate. In a
+    multirun the job fails instead (JobFailed, one line) and the sweep goes on with its other jobs."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,8 +47,13 @@ def exit_on_user_error(fn):
         except user_errors() as e:
             log.error("%s", e)
             print(f"error: {e}", file=sys.stderr)
+            if in_multirun():
+                raise JobFailed(str(e)) from None
             sys.exit(2)
         if isinstance(code, int) and code:
+            if in_multirun():  # e.g. 124 after a preemption save: this job stops, the sweep's others still run
+                log.warning("job ended with exit code %d", code)
+                return code
             sys.exit(code)
         return code
 

@@ -107,3 +107,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data_root, tmp_path):
     from captioning.runtime.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] >= 3
+
+
+def test_a_bad_job_in_a_sweep_is_reported_and_the_others_still_run(tiny_data_root, tmp_path):
+    """captioning-train -m: a user error in one job fails that job (one line), not the whole sweep."""
+    overrides = [o for o in tiny_overrides(tiny_data_root) if not o.startswith(("trainer.max_steps", "trainer.val"))]
+    result = run(script("captioning-train") + ["-m", "seed=-3,0", *overrides, "trainer.max_steps=1",
+                                               "trainer.val_every_n_steps=1", "trainer.scoring=deferred",
+                                               "trainer.evaluate_after_training=false",
+                                               f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert result.returncode != 0  # the sweep reports its failed job at the end
+    assert "seed must be an integer >= 0" in result.stderr
+    assert (tmp_path / "sweep" / "1" / "checkpoints" / "last.pt").is_file()  # the good job (seed=0) ran after it

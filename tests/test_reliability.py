@@ -138,3 +138,26 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_data_root, 
     folder = tmp_path / "checkpoints"
     assert load_checkpoint(folder / "last.pt")["step"] == 2  # saves 1-2: last.pt and best.pt at step 2
     assert not list(folder.glob(".*.tmp"))  # no partial file left behind
+
+
+@pytest.mark.java
+def test_a_scorer_that_dies_is_restarted_once_then_the_validation_is_recorded_as_failed(tiny_data_root, tmp_path,
+                                                                                       monkeypatch):
+    real_score, calls = recipe.score, {"n": 0}
+
+    def flaky(references, predictions):  # the 1st validation: dies once; the 2nd: dies twice
+        calls["n"] += 1
+        if calls["n"] in (1, 3, 4):
+            raise RuntimeError("METEOR process exited unexpectedly (exit code 137)")
+        return real_score(references, predictions)
+
+    monkeypatch.setattr(recipe, "score", flaky)
+    cfg = compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=4", "trainer.val_every_n_steps=2",
+                                                    "trainer.evaluate_after_training=false"])
+    summary = train(cfg, tmp_path)
+    assert summary["steps"] == 4 and summary["best_step"] == 2
+    validations = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+                   if "val/exposure/nll_tf" in r]
+    assert "val/CIDEr" in validations[0] and "val/scoring_failed" not in validations[0]  # restarted, scored
+    assert validations[1]["val/scoring_failed"] == 1.0 and "val/CIDEr" not in validations[1]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 4

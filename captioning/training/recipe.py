@@ -195,6 +195,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> TrainingState:
     model = build_captioner(cfg.model, len(vocab), feature_store.feature_dim if feature_store else None).to(device)
     model.encoder.to(memory_format=memory_format)
     objective = build_objective(cfg, model, cuda_graphs=cfg.trainer.cuda_graphs and device.type == "cuda")
+    warn_if_schedule_barely_moves(objective, total_steps, steps_per_epoch)
     train_forward = wrap_for_training(objective, cfg, info, device)
     if info.enabled:  # same initial weights everywhere (above), but each rank its own dropout and sampling draws
         torch.manual_seed(cfg.seed + 1_000_003 * info.rank)
@@ -205,6 +206,19 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> TrainingState:
     return TrainingState(cfg, run_dir, info, device, amp_dtype, memory_format, records, vocab, sampler, loader,
                          steps_per_epoch, total_steps, model, objective, train_forward, optimizer, lr_scheduler, scaler,
                          OmegaConf.to_container(cfg, resolve=True))
+
+
+def warn_if_schedule_barely_moves(objective, total_steps: int, steps_per_epoch: int) -> None:
+    """A scheduled-sampling run whose epsilon is still above 0.9 at its last step is teacher forcing in all but
+    name (e.g. the synthetic k on a COCO-length run, or a short run): say so at start-up."""
+    schedule = getattr(objective, "schedule", None)
+    if schedule is None or schedule.name == "teacher_forcing":
+        return
+    last = schedule.teacher_forcing_prob(total_steps - 1, (total_steps - 1) // steps_per_epoch)
+    if last > 0.9:
+        log.warning("schedule %s ends with teacher_forcing_prob %.3f at step %d: the run is almost pure teacher "
+                    "forcing; scale the schedule to the run (e.g. inverse_sigmoid_k, schedule.k)", schedule.name, last,
+                    total_steps)
 
 
 def wrap_for_training(objective: torch.nn.Module, cfg: DictConfig, info, device: torch.device):
@@ -444,7 +458,7 @@ def validate(state: TrainingState) -> dict[str, float]:
         if state.deferred:  # scored later, where Java is (tools/score_runs.py)
             write_results(state.run_dir / "val_results" / f"step_{state.progress.step:08d}.json", captions)
         else:
-            metrics = {f"val/{k}": v for k, v in score(references_of(val_records, predictions), predictions).items()}
+            metrics = {f"val/{k}": v for k, v in score_or_record_failure(val_records, predictions).items()}
         if state.scenes is not None:  # synthetic data: the exact truth, no Java needed
             metrics.update({f"val/{k}": v for k, v in scene_truth(predictions, state.scenes).items()})
         if state.reference_loader is None:
@@ -455,6 +469,21 @@ def validate(state: TrainingState) -> dict[str, float]:
         state.logger.log_table("val/samples", ["image", "generated", "references"],  # W&B sends a few of them
                                sample_rows(val_records, captions, 16), state.progress.step)
     return dist_utils.gather_objects(metrics, info)[0]
+
+
+def score_or_record_failure(records, predictions: dict[int, str]) -> dict[str, float]:
+    """The COCO scores; if a Java process (the PTB tokenizer, METEOR) dies, once more with a fresh METEOR, and if
+    that fails too, {"scoring_failed": 1.0}: the validation is recorded as failed and training goes on."""
+    from captioning.metrics import close_meteor
+
+    for attempt in (1, 2):
+        try:
+            return score(references_of(records, predictions), predictions)
+        except (RuntimeError, OSError, BrokenPipeError) as e:
+            close_meteor()  # the next call starts a new JVM
+            log.warning("validation scoring failed (attempt %d of 2): %s", attempt, e)
+    log.error("validation scoring failed twice: recorded as val/scoring_failed; training goes on")
+    return {"scoring_failed": 1.0}
 
 
 def checkpoint_dict(state: TrainingState, rng_per_rank: list) -> dict:
@@ -505,7 +534,9 @@ def validate_and_save(state: TrainingState) -> bool:
     metrics = validate(state)
     state.logger.log_metrics(metrics, progress.step)
     value = metrics.get(cfg.trainer.monitor, progress.step if state.deferred else None)
-    if value is None:
+    if "val/scoring_failed" in metrics:  # no score to compare: keep last.pt only
+        value = -math.inf
+    elif value is None:
         raise ValueError(f"trainer.monitor: {cfg.trainer.monitor} is not among the validation metrics {sorted(metrics)}")
     improved = value > progress.best_metric
     if improved:
