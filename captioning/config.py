@@ -159,6 +159,55 @@ def validate_schedule(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
+OBJECTIVE_KEYS = {
+    "cross_entropy": ("name",),
+    "self_critical": ("name", "baseline", "samples_per_image", "temperature", "max_len", "reward", "reward_eos",
+                      "init_from", "start_step"),
+}
+REWARD_KEYS = ("cider_d", "bleu4")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_objective(cfg: DictConfig) -> None:
+    """The `objective` group (conf/objective/NAME.yaml); a config without it trains with cross-entropy."""
+    o = cfg.get("objective")
+    if o is None:
+        return
+    _choice(cfg, "objective.name", tuple(OBJECTIVE_KEYS))
+    unknown = sorted(set(o) - set(OBJECTIVE_KEYS[o.name]))
+    _require(not unknown, f"objective.{unknown[0] if unknown else ''}",
+             f"is not a key of objective={o.name} (its keys: {list(OBJECTIVE_KEYS[o.name])})", unknown)
+    if o.name != "self_critical":
+        return
+    _choice(cfg, "objective.baseline", ("greedy", "mean"))
+    if o.baseline == "mean":
+        _require(isinstance(o.samples_per_image, int) and not isinstance(o.samples_per_image, bool)
+                 and o.samples_per_image >= 2, "objective.samples_per_image",
+                 "must be an integer >= 2 with objective.baseline=mean (the baseline is the other samples' mean)",
+                 o.samples_per_image)
+    _positive_int(cfg, "objective.samples_per_image")
+    _require(_number(o.temperature) and o.temperature > 0, "objective.temperature", "must be a number > 0",
+             o.temperature)
+    _positive_int(cfg, "objective.max_len", allow_none=True)
+    _require(isinstance(o.reward_eos, bool), "objective.reward_eos", "must be true or false", o.reward_eos)
+    _require(OmegaConf.is_dict(o.reward), "objective.reward", f"must be a mapping of weights {list(REWARD_KEYS)}",
+             o.reward)
+    for name in o.reward:
+        _require(name in REWARD_KEYS, f"objective.reward.{name}", f"is not a reward (choose from {list(REWARD_KEYS)})",
+                 name)
+        weight = o.reward[name]
+        _require(_number(weight) and weight >= 0, f"objective.reward.{name}", "must be a weight >= 0", weight)
+    _require(any(o.reward[name] > 0 for name in o.reward), "objective.reward", "needs a weight > 0",
+             OmegaConf.to_container(o.reward))
+    if o.init_from is not None:
+        _require(Path(str(o.init_from)).expanduser().is_file(), "objective.init_from",
+                 "must be an existing checkpoint file or null", o.init_from)
+    _positive_int(cfg, "objective.start_step", minimum=0)
+
+
 def validate_trainer(cfg: DictConfig) -> None:
     t = cfg.trainer
     _require(t.max_steps is not None or t.max_epochs is not None, "trainer.max_steps",
@@ -227,6 +276,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     validate_data(cfg)
     validate_model(cfg)
     validate_schedule(cfg)
+    validate_objective(cfg)
     validate_decode(cfg)
     validate_optim(cfg)
     validate_trainer(cfg)

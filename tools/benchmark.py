@@ -8,7 +8,10 @@ timed), training batches of 50 images x 5 captions of length 16, decoding 500 im
 "dbs6g3": {...}, "machine": {...}} with ratios measured in the same run, and prints a table.
 Scheduled sampling here is the exact per-token loop with probability 0.25 of a model token
 (teacher_forcing_prob 0.75), tokens sampled from the model; on CUDA its token-choosing loop is
-replayed as CUDA graphs (`train_ss`), and `train_ss_eager` times it without them.
+replayed as CUDA graphs (`train_ss`), and `train_ss_eager` times it without them. `train_scst` is a
+self-critical step: 5 samples per image of up to 15 words + <eos> (16 token steps, as train_tf's targets), the
+greedy baseline, the CIDEr-D reward against 5 references per image (document frequencies over 2,000 reference
+sets), one fused teacher-forced pass with its backward.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from captioning.models.captioner import Captioner
 from captioning.models.decoder import RNNDecoder
 from captioning.models.encoder import PrecomputedFeatures
 from captioning.training.objectives import CrossEntropyObjective
+from captioning.training.self_critical import ReferenceRows, SelfCriticalObjective
 
 VOCAB, EMBED, HIDDEN, FEATURE, IMAGES, CAPTIONS, LENGTH, DECODE_IMAGES = 9487, 512, 512, 2048, 50, 5, 16, 500
 
@@ -68,6 +72,33 @@ def train_step_fn(model, features, targets, teacher_forcing_prob, amp_dtype, com
         optimizer.step()
 
     step.loss_module = loss_module
+    return step
+
+
+def scst_step_fn(model, features, targets, amp_dtype, compile_mode=None):
+    """A self-critical step (greedy baseline, CIDEr-D): the references of image i are its 5 target captions,
+    among 2,000 reference sets for the document frequencies."""
+    from captioning.metrics.cider_d import CiderD
+
+    g = torch.Generator().manual_seed(1)
+    extra = torch.randint(4, VOCAB, (2000 - IMAGES, CAPTIONS, LENGTH - 1), generator=g)
+    words = torch.cat([targets[..., :-1].cpu(), extra])  # (2000, C, T-1): words, no <eos>
+    reward = CiderD(words.tolist(), VOCAB, model.eos_id, model.pad_id)
+    objective = SelfCriticalObjective(model, reward, ReferenceRows(list(range(len(words)))),
+                                      CrossEntropyObjective(model), baseline="greedy", samples_per_image=CAPTIONS,
+                                      max_len=LENGTH - 1)
+    forward = torch.compile(objective, mode=compile_mode) if compile_mode else objective
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    image_ids = torch.arange(IMAGES)
+    device = features.device
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, _ = forward(features, targets, image_ids=image_ids, self_critical=1.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
     return step
 
 
@@ -162,6 +193,9 @@ def main(argv=None) -> int:
                            "compile": args.compile, "cuda_graphs": device.type == "cuda",
                            "mode": "exact", "granularity": "token", "token_source": "sample",
                            "cost_vs_train_tf": ss / tf}
+    scst = timed(scst_step_fn(model, features, targets, amp_dtype, args.compile), device, repeats, warmup)
+    results["train_scst"] = {"captions_per_s": captions / scst, "seconds_per_step": scst, "baseline": "greedy",
+                             "samples_per_image": CAPTIONS, "reward": "cider_d", "cost_vs_train_tf": scst / tf}
     if device.type == "cuda":
         chooser = ss_step.loss_module.chooser
         results["train_ss"]["cuda_graphs_failed"] = chooser.disabled_reason
@@ -206,6 +240,8 @@ def main(argv=None) -> int:
     print(f"{'train_tf':<10}{results['train_tf']['captions_per_s']:>12.0f} c/s")
     print(f"{'train_ss':<10}{results['train_ss']['captions_per_s']:>12.0f} c/s  {results['train_ss']['cost_vs_train_tf']:.2f}x "
           "the teacher-forcing step's time")
+    print(f"{'train_scst':<10}{results['train_scst']['captions_per_s']:>12.0f} c/s  "
+          f"{results['train_scst']['cost_vs_train_tf']:.2f}x the teacher-forcing step's time (samples/s)")
     if "train_ss_eager" in results:
         print(f"{'(eager)':<10}{results['train_ss_eager']['captions_per_s']:>12.0f} c/s  "
               f"{results['train_ss_eager']['cost_vs_train_tf']:.2f}x (the token loop without CUDA graphs)")

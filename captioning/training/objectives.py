@@ -6,8 +6,16 @@ sees a single forward()) with a small interface the recipe relies on, and nothin
     loss, stats = objective(images, targets, **settings)  # stats: scalar tensors, logged as train/<name>
     objective.describe()                              # one line for the log
 
-Today: `CrossEntropyObjective`, the next word's cross-entropy under a teacher-forcing schedule (1 = plain
-teacher forcing; scheduled sampling feeds the model's own tokens, see feeding.py).
+The `objective` config group picks one (`build_objective`):
+
+    cross_entropy  `CrossEntropyObjective`, the next word's cross-entropy under the teacher-forcing schedule of
+                   the `schedule` group (1 = plain teacher forcing; scheduled sampling feeds the model's own
+                   tokens, see feeding.py)
+    self_critical  `SelfCriticalObjective` (self_critical.py): REINFORCE on CIDEr-D (+ BLEU-4) with a greedy or
+                   mean-of-other-samples baseline; cross-entropy under `schedule` before `objective.start_step`
+
+Every objective's forward also takes `image_ids` (B,), the batch's images (self-critical needs their
+references; cross-entropy ignores them).
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ from captioning.models.captioner import Captioner
 from captioning.schedules import (TeacherForcingSchedule, build_schedule, build_schedule_from_config,
                                   sampling_options_from_config)
 from captioning.training.feeding import GraphedInputChooser, scheduled_sampling_logits
+from captioning.training.self_critical import build_self_critical
 
 
 def shift_right(targets: torch.Tensor, bos_id: int) -> torch.Tensor:
@@ -48,9 +57,10 @@ class CrossEntropyObjective(nn.Module):
     def describe(self) -> str:
         return f"cross-entropy; teacher forcing: {self.schedule.describe()}"
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_forcing_prob: float = 1.0
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """images (B, 3, H, W) (or cached features (B, F)), targets (B, C, T) -> mean token loss, stats."""
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_forcing_prob: float = 1.0,
+                image_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """images (B, 3, H, W) (or cached features (B, F)), targets (B, C, T) -> mean token loss, stats.
+        `image_ids`: accepted for the common interface, not used."""
         features = self.model.encode(images)  # (B, F)
         captions_per_image = targets.shape[1]
         features = features.repeat_interleave(captions_per_image, dim=0)  # (B*C, F)
@@ -67,10 +77,17 @@ class CrossEntropyObjective(nn.Module):
         return loss, {"model_token_fraction": model_fed / fed_positions.sum().clamp(min=1)}
 
 
-def build_objective(cfg, model: Captioner, cuda_graphs: bool) -> nn.Module:
-    """The objective the config names (today `cross_entropy` under `schedule`)."""
+def build_objective(cfg, model: Captioner, cuda_graphs: bool, records=None, vocab=None) -> nn.Module:
+    """The objective `objective.name` names (cross_entropy when the config has no `objective` group).
+    `records`: the training split's ImageRecords and `vocab` the vocabulary (self_critical's references)."""
     from omegaconf import OmegaConf
 
     schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True)
-    return CrossEntropyObjective(model, build_schedule_from_config(schedule_cfg),
-                                 **sampling_options_from_config(schedule_cfg), cuda_graphs=cuda_graphs)
+    cross_entropy = CrossEntropyObjective(model, build_schedule_from_config(schedule_cfg),
+                                          **sampling_options_from_config(schedule_cfg), cuda_graphs=cuda_graphs)
+    name = OmegaConf.select(cfg, "objective.name", default="cross_entropy")
+    if name == "cross_entropy":
+        return cross_entropy
+    if name == "self_critical":
+        return build_self_critical(cfg, model, cross_entropy, records, vocab)
+    raise ValueError(f"objective.name must be cross_entropy or self_critical (got {name!r})")

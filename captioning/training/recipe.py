@@ -194,7 +194,8 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> TrainingState:
         feature_store.check([r.image_id for split in records.values() for r in split], cfg.model.encoder, cfg.data)
     model = build_captioner(cfg.model, len(vocab), feature_store.feature_dim if feature_store else None).to(device)
     model.encoder.to(memory_format=memory_format)
-    objective = build_objective(cfg, model, cuda_graphs=cfg.trainer.cuda_graphs and device.type == "cuda")
+    objective = build_objective(cfg, model, cuda_graphs=cfg.trainer.cuda_graphs and device.type == "cuda",
+                                records=records["train"], vocab=vocab)
     warn_if_schedule_barely_moves(objective, total_steps, steps_per_epoch)
     train_forward = wrap_for_training(objective, cfg, info, device)
     if info.enabled:  # same initial weights everywhere (above), but each rank its own dropout and sampling draws
@@ -345,7 +346,7 @@ def train_step(state: TrainingState, batch: dict) -> None:
     images = batch["images"].to(state.device, non_blocking=True, memory_format=state.memory_format)
     targets = batch["targets"].to(state.device, non_blocking=True)
     with autocast(state.device, state.amp_dtype):
-        loss, stats = state.train_forward(images, targets, **state.step_settings)
+        loss, stats = state.train_forward(images, targets, image_ids=batch["image_ids"], **state.step_settings)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     state.scaler.unscale_(state.optimizer)  # a no-op without fp16
