@@ -117,7 +117,21 @@ def test_ensemble_evaluation(checkpoint, tiny_data_root, tmp_path):
                                                     "seed=5"]), other)
     mixed = evaluate(compose([f"checkpoint={checkpoint}", f"ensemble=[{other}/checkpoints/best.pt]", "device=cpu"],
                              config_name="eval"), tmp_path / "mixed")
-    assert 0 <= mixed["test/CIDEr"] <= 10
+    # the ensemble's captions are those of the average of the two models' per-step probabilities, decoded here
+    from captioning.data.build import load_records
+    from captioning.decoding import EnsembleModel
+    from captioning.evaluation.captions import decode_records
+    from captioning.models.loading import load_model
+
+    cpu = torch.device("cpu")
+    (first, vocab, train_cfg, _), (second, *_) = load_model(checkpoint, cpu), load_model(other / "checkpoints" / "best.pt", cpu)
+    decode_cfg = compose([], config_name="eval").decode
+    expected = decode_records(EnsembleModel([first, second]), load_records(train_cfg.data)["test"], vocab, train_cfg.data,
+                              "beam", {k: v for k, v in decode_cfg.items() if k != "strategy"}, cpu)
+    written = {r["image_id"]: r["caption"] for r in json.loads((tmp_path / "mixed" / "results_test_beam.json").read_text())}
+    assert written == {i: hyps[0][0] for i, hyps in expected.items()}
+    assert mixed["test/CIDEr"] != single["test/CIDEr"] or written != {
+        r["image_id"]: r["caption"] for r in json.loads((tmp_path / "one" / "results_test_beam.json").read_text())}
     bad_vocab = tmp_path / "bad"
     train(compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=3", "trainer.evaluate_after_training=false",
                                                     "data.word_count_threshold=0"]), bad_vocab)
