@@ -165,8 +165,10 @@ def test_torchrun_captioning_train_end_to_end(ddp_data_root, tmp_path):
         for key, value in r.items():
             if key.endswith("scene/captions"):  # a count: one caption per image
                 assert value == {"test": 11, "val": DDP_DATA["num_val"]}[key.split("/")[0]], (key, value)
+            elif key.endswith(("exposure_oracle/images", "exposure_oracle/references")):  # counts
+                assert value >= 1 and value == int(value), (key, value)
             elif key.startswith(("val/", "test/")):
-                low = -10 if key.endswith("_gap") else 0  # exposure-bias gaps may have either sign
+                low = -10 if key.endswith(("_gap", "excess_error", "accerr")) else 0  # these may have either sign
                 assert math.isfinite(value) and low <= value <= 10, (key, value)
 
     # Distributed evaluation scored each test image exactly once, odd split size included.

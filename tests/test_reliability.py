@@ -157,7 +157,7 @@ def test_a_scorer_that_dies_is_restarted_once_then_the_validation_is_recorded_as
     summary = train(cfg, tmp_path)
     assert summary["steps"] == 4 and summary["best_step"] == 2
     validations = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-                   if "val/exposure/nll_tf" in r]
+                   if "val/reference_likelihood/nll_tf" in r]
     assert "val/CIDEr" in validations[0] and "val/scoring_failed" not in validations[0]  # restarted, scored
     assert validations[1]["val/scoring_failed"] == 1.0 and "val/CIDEr" not in validations[1]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 4

@@ -42,8 +42,11 @@ def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
                 "test/CIDEr", "test/most_common_caption/CIDEr"):
         assert key in test and 0 <= test[key] <= 10
     for key in ("nll_tf", "nll_free", "nll_gap", "acc_tf", "acc_free", "acc_gap"):
-        assert f"test/exposure/{key}" in test and all(f"val/exposure/{key}" in r for r in val)
-    assert (tmp_path / "test_exposure.png").is_file() and (tmp_path / "test_exposure.json").is_file()
+        assert f"test/reference_likelihood/{key}" in test and all(f"val/reference_likelihood/{key}" in r for r in val)
+    for key in ("error_tf", "error_free", "excess_error", "free_correct", "swap_gap"):  # synthetic data: the oracle
+        assert f"test/exposure_oracle/{key}" in test and all(f"val/exposure_oracle/{key}" in r for r in val)
+    for name in ("reference_likelihood", "exposure_oracle"):
+        assert (tmp_path / f"test_{name}.png").is_file() and (tmp_path / f"test_{name}.json").is_file()
     results = json.loads((tmp_path / "results_test_beam.json").read_text())
     assert len(results) == 10 and all(set(r) == {"image_id", "caption"} for r in results)
     written = json.loads((tmp_path / "test_metrics.json").read_text())

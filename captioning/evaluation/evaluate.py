@@ -1,5 +1,5 @@
 """One evaluation of a model on one split: captions, COCO metrics, the most-common-caption reference, the
-exposure probe and (for n-best decoders) diversity, as an `Evaluation` that reports.py writes out."""
+exposure probes and (for n-best decoders) diversity, as an `Evaluation` that reports.py writes out."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,9 +10,45 @@ import torch
 from captioning.data import build as data_build
 from captioning.data.coco import ImageRecord
 from captioning.evaluation.captions import decode_records, references_of, score_with_baseline
-from captioning.metrics.exposure import ExposureReport, exposure_bias_probe
+from captioning.metrics.oracle_exposure import OracleExposureReport, oracle_exposure
+from captioning.metrics.reference_likelihood import ReferenceLikelihoodReport, reference_likelihood_probe
 from captioning.models.loading import load_model
 from captioning.runtime.distributed import DistInfo
+
+
+@dataclass
+class ExposureProbes:
+    """The decoder-independent probes of one model on one split: the reference likelihood after the model's own
+    prefix (any data) and, on synthetic data, exposure bias against the scene oracle (None elsewhere)."""
+    reference_likelihood: ReferenceLikelihoodReport
+    oracle: OracleExposureReport | None = None
+
+    def summary(self) -> dict[str, float]:
+        """`reference_likelihood/...` and `exposure_oracle/...` (NaN-free: a rate with nothing to count is left
+        out, so every logged value is a number)."""
+        import math
+
+        result = dict(self.reference_likelihood.summary())
+        if self.oracle is not None:
+            result.update({k: v for k, v in self.oracle.summary().items() if not math.isnan(v)})
+        return result
+
+
+def run_exposure_probes(model, vocab, loader, max_len: int, device: torch.device, scenes: dict | None = None,
+                        records: list[ImageRecord] | None = None) -> ExposureProbes:
+    """Both probes over the batches of `loader` (data.build.reference_loader: images, image ids and every
+    reference); the oracle one when `scenes` (and the split's `records`, whose raw references it judges) are given.
+    With scenes the batches are read once and kept (synthetic splits are small)."""
+    if scenes is None:
+        return ExposureProbes(reference_likelihood_probe(model, loader, device, max_len))
+    if records is None:
+        raise ValueError("run_exposure_probes: the oracle probe needs the split's records (their references)")
+    batches = [batch for batch in loader if batch["size"]]
+    likelihood = reference_likelihood_probe(model, batches, device, max_len)
+    references = {r.image_id: r.captions for r in records}
+    oracle = oracle_exposure(model, vocab, ((b["images"], b["image_ids"].tolist()) for b in batches),
+                    scenes, references, max_len, device=device)
+    return ExposureProbes(likelihood, oracle)
 
 
 @dataclass
@@ -22,7 +58,7 @@ class Evaluation:
     strategy: str
     decode_params: dict
     captions: dict[int, list[tuple[str, float]]]  # image_id -> [(caption, score), ...] best first
-    exposure: ExposureReport
+    exposure: ExposureProbes
     records: list[ImageRecord]
     metrics: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, float] = field(default_factory=dict)
@@ -39,7 +75,8 @@ class Evaluation:
         return {i: hyps[0][0] for i, hyps in self.captions.items()}
 
     def keyed(self) -> dict[str, float]:
-        """Every figure under `split/name` (`test/CIDEr`, `test/most_common_caption/CIDEr`, `test/exposure/...`)."""
+        """Every figure under `split/name` (`test/CIDEr`, `test/most_common_caption/CIDEr`,
+        `test/reference_likelihood/...`, `test/exposure_oracle/...`)."""
         s = self.split
         result = {f"{s}/{k}": v for k, v in self.metrics.items()}
         result.update({f"{s}/most_common_caption/{k}": v for k, v in self.baseline.items()})
@@ -66,18 +103,19 @@ def load_ensemble(checkpoint_path, others, device: torch.device):
     return EnsembleModel(members), vocab, cfg, state
 
 
-def run_exposure_probe(model, records: list[ImageRecord], vocab, cfg_data, device: torch.device,
-                       batch_size: int | None = None) -> ExposureReport:
-    return exposure_bias_probe(model, data_build.reference_loader(records, vocab, cfg_data, batch_size), device,
-                               cfg_data.max_len)
+def probe_split(model, records: list[ImageRecord], vocab, cfg_data, device: torch.device,
+                batch_size: int | None = None) -> ExposureProbes:
+    """`run_exposure_probes` on these records with the data's scene truth (synthetic data) if there is one."""
+    return run_exposure_probes(model, vocab, data_build.reference_loader(records, vocab, cfg_data, batch_size),
+                               cfg_data.max_len, device, data_build.load_scene_truth(cfg_data), records)
 
 
 def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: str, decode_cfg, cfg_data,
                    device: torch.device, *, info: DistInfo = DistInfo(), score_now: bool = True, spice: bool = False,
-                   batch_size: int | None = None, exposure: ExposureReport | None = None) -> Evaluation | None:
+                   batch_size: int | None = None, exposure: ExposureProbes | None = None) -> Evaluation | None:
     """Decode `records[split]` with the `decode` config and score it (`score_now`), next to the most common
     training caption (`records["train"]`). Under DDP every rank decodes its shard; rank 0 alone scores and gets
-    the Evaluation (the others None). `exposure`: a probe already run on this model and split (it does not
+    the Evaluation (the others None). `exposure`: the probes already run on this model and split (they do not
     depend on the decoder)."""
     from captioning.config import decode_kwargs
 
@@ -90,7 +128,7 @@ def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: s
     if not info.is_main:
         return None
     if exposure is None:
-        exposure = run_exposure_probe(model, split_records, vocab, cfg_data, device, batch_size)
+        exposure = probe_split(model, split_records, vocab, cfg_data, device, batch_size)
     evaluation = Evaluation(split, decode_cfg.strategy, params, captions, exposure, split_records)
     if score_now:
         score_evaluation(evaluation, records["train"], spice, data_build.load_scene_truth(cfg_data))
@@ -129,7 +167,7 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, *, device: torc
                         info: DistInfo = DistInfo(), records: dict[str, list[ImageRecord]] | None = None,
                         data_root: str | None = None, ensemble: list | None = None, score_now: bool = True,
                         spice: bool = False, batch_size: int | None = None,
-                        exposure: ExposureReport | None = None) -> Evaluation | None:
+                        exposure: ExposureProbes | None = None) -> Evaluation | None:
     """`evaluate_model` on a checkpoint (and, with `ensemble`, more checkpoints averaged with it), on the data it
     was trained on (or `data_root`); `records` already read can be passed in."""
     from omegaconf import OmegaConf

@@ -1,5 +1,5 @@
-"""An Evaluation written out: the COCO results file, the metrics JSON, the exposure report and plot, the
-printed table, and the logger's metrics and sample table."""
+"""An Evaluation written out: the COCO results file, the metrics JSON, the exposure probes' reports and plots,
+the printed table, and the logger's metrics and sample table."""
 from __future__ import annotations
 
 import json
@@ -33,14 +33,17 @@ def results_path(out_dir: Path, evaluation: Evaluation) -> Path:
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> None:
-    """OUT/results_<split>_<strategy>.json (COCO server format), OUT/<split>_exposure.{json,png} and, when
-    scored, OUT/<split>_metrics.json."""
+    """OUT/results_<split>_<strategy>.json (COCO server format), OUT/<split>_reference_likelihood.{json,png},
+    on synthetic data OUT/<split>_exposure_oracle.{json,png} and, when scored, OUT/<split>_metrics.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     split = evaluation.split
     write_results(results_path(out_dir, evaluation), evaluation.captions)
-    (out_dir / f"{split}_exposure.json").write_text(json.dumps(evaluation.exposure.to_json(), indent=2))
-    evaluation.exposure.plot(out_dir / f"{split}_exposure.png")
+    for name, report in (("reference_likelihood", evaluation.exposure.reference_likelihood),
+                         ("exposure_oracle", evaluation.exposure.oracle)):
+        if report is not None:
+            (out_dir / f"{split}_{name}.json").write_text(json.dumps(report.to_json(), indent=2))
+            report.plot(out_dir / f"{split}_{name}.png")
     if evaluation.scored:
         (out_dir / f"{split}_metrics.json").write_text(json.dumps(
             {**evaluation.keyed(), "checkpoint": evaluation.checkpoint, "checkpoint_step": evaluation.checkpoint_step,
@@ -57,9 +60,16 @@ def print_evaluation(evaluation: Evaluation, out_dir: str | Path) -> None:
           f"{json.dumps(evaluation.decode_params)}, checkpoint step {evaluation.checkpoint_step}")
     print(format_table({"model": evaluation.metrics, "most common caption": evaluation.baseline}))
     summary = evaluation.exposure.summary()
-    print(f"exposure bias: reference NLL per token {summary['exposure/nll_tf']:.3f} teacher-forced vs "
-          f"{summary['exposure/nll_free']:.3f} free-running (gap {summary['exposure/nll_gap']:.3f}); "
-          f"accuracy {summary['exposure/acc_tf']:.3f} vs {summary['exposure/acc_free']:.3f}")
+    print(f"reference likelihood: NLL per reference token {summary['reference_likelihood/nll_tf']:.3f} after the "
+          f"reference's prefix vs {summary['reference_likelihood/nll_free']:.3f} after the model's own greedy prefix; "
+          f"accuracy {summary['reference_likelihood/acc_tf']:.3f} vs {summary['reference_likelihood/acc_free']:.3f}")
+    if "exposure_oracle/excess_error" in summary:
+        print(f"exposure bias against the scene oracle: next-word error {summary['exposure_oracle/error_tf']:.3f} "
+              f"after a reference's prefix vs {summary['exposure_oracle/error_free']:.3f} after the model's own true "
+              f"prefix (excess {summary['exposure_oracle/excess_error']:+.3f}, ExAccErr "
+              f"{summary.get('exposure_oracle/exaccerr', float('nan')):+.3f}); prefix swap: "
+              f"{summary.get('exposure_oracle/swap_ref_correct', float('nan')):.3f} true from a reference's prefix vs "
+              f"{summary.get('exposure_oracle/swap_own_correct', float('nan')):.3f} from its own")
     print(f'(most common training caption: "{evaluation.baseline_caption}")\n')
     if "scene/correct" in evaluation.metrics:
         print(f"scene truth: {evaluation.metrics['scene/correct']:.3f} of the captions are fully true of their image "

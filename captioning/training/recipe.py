@@ -32,10 +32,9 @@ from captioning.data.dataset import BadImageTracker
 from captioning.data.features import open_feature_store
 from captioning.data.vocab import Vocabulary
 from captioning.evaluation.captions import decode_records, references_of, score, write_results
-from captioning.evaluation.evaluate import evaluate_checkpoint, scene_truth
+from captioning.evaluation.evaluate import evaluate_checkpoint, run_exposure_probes, scene_truth
 from captioning.evaluation.reports import report_evaluation, sample_rows
 from captioning.loggers.jsonl import read_jsonl
-from captioning.metrics.exposure import exposure_bias_probe
 from captioning.models.captioner import Captioner, build_captioner
 from captioning.runtime import distributed as dist_utils
 from captioning.runtime.checkpoint import (capture_rng_state, load_newest_usable, previous_path, probe_writable,
@@ -142,7 +141,7 @@ class TrainingState:
     bar: Any = None
     guard: NonFiniteGuard | None = None
     last_checkpoint_time: float = field(default_factory=time.monotonic)
-    reference_loader: Any = None  # the val references for the exposure probe, built at the first validation
+    reference_loader: Any = None  # the val references for the exposure probes, built at the first validation
     scenes: dict | None = None  # synthetic data: image_id -> the scene, for the scene truth checker
 
     @property
@@ -447,7 +446,7 @@ def log_progress(state: TrainingState) -> None:
 
 def validate(state: TrainingState) -> dict[str, float]:
     """Greedy-decode the val split (at most trainer.val_max_images), score it (or write it for deferred scoring),
-    run the exposure probe; every rank gets rank 0's `val/` metrics."""
+    run the exposure probes; every rank gets rank 0's `val/` metrics."""
     cfg, info, model = state.cfg, state.info, state.model
     val_records = state.records["val"][: cfg.trainer.val_max_images or None]
     dist_utils.broadcast_buffers(model, info)  # BatchNorm running stats: every rank decodes with rank 0's
@@ -465,7 +464,8 @@ def validate(state: TrainingState) -> dict[str, float]:
         if state.reference_loader is None:
             state.reference_loader = data_build.reference_loader(val_records, state.vocab, cfg.data)
         with autocast(state.device, state.amp_dtype):
-            exposure = exposure_bias_probe(model, state.reference_loader, state.device, cfg.data.max_len)
+            exposure = run_exposure_probes(model, state.vocab, state.reference_loader, cfg.data.max_len, state.device,
+                                           state.scenes, val_records)
         metrics.update({f"val/{k}": v for k, v in exposure.summary().items()})
         state.logger.log_table("val/samples", ["image", "generated", "references"],  # W&B sends a few of them
                                sample_rows(val_records, captions, 16), state.progress.step)

@@ -1,5 +1,7 @@
-"""Exposure-bias probe: how much worse the decoder predicts the reference once its own choices are in
-the prefix (the motivation of scheduled sampling, Bengio et al. 2015).
+"""Reference-likelihood probe: how much worse the decoder predicts the REFERENCE word once its own choices are
+in the prefix. Not a measure of derailing: once the model has chosen another valid wording, the reference word is
+no longer the right continuation, so a paraphrase counts as an error here (He et al. 2019). On synthetic data the
+oracle measure (captioning.metrics.oracle_exposure) judges the model's words against the scene instead.
 
 For every reference caption w_1..w_n <eos> of every image (all references, not one), and every word
 position t = 1..n+1 (1-based; the <eos> position included, padding ignored):
@@ -15,11 +17,10 @@ position t = 1..n+1 (1-based; the <eos> position included, padding ignored):
 
 Position 1 has the prefix <bos> in both modes, so it is computed once and the two modes agree exactly
 there. Per position the report gives mean NLL and accuracy under both modes, the gaps
-(nll_gap = free - tf, acc_gap = tf - free: positive = exposure bias hurts) and the number of reference
-tokens at that position; summary() gives the token-weighted means over all positions under the keys
-"exposure/nll_tf", "exposure/nll_free", "exposure/nll_gap", "exposure/acc_tf", "exposure/acc_free",
-"exposure/acc_gap" (callers prefix the split: "val/exposure/nll_gap"). Reference words outside the
-vocabulary are scored as <unk>, as in training; captions longer than max_len are truncated the same way.
+(nll_gap = free - tf, acc_gap = tf - free: positive = the reference is predicted worse after the model's own
+prefix) and the number of reference tokens at that position; summary() gives the token-weighted means over all
+positions under the keys "reference_likelihood/{nll,acc}_{tf,free,gap}" (callers prefix the split:
+"val/reference_likelihood/nll_gap"). Reference words outside the vocabulary are scored as <unk>, as in training; captions longer than max_len are truncated the same way.
 
 Both modes run through the step interface (init_state / step / reorder_state) as one batched loop over
 positions (teacher-forced and free-running rows side by side), with no host synchronisation per step.
@@ -34,8 +35,8 @@ import torch
 
 from captioning.models.captioner import never_generated
 
-SUMMARY_KEYS = ("exposure/nll_tf", "exposure/nll_free", "exposure/nll_gap",
-                "exposure/acc_tf", "exposure/acc_free", "exposure/acc_gap")
+SUMMARY_KEYS = ("reference_likelihood/nll_tf", "reference_likelihood/nll_free", "reference_likelihood/nll_gap",
+                "reference_likelihood/acc_tf", "reference_likelihood/acc_free", "reference_likelihood/acc_gap")
 
 
 @torch.no_grad()
@@ -72,7 +73,7 @@ def probe_captions(model, images: torch.Tensor, captions: torch.Tensor, image_in
 
 
 @dataclass
-class ExposureReport:
+class ReferenceLikelihoodReport:
     """per_position: lists indexed by position t - 1 (t = 1..T, T = the longest reference + <eos>), keys
     "position", "tokens", "nll_tf", "nll_free", "nll_gap", "acc_tf", "acc_free", "acc_gap"."""
     per_position: dict[str, list[float]]
@@ -85,9 +86,9 @@ class ExposureReport:
         tokens = sum(p["tokens"])
         mean = {name: sum(m * n for m, n in zip(p[name], p["tokens"])) / tokens
                 for name in ("nll_tf", "nll_free", "acc_tf", "acc_free")}
-        return {"exposure/nll_tf": mean["nll_tf"], "exposure/nll_free": mean["nll_free"],
-                "exposure/nll_gap": mean["nll_free"] - mean["nll_tf"], "exposure/acc_tf": mean["acc_tf"],
-                "exposure/acc_free": mean["acc_free"], "exposure/acc_gap": mean["acc_tf"] - mean["acc_free"]}
+        return {"reference_likelihood/nll_tf": mean["nll_tf"], "reference_likelihood/nll_free": mean["nll_free"],
+                "reference_likelihood/nll_gap": mean["nll_free"] - mean["nll_tf"], "reference_likelihood/acc_tf": mean["acc_tf"],
+                "reference_likelihood/acc_free": mean["acc_free"], "reference_likelihood/acc_gap": mean["acc_tf"] - mean["acc_free"]}
 
     def to_json(self) -> dict:
         return {"summary": self.summary(), "per_position": self.per_position, "images": self.images,
@@ -115,9 +116,9 @@ class ExposureReport:
             ax.legend()
         panels[1].set_ylim(-0.02, 1.02)
         s = self.summary()
-        fig.suptitle(f"exposure bias: {self.images} images, {self.captions} captions, "
-                     f"{sum(p['tokens'])} tokens; NLL gap {s['exposure/nll_gap']:+.3f}, "
-                     f"accuracy gap {s['exposure/acc_gap']:+.3f}")
+        fig.suptitle(f"reference likelihood, own vs reference prefix: {self.images} images, {self.captions} captions, "
+                     f"{sum(p['tokens'])} tokens; NLL gap {s['reference_likelihood/nll_gap']:+.3f}, "
+                     f"accuracy gap {s['reference_likelihood/acc_gap']:+.3f}")
         fig.savefig(path, dpi=100)
         return path
 
@@ -125,26 +126,26 @@ class ExposureReport:
 def _check_batch(batch: dict, max_len: int) -> None:
     for key in ("images", "targets"):
         if key not in batch:
-            raise ValueError(f"exposure probe: batch has no {key!r} (keys: {sorted(batch)}); it needs the training "
+            raise ValueError(f"reference-likelihood probe: batch has no {key!r} (keys: {sorted(batch)}); it needs the training "
                              "dataset's batches (images and targets (B, C, L))")
     images, targets = batch["images"], batch["targets"]
     if targets.dim() != 3 or targets.dtype != torch.long:
-        raise ValueError(f"exposure probe: targets must be a (B, C, L) long tensor (got {tuple(targets.shape)}, "
+        raise ValueError(f"reference-likelihood probe: targets must be a (B, C, L) long tensor (got {tuple(targets.shape)}, "
                          f"{targets.dtype})")
     if targets.shape[0] != images.shape[0]:
-        raise ValueError(f"exposure probe: {images.shape[0]} images but targets for {targets.shape[0]}")
+        raise ValueError(f"reference-likelihood probe: {images.shape[0]} images but targets for {targets.shape[0]}")
     if targets.shape[2] > max_len + 1:
-        raise ValueError(f"exposure probe: targets have {targets.shape[2]} positions, more than max_len + 1 = "
+        raise ValueError(f"reference-likelihood probe: targets have {targets.shape[2]} positions, more than max_len + 1 = "
                          f"{max_len + 1} (max_len={max_len} words plus <eos>)")
 
 
-def exposure_bias_probe(model, batches: Iterable[dict], device: torch.device | str, max_len: int) -> ExposureReport:
+def reference_likelihood_probe(model, batches: Iterable[dict], device: torch.device | str, max_len: int) -> ReferenceLikelihoodReport:
     """Teacher-forced vs free-running NLL and accuracy per word position over all captions in `batches`
     (dicts with "images" (B, ...) and "targets" (B, C, L), as the training dataset + collate give them;
     all-padding caption rows are skipped, batches with no good image (size 0) too). Runs under no_grad in
     eval mode and restores the model's mode afterwards."""
     if max_len < 1:
-        raise ValueError(f"exposure probe: max_len must be >= 1 (got {max_len})")
+        raise ValueError(f"reference-likelihood probe: max_len must be >= 1 (got {max_len})")
     device = torch.device(device)
     positions = max_len + 1
     sums = torch.zeros(5, positions, dtype=torch.float64, device=device)  # tokens, nll tf/free, acc tf/free
@@ -175,7 +176,7 @@ def exposure_bias_probe(model, batches: Iterable[dict], device: torch.device | s
     sums = sums.cpu()
     tokens = sums[0]
     if tokens.sum() == 0:
-        raise ValueError("exposure probe: the batches hold no reference token (no batch, or only padding)")
+        raise ValueError("reference-likelihood probe: the batches hold no reference token (no batch, or only padding)")
     last = int(tokens.nonzero().max()) + 1
     sums, tokens = sums[:, :last], tokens[:last]
     means = sums[1:] / tokens.clamp(min=1)  # (4, T)
@@ -183,4 +184,4 @@ def exposure_bias_probe(model, batches: Iterable[dict], device: torch.device | s
         "position": list(range(1, last + 1)), "tokens": [int(x) for x in tokens.tolist()],
         "nll_tf": means[0].tolist(), "nll_free": means[1].tolist(), "nll_gap": (means[1] - means[0]).tolist(),
         "acc_tf": means[2].tolist(), "acc_free": means[3].tolist(), "acc_gap": (means[2] - means[3]).tolist()}
-    return ExposureReport(per_position, images_seen, captions_seen)
+    return ReferenceLikelihoodReport(per_position, images_seen, captions_seen)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from captioning.data.build import reference_loader
-from captioning.metrics.exposure import SUMMARY_KEYS, ExposureReport, exposure_bias_probe, probe_captions
+from captioning.metrics.reference_likelihood import SUMMARY_KEYS, ReferenceLikelihoodReport, reference_likelihood_probe, probe_captions
 from captioning.models.captioner import Captioner
 from captioning.models.decoder import RNNDecoder
 from captioning.models.encoder import PrecomputedFeatures
@@ -61,7 +61,7 @@ def words_of(row: torch.Tensor) -> list[int]:
 def test_teacher_forced_equals_cross_entropy_of_fused_forward():
     model = tiny_model(dropout=0.3).train()  # the probe must switch dropout off and switch back
     batches = [random_batch(3, 4, seed=1), random_batch(2, 5, seed=2)]
-    report = exposure_bias_probe(model, batches, "cpu", MAX_LEN)
+    report = reference_likelihood_probe(model, batches, "cpu", MAX_LEN)
     assert model.training
 
     model.eval()
@@ -80,8 +80,8 @@ def test_teacher_forced_equals_cross_entropy_of_fused_forward():
     expected_nll = sum(float(loss[m].sum()) for loss, m in zip(losses, mask)) / tokens
     expected_acc = sum(float(h[m].sum()) for h, m in zip(hits, mask)) / tokens
     summary = report.summary()
-    assert summary["exposure/nll_tf"] == pytest.approx(expected_nll, rel=1e-5)
-    assert summary["exposure/acc_tf"] == pytest.approx(expected_acc, abs=1e-9)
+    assert summary["reference_likelihood/nll_tf"] == pytest.approx(expected_nll, rel=1e-5)
+    assert summary["reference_likelihood/acc_tf"] == pytest.approx(expected_acc, abs=1e-9)
     for t, (nll_t, n_t) in enumerate(zip(report.per_position["nll_tf"], report.per_position["tokens"])):
         at_t = [loss[:, t][m[:, t]] for loss, m in zip(losses, mask) if loss.shape[1] > t]
         assert n_t == sum(len(x) for x in at_t)
@@ -108,7 +108,7 @@ def test_position_one_identical_and_both_modes_match_a_per_caption_loop():
             assert out[f"correct_{mode}"][n, :k].tolist() == oracle[f"correct_{mode}"]
         differs += not torch.allclose(out["nll_tf"][n, 1:k], out["nll_free"][n, 1:k])
     assert differs > 0  # random references: the greedy prefix departs from them, so the modes must differ
-    report = exposure_bias_probe(model, [batch], "cpu", MAX_LEN)
+    report = reference_likelihood_probe(model, [batch], "cpu", MAX_LEN)
     p = report.per_position
     assert p["nll_tf"][0] == p["nll_free"][0] and p["acc_tf"][0] == p["acc_free"][0]
     assert p["nll_gap"][0] == 0.0 and p["acc_gap"][0] == 0.0
@@ -162,14 +162,14 @@ def test_greedy_reference_has_no_gap_and_wrong_prefix_raises_nll():
             assert not out["correct_free"][n, 1:k - 1].any()
     assert sorted(n // 2 for n in followed) == [0, 1]  # exactly one followed reference per image
 
-    report = exposure_bias_probe(model, [batch], "cpu", MAX_LEN)
+    report = reference_likelihood_probe(model, [batch], "cpu", MAX_LEN)
     summary = report.summary()
     mask = captions != 0
-    assert summary["exposure/acc_tf"] == 14 / 16  # 16 tokens; at position 1 one reference per image is missed
-    assert summary["exposure/acc_free"] == pytest.approx(float(out["correct_free"][mask].float().mean()))
+    assert summary["reference_likelihood/acc_tf"] == 14 / 16  # 16 tokens; at position 1 one reference per image is missed
+    assert summary["reference_likelihood/acc_free"] == pytest.approx(float(out["correct_free"][mask].float().mean()))
     expected_free = float(out["nll_free"][mask].sum()) / int(mask.sum())
-    assert summary["exposure/nll_free"] == pytest.approx(expected_free, rel=1e-5)
-    assert summary["exposure/nll_gap"] > 1.0 and summary["exposure/acc_gap"] > 0.25
+    assert summary["reference_likelihood/nll_free"] == pytest.approx(expected_free, rel=1e-5)
+    assert summary["reference_likelihood/nll_gap"] > 1.0 and summary["reference_likelihood/acc_gap"] > 0.25
     # Position 1 is a coin flip in both modes; from 2 on tf is perfect, free only on the followed references.
     p = report.per_position
     assert p["acc_tf"][0] == p["acc_free"][0] == 0.5
@@ -180,11 +180,11 @@ def test_greedy_reference_has_no_gap_and_wrong_prefix_raises_nll():
 def test_padding_positions_and_rows_are_ignored():
     model = tiny_model()
     batch = random_batch(2, 3, seed=4)
-    report = exposure_bias_probe(model, [batch], "cpu", MAX_LEN + 3)
+    report = reference_likelihood_probe(model, [batch], "cpu", MAX_LEN + 3)
     b, c, length = batch["targets"].shape
     padded = torch.zeros(b, c + 1, length + 3, dtype=torch.long)  # an all-padding caption, extra pad columns
     padded[:, :c, :length] = batch["targets"]
-    report_padded = exposure_bias_probe(model, [{"images": batch["images"], "targets": padded}], "cpu",
+    report_padded = reference_likelihood_probe(model, [{"images": batch["images"], "targets": padded}], "cpu",
                                         MAX_LEN + 3)
     assert report_padded.per_position["tokens"] == report.per_position["tokens"]
     assert report_padded.captions == report.captions == b * c
@@ -197,23 +197,23 @@ def test_padding_positions_and_rows_are_ignored():
 
 def test_report_keys_json_plot_and_mode(tmp_path):
     model = tiny_model().eval()
-    report = exposure_bias_probe(model, [random_batch(2, 2, seed=5), {"size": 0, "bad_images": []}], "cpu",
+    report = reference_likelihood_probe(model, [random_batch(2, 2, seed=5), {"size": 0, "bad_images": []}], "cpu",
                                  MAX_LEN)
     assert not model.training  # eval stays eval
     summary = report.summary()
-    assert set(summary) == set(SUMMARY_KEYS) == {f"exposure/{m}_{k}" for m in ("nll", "acc")
+    assert set(summary) == set(SUMMARY_KEYS) == {f"reference_likelihood/{m}_{k}" for m in ("nll", "acc")
                                                  for k in ("tf", "free", "gap")}
     assert all(math.isfinite(v) for v in summary.values())
-    assert summary["exposure/nll_gap"] == pytest.approx(summary["exposure/nll_free"] - summary["exposure/nll_tf"])
-    assert summary["exposure/acc_gap"] == pytest.approx(summary["exposure/acc_tf"] - summary["exposure/acc_free"])
+    assert summary["reference_likelihood/nll_gap"] == pytest.approx(summary["reference_likelihood/nll_free"] - summary["reference_likelihood/nll_tf"])
+    assert summary["reference_likelihood/acc_gap"] == pytest.approx(summary["reference_likelihood/acc_tf"] - summary["reference_likelihood/acc_free"])
     assert set(report.per_position) == PER_POSITION_KEYS
     assert len({len(v) for v in report.per_position.values()}) == 1
     data = json.loads(json.dumps(report.to_json()))
     assert data["summary"] == pytest.approx(summary) and data["tokens"] == sum(report.per_position["tokens"])
-    restored = ExposureReport(data["per_position"], data["images"], data["captions"])
+    restored = ReferenceLikelihoodReport(data["per_position"], data["images"], data["captions"])
     assert restored.summary() == pytest.approx(summary)
 
-    path = report.plot(tmp_path / "plots" / "exposure.png")
+    path = report.plot(tmp_path / "plots" / "reference_likelihood.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
 
@@ -225,14 +225,14 @@ def test_clear_errors_and_mode_restored_after_one():
     model = tiny_model().train()
     batch = random_batch(2, 2, seed=6)
     with pytest.raises(ValueError, match="max_len"):
-        exposure_bias_probe(model, [batch], "cpu", max_len=batch["targets"].shape[2] - 2)
+        reference_likelihood_probe(model, [batch], "cpu", max_len=batch["targets"].shape[2] - 2)
     assert model.training
     with pytest.raises(ValueError, match=r"\(B, C, L\)"):
-        exposure_bias_probe(model, [{"images": batch["images"], "targets": batch["targets"][:, 0]}], "cpu", MAX_LEN)
+        reference_likelihood_probe(model, [{"images": batch["images"], "targets": batch["targets"][:, 0]}], "cpu", MAX_LEN)
     with pytest.raises(ValueError, match="'targets'"):
-        exposure_bias_probe(model, [{"images": batch["images"]}], "cpu", MAX_LEN)
+        reference_likelihood_probe(model, [{"images": batch["images"]}], "cpu", MAX_LEN)
     with pytest.raises(ValueError, match="no reference token"):
-        exposure_bias_probe(model, [], "cpu", MAX_LEN)
+        reference_likelihood_probe(model, [], "cpu", MAX_LEN)
 
 
 def test_reference_loader_yields_every_reference_once(tmp_path):
@@ -261,6 +261,6 @@ def test_reference_loader_yields_every_reference_once(tmp_path):
     assert got == sorted(["a red cube", "the red cube on", "a blue ball", "a ball"])  # truncated to max_len
     model = Captioner(PrecomputedFeatures(FEAT), RNNDecoder(len(vocab), 8, 8))
     model.encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(FEAT))  # images -> (B, F)
-    report = exposure_bias_probe(model, batches, "cpu", cfg.max_len)
+    report = reference_likelihood_probe(model, batches, "cpu", cfg.max_len)
     assert report.captions == 4 and report.images == 2
     assert report.per_position["tokens"] == [4, 4, 4, 3, 1]
