@@ -43,8 +43,9 @@ def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
         assert key in test and 0 <= test[key] <= 10
     for key in ("nll_tf", "nll_free", "nll_gap", "acc_tf", "acc_free", "acc_gap"):
         assert f"test/reference_likelihood/{key}" in test and all(f"val/reference_likelihood/{key}" in r for r in val)
-    for key in ("error_tf", "error_free", "excess_error", "free_correct", "swap_gap"):  # synthetic data: the oracle
+    for key in ("error_tf", "error_free", "excess_error", "free_correct"):  # synthetic data: the oracle
         assert f"test/exposure_oracle/{key}" in test and all(f"val/exposure_oracle/{key}" in r for r in val)
+    assert "test/exposure_oracle/swap_gap" in test and not any("val/exposure_oracle/swap_gap" in r for r in val)
     for name in ("reference_likelihood", "exposure_oracle"):
         assert (tmp_path / f"test_{name}.png").is_file() and (tmp_path / f"test_{name}.json").is_file()
     results = json.loads((tmp_path / "results_test_beam.json").read_text())

@@ -35,10 +35,11 @@ class ExposureProbes:
 
 
 def run_exposure_probes(model, vocab, loader, max_len: int, device: torch.device, scenes: dict | None = None,
-                        records: list[ImageRecord] | None = None) -> ExposureProbes:
+                        records: list[ImageRecord] | None = None, prefix_swap: bool = True) -> ExposureProbes:
     """Both probes over the batches of `loader` (data.build.reference_loader: images, image ids and every
     reference); the oracle one when `scenes` (and the split's `records`, whose raw references it judges) are given.
-    With scenes the batches are read once and kept (synthetic splits are small)."""
+    With scenes the batches are read once and kept (synthetic splits are small). `prefix_swap=False` leaves out
+    the prefix-swap continuations (most of the oracle probe's time: validations skip them)."""
     if scenes is None:
         return ExposureProbes(reference_likelihood_probe(model, loader, device, max_len))
     if records is None:
@@ -47,7 +48,7 @@ def run_exposure_probes(model, vocab, loader, max_len: int, device: torch.device
     likelihood = reference_likelihood_probe(model, batches, device, max_len)
     references = {r.image_id: r.captions for r in records}
     oracle = oracle_exposure(model, vocab, ((b["images"], b["image_ids"].tolist()) for b in batches),
-                    scenes, references, max_len, device=device)
+                    scenes, references, max_len, prefix_lengths=None if prefix_swap else [], device=device)
     return ExposureProbes(likelihood, oracle)
 
 

@@ -446,7 +446,8 @@ def log_progress(state: TrainingState) -> None:
 
 def validate(state: TrainingState) -> dict[str, float]:
     """Greedy-decode the val split (at most trainer.val_max_images), score it (or write it for deferred scoring),
-    run the exposure probes; every rank gets rank 0's `val/` metrics."""
+    run the exposure probes (without the oracle's prefix swap, which the final test runs); every rank gets rank
+    0's `val/` metrics."""
     cfg, info, model = state.cfg, state.info, state.model
     val_records = state.records["val"][: cfg.trainer.val_max_images or None]
     dist_utils.broadcast_buffers(model, info)  # BatchNorm running stats: every rank decodes with rank 0's
@@ -465,7 +466,7 @@ def validate(state: TrainingState) -> dict[str, float]:
             state.reference_loader = data_build.reference_loader(val_records, state.vocab, cfg.data)
         with autocast(state.device, state.amp_dtype):
             exposure = run_exposure_probes(model, state.vocab, state.reference_loader, cfg.data.max_len, state.device,
-                                           state.scenes, val_records)
+                                           state.scenes, val_records, prefix_swap=False)
         metrics.update({f"val/{k}": v for k, v in exposure.summary().items()})
         state.logger.log_table("val/samples", ["image", "generated", "references"],  # W&B sends a few of them
                                sample_rows(val_records, captions, 16), state.progress.step)
