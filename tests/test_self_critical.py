@@ -244,3 +244,34 @@ def test_mean_baseline_needs_two_samples_and_some_reward_weight(tiny_data_root):
     validate_train_config(compose(base + ["objective.reward.cider_d=0", "objective.reward.bleu4=1"]))
     with pytest.raises(ConfigError, match=r"objective\.baseline"):  # cross_entropy takes no other key
         validate_train_config(compose(tiny_overrides(tiny_data_root) + ["+objective.baseline=greedy"]))
+
+
+def test_resume_of_a_self_critical_run_equals_the_straight_run(tiny_data_root, tmp_path, monkeypatch):
+    """Cross-entropy for 3 steps, then self-critical; a SIGTERM during step 5 (self-critical, mid-epoch); the
+    restarted run ends with the straight run's weights, losses and reward statistics, bit for bit."""
+    from captioning.loggers.jsonl import read_jsonl
+    from captioning.runtime.checkpoint import load_checkpoint
+    from captioning.training.recipe import train
+    from conftest import preempt_run_during_step
+
+    overrides = tiny_overrides(tiny_data_root) + [
+        "objective=self_critical", "objective.start_step=3", "objective.samples_per_image=3", "objective.max_len=6",
+        "trainer.max_steps=8", "trainer.val_every_n_steps=4", "trainer.log_every_n_steps=1", "data.batch_size=4",
+        "trainer.evaluate_after_training=false", "trainer.scoring=deferred"]
+    straight = train(compose(overrides), tmp_path / "straight")
+    first = preempt_run_during_step(monkeypatch, compose(overrides), tmp_path / "resumed", 5)
+    assert first["preempted"] and first["steps"] == 5
+    assert train(compose(overrides), tmp_path / "resumed")["steps"] == straight["steps"] == 8
+
+    def train_records(run):  # without the timings (throughput, data wait)
+        return [{k: v for k, v in r.items() if not k.endswith(("_per_s", "data_wait_fraction"))}
+                for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
+
+    records = train_records("straight")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all("train/reward" in r for r in records if r["step"] > 3)  # self-critical from step 4 on
+    assert not any("train/reward" in r for r in records if r["step"] <= 3)
+    assert train_records("resumed") == records
+    for name in ("last.pt", "best.pt"):
+        a, b = (load_checkpoint(tmp_path / run / "checkpoints" / name)["model"] for run in ("straight", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
