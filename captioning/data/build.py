@@ -34,9 +34,14 @@ def resolve_root(cfg_data) -> Path:
 
 
 def prepare_inputs(cfg):
-    """The run's config with its model inputs ready: today the config as it is (a place for input preparation
-    that must run before the data and the model are built, e.g. features cached for the run)."""
-    return cfg
+    """The run's config with its model inputs ready, before the data and the model are built. With
+    `model.encoder.pretrain` set on synthetic data (the default), the CNN pretrained on the scene labels and its
+    cached features (built on first use, reused after: captioning.data.scene_features): the config returned reads
+    `data.features` with the frozen encoder `model.encoder.weights`. Otherwise (`model.encoder.pretrain=null`,
+    `data=coco`, or a `data.features` folder given) the config as it is."""
+    from captioning.data.scene_features import prepare
+
+    return prepare(cfg)
 
 
 def load_records(cfg_data) -> dict[str, list[ImageRecord]]:

@@ -1,0 +1,461 @@
+"""A CNN pretrained on the synthetic scenes' labels, frozen, its features cached: the synthetic stand-in for
+ImageNet pretraining, so the default job trains only the decoder (fast on a CPU) on features that know colour
+and shape.
+
+    model.encoder.pretrain: {task: scene_labels, epochs: ..., ...}   (conf/model/show_tell.yaml, the default)
+
+`prepare(cfg)` (called by data.build.prepare_inputs at the start of every training run) does, for synthetic
+data without `data.features` set:
+
+1. Look up the cache entry keyed by the data set's fingerprint (its synthetic_meta.json: generator hash and
+   sizes), the encoder (name, pool, grid size), the image transform (image_size, resize_size) and the
+   pretraining settings. Built once, reused by every later run (a file lock makes concurrent runs, DDP ranks
+   or a sweep's processes, wait for the one that builds it).
+2. If missing: train the torchvision backbone from scratch on the train split's scene labels (below), with a
+   linear head per label on its pooled feature; then encode every image of every split with the frozen
+   backbone into a feature store (the layout of captioning.data.features / tools/extract_features.py).
+3. Return the config with `data.features` = the store, `model.encoder.weights` = the saved backbone (a local
+   .pth, so a checkpoint trained on the features still captions JPEGs: captioning-predict rebuilds the
+   encoder from it) and `model.encoder.trainable` = false.
+
+Nothing changes for `data=coco`, for a `data.features` folder the user gives, or with `model.encoder.pretrain=null`
+(the CNN is then trained end to end from the JPEGs).
+
+Scene labels (one softmax each; absent slots and positions of multi-object scenes are not scored):
+    count (1-3), layout (single / horizontal / vertical), position (single object: centre, left, ...),
+    slot{0,1,2}_{shape,colour,size}: the objects in reading order (left to right, top to bottom), the
+    order the captions name them in.
+Training images are flipped left-right with probability `hflip` (every shape is left-right symmetric; the labels
+follow: a row's reading order reverses, left and right swap).
+
+Cache entry (CAPTIONING_CACHE/scene_encoders/<task>_<encoder>_<hash>/):
+    encoder.pth      the backbone's state dict without its classifier (model.encoder.weights)
+    features/        the feature store (data.features)
+    pretrain.json    settings, data fingerprint, validation accuracy per label, timings; written LAST (complete)
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf, open_dict
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the labels, the training or the files change: older cache entries are not reused
+TASKS = ("scene_labels",)
+DEFAULTS = {"task": "scene_labels", "extra_images": 16000, "epochs": 3, "batch_size": 128, "lr": 3e-3,
+            "weight_decay": 1e-4, "hflip": 0.5, "seed": 0}
+JPEG_QUALITY = 90  # as captioning.data.synthetic.generate_synthetic writes its images
+POSITIONS = ("center", "left", "right", "top", "bottom")
+LAYOUTS = ("single", "horizontal", "vertical")
+MAX_OBJECTS = 3
+COMPLETE_FILE = "pretrain.json"
+
+
+def _heads() -> dict[str, int]:
+    from captioning.data.scene_grammar import COLORS, SHAPES
+
+    heads = {"count": MAX_OBJECTS, "layout": len(LAYOUTS), "position": len(POSITIONS)}
+    for slot in range(MAX_OBJECTS):
+        heads.update({f"slot{slot}_shape": len(SHAPES), f"slot{slot}_colour": len(COLORS), f"slot{slot}_size": 2})
+    return heads
+
+
+# -- config ----------------------------------------------------------------------------------------------------
+def settings_of(cfg) -> dict | None:
+    """The validated `model.encoder.pretrain` node (defaults filled in), or None when pretraining is off."""
+    from captioning.config import ConfigError
+
+    node = cfg.model.encoder.get("pretrain")
+    if node is None:
+        return None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"model.encoder.pretrain must be null or a node with task: {TASKS[0]} (got {node!r})")
+    settings = {**DEFAULTS, **OmegaConf.to_container(node, resolve=True)}
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"model.encoder.pretrain.{unknown[0]} is not a pretraining setting "
+                          f"(the keys are {sorted(DEFAULTS)}) (got {settings[unknown[0]]!r})")
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"model.encoder.pretrain.{key} {message} (got {settings[key]!r})")
+
+    require(settings["task"] in TASKS, "task", f"must be one of {list(TASKS)}")
+    for key in ("epochs", "batch_size", "extra_images"):
+        value = settings[key]
+        low = 0 if key == "extra_images" else 1
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= low, key,
+                f"must be an integer >= {low}")
+    require(isinstance(settings["seed"], int) and not isinstance(settings["seed"], bool) and settings["seed"] >= 0,
+            "seed", "must be an integer >= 0")
+    for key, low in (("lr", 0.0), ("weight_decay", None), ("hflip", None)):
+        value = settings[key]
+        require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
+                "must be a number")
+    require(settings["lr"] > 0, "lr", "must be > 0")
+    require(settings["weight_decay"] >= 0, "weight_decay", "must be >= 0")
+    require(0 <= settings["hflip"] <= 1, "hflip", "must be in [0, 1]")
+    settings["lr"], settings["weight_decay"], settings["hflip"] = (float(settings[k]) for k in
+                                                                     ("lr", "weight_decay", "hflip"))
+    return settings
+
+
+def prepare(cfg):
+    """`cfg` itself when pretraining does not apply; else a copy reading the pretrained encoder's cached features
+    (built first if missing). Raises ConfigError for settings that contradict pretraining."""
+    from captioning.config import ConfigError
+
+    settings = settings_of(cfg)
+    if settings is None or cfg.data.name != "synthetic" or cfg.data.get("features"):
+        return cfg  # off, no scene labels (COCO), or the user's own feature store: nothing changes
+    e = cfg.model.encoder
+    if e.weights is not None:
+        raise ConfigError("model.encoder.weights cannot be used with model.encoder.pretrain: pretraining makes the "
+                          "encoder's weights; set model.encoder.pretrain=null to start from "
+                          f"model.encoder.weights (got {e.weights!r})")
+    if e.get("unfreeze_after_steps") is not None:
+        raise ConfigError("model.encoder.unfreeze_after_steps cannot be used with model.encoder.pretrain: the "
+                          "pretrained encoder is frozen and read as cached features; set "
+                          f"model.encoder.pretrain=null to fine-tune from images (got {e.unfreeze_after_steps!r})")
+    if cfg.trainer.get("num_threads"):
+        torch.set_num_threads(cfg.trainer.num_threads)
+    entry = ensure_scene_features(cfg.data, e, settings, device=_device(cfg))
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.data.features = str(entry / "features")
+        cfg.model.encoder.weights = str(entry / "encoder.pth")
+        cfg.model.encoder.trainable = False
+    return cfg
+
+
+def _device(cfg) -> torch.device:
+    from captioning.runtime.distributed import pick_device, read_env
+
+    return pick_device(str(cfg.trainer.device), read_env())
+
+
+# -- the cache entry -------------------------------------------------------------------------------------------
+def data_fingerprint(root: Path) -> dict:
+    """What identifies a synthetic generation: its generation arguments, format version and generator hash."""
+    from captioning.data.synthetic import META_FILE
+
+    return json.loads((Path(root) / META_FILE).read_text())
+
+
+def entry_key(fingerprint: dict, encoder_cfg, cfg_data, settings: dict) -> dict:
+    return {"format_version": FORMAT_VERSION, "data": fingerprint,
+            "encoder": {"name": encoder_cfg.name, "pool": encoder_cfg.get("pool", "avg"),
+                        "grid_size": encoder_cfg.get("grid_size", 2)},
+            "image_size": cfg_data.image_size, "resize_size": cfg_data.resize_size, "pretrain": settings}
+
+
+def entry_dir(key: dict) -> Path:
+    from captioning.data.build import cache_dir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return (cache_dir() / "scene_encoders" / f"{key['pretrain']['task']}_{key['encoder']['name']}_{digest}").resolve()
+
+
+def is_complete(entry: Path) -> bool:
+    from captioning.data.features import FeatureStore
+
+    if not (entry / COMPLETE_FILE).is_file() or not (entry / "encoder.pth").is_file():
+        return False
+    try:
+        return FeatureStore(entry / "features").complete()
+    except (FileNotFoundError, ValueError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def ensure_scene_features(cfg_data, encoder_cfg, settings: dict, device: torch.device | str = "cpu") -> Path:
+    """The cache entry folder for these settings, built if missing (under a file lock)."""
+    from captioning.data.build import load_records, resolve_root
+
+    root = resolve_root(cfg_data)
+    key = entry_key(data_fingerprint(root), encoder_cfg, cfg_data, settings)
+    entry = entry_dir(key)
+    with _locked(entry.parent / f".{entry.name}.lock"):
+        if is_complete(entry):
+            log.info("pretrained scene encoder: reusing %s", entry)
+            return entry
+        shutil.rmtree(entry, ignore_errors=True)  # an interrupted build
+        entry.mkdir(parents=True)
+        build_entry(entry, key, load_records(cfg_data), root, cfg_data, encoder_cfg, settings, torch.device(device))
+    return entry
+
+
+def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, encoder_cfg, settings: dict,
+                device: torch.device) -> dict:
+    from captioning.data.synthetic import load_scenes
+
+    started = time.perf_counter()
+    unique = {r.image_id: r for split in records.values() for r in split}
+    image_ids = sorted(unique)
+    pixels, bad = load_pixels([unique[i] for i in image_ids], cfg_data)
+    loaded = time.perf_counter()
+    scenes = load_scenes(root)
+    labels = scene_labels([scenes[i] for i in image_ids])  # (N, heads)
+    row_of = {image_id: row for row, image_id in enumerate(image_ids)}
+    usable = lambda split: [row_of[r.image_id] for r in records[split] if r.image_id not in bad]  # noqa: E731
+    extra_pixels, extra_labels = generated_scenes(settings["extra_images"], key["data"]["kwargs"]["image_size"],
+                                                  cfg_data, settings["seed"])
+    train_rows = usable("train") + list(range(len(image_ids), len(image_ids) + len(extra_pixels)))
+    backbone, feature_dim = build_backbone(encoder_cfg)
+    log.info("pretraining %s on the scene labels of %d training images and %d more generated scenes (%d epochs, "
+             "cached in %s)", encoder_cfg.name, len(usable("train")), len(extra_pixels), settings["epochs"], entry)
+    history = pretrain(backbone, feature_dim, torch.cat([pixels, extra_pixels]), torch.cat([labels, extra_labels]),
+                       train_rows, usable("val"), settings, device)
+    trained = time.perf_counter()
+    torch.save(backbone.state_dict(), entry / "encoder.pth")
+    features = encode(backbone, pixels, device)
+    write_store(entry / "features", image_ids, features, bad, {
+        "name": encoder_cfg.name, "weights": str(entry / "encoder.pth"), "pool": encoder_cfg.get("pool", "avg"),
+        "grid_size": encoder_cfg.get("grid_size", 2), "image_size": cfg_data.image_size,
+        "resize_size": cfg_data.resize_size, "images": len(image_ids), "feature_dim": feature_dim})
+    done = time.perf_counter()
+    report = {"key": key, "images": len(image_ids), "bad_images": len(bad), "device": str(device),
+              "threads": torch.get_num_threads(), "val_accuracy": history[-1]["val_accuracy"] if history else {},
+              "history": history, "seconds": {"load": round(loaded - started, 1), "pretrain": round(trained - loaded, 1),
+                                               "extract": round(done - trained, 1), "total": round(done - started, 1)}}
+    (entry / COMPLETE_FILE).write_text(json.dumps(report, indent=2))  # LAST: marks the entry complete
+    log.info("pretrained scene encoder in %.0f s; validation accuracy %s", done - started,
+             {k: round(v, 3) for k, v in report["val_accuracy"].items()})
+    return report
+
+
+# -- labels -----------------------------------------------------------------------------------------------------
+def scene_labels(scenes) -> torch.Tensor:
+    """(N, len(heads)) class indices, -1 where a label does not apply (absent slot, position of a row...)."""
+    from captioning.data.scene_grammar import COLORS, SHAPES
+
+    names = list(_heads())
+    colours = list(COLORS)
+    out = torch.full((len(scenes), len(names)), -1, dtype=torch.long)
+    for n, scene in enumerate(scenes):
+        row = {"count": len(scene.objects) - 1, "layout": LAYOUTS.index(scene.layout)}
+        if scene.layout == "single":
+            row["position"] = POSITIONS.index(scene.position)
+        for slot, obj in enumerate(scene.objects):
+            row.update({f"slot{slot}_shape": SHAPES.index(obj.shape), f"slot{slot}_colour": colours.index(obj.color),
+                        f"slot{slot}_size": int(obj.size == "large")})
+        for name, value in row.items():
+            out[n, names.index(name)] = value
+    return out
+
+
+def flipped_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The labels of the left-right mirrored images: a row's reading order reverses, left and right swap."""
+    names = list(_heads())
+    out = labels.clone()
+    layout, count = labels[:, names.index("layout")], labels[:, names.index("count")] + 1
+    left, right = POSITIONS.index("left"), POSITIONS.index("right")
+    single = layout == LAYOUTS.index("single")
+    out[single & (labels[:, names.index("position")] == left), names.index("position")] = right
+    out[single & (labels[:, names.index("position")] == right), names.index("position")] = left
+    for n in torch.nonzero(layout == LAYOUTS.index("horizontal")).flatten().tolist():
+        k = int(count[n])
+        for slot in range(k):
+            for attr in ("shape", "colour", "size"):
+                out[n, names.index(f"slot{slot}_{attr}")] = labels[n, names.index(f"slot{k - 1 - slot}_{attr}")]
+    return out
+
+
+# -- images -----------------------------------------------------------------------------------------------------
+def generated_scenes(count: int, drawn_size: int, cfg_data, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` more scenes from the generator (sample_scene, draw_scene at the data set's size, JPEG-compressed as
+    it writes them), never part of any split (their random streams are keyed apart from the data set's), as the
+    transform crops them: (count, 3, S, S) uint8 and their labels. The pretraining set's stand-in for ImageNet
+    being much larger than the captioning set."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from captioning.data.images import build_transform
+    from captioning.data.synthetic import draw_scene, sample_scene
+
+    geometric = build_transform(cfg_data.image_size, cfg_data.resize_size).transforms[:3]
+    size = cfg_data.image_size
+    pixels = torch.zeros((count, 3, size, size), dtype=torch.uint8)
+    scenes = []
+    for n in range(count):
+        scene = sample_scene(random.Random(f"scene-pretrain-v{FORMAT_VERSION}:{seed}:{n}"))
+        buffer = io.BytesIO()
+        draw_scene(scene, drawn_size).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        for t in geometric:
+            image = t(image)
+        pixels[n] = image
+        scenes.append(scene)
+    return pixels, scene_labels(scenes)
+
+
+def load_pixels(records, cfg_data) -> tuple[torch.Tensor, dict[int, str]]:
+    """(N, 3, S, S) uint8 crops of every record, exactly as the evaluation transform resizes and crops them (the
+    float conversion and normalisation run per batch: `normalise`); bad images stay zero and are listed."""
+    from captioning.data.images import BadImage, build_transform, load_rgb
+
+    transform = build_transform(cfg_data.image_size, cfg_data.resize_size)
+    geometric, pixel_values = transform.transforms[:3], transform.transforms[3:]
+    assert [type(t).__name__ for t in pixel_values] == ["ToDtype", "Normalize"], transform  # the split below
+    size = cfg_data.image_size
+    out = torch.zeros((len(records), 3, size, size), dtype=torch.uint8)
+    bad = {}
+    for n, record in enumerate(records):
+        image = load_rgb(record.path, size, cfg_data.max_image_pixels)
+        if isinstance(image, BadImage):
+            bad[record.image_id] = f"{image.path}: {image.reason}"
+            continue
+        for t in geometric:
+            image = t(image)
+        out[n] = image
+    return out, bad
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 crops -> the model's input, as the evaluation transform's last two steps compute it."""
+    from torchvision.transforms import v2 as T
+
+    from captioning.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToDtype(torch.float32, scale=True)(pixels))
+
+
+# -- the backbone -----------------------------------------------------------------------------------------------
+def build_backbone(encoder_cfg) -> tuple[nn.Module, int]:
+    """The torchvision classifier named by model.encoder.name, randomly initialised, its last linear layer made the
+    identity and (pool=grid) its global pool a grid: the module captioning.models.encoder.ImageEncoder builds,
+    so that the saved state dict loads there as model.encoder.weights (a test checks the features agree)."""
+    import torchvision
+
+    name, pool, grid = encoder_cfg.name, encoder_cfg.get("pool", "avg"), encoder_cfg.get("grid_size", 2)
+    backbone = torchvision.models.get_model(name, weights=None)
+    cells = 1
+    if pool == "grid":
+        if not isinstance(getattr(backbone, "avgpool", None), nn.AdaptiveAvgPool2d):
+            raise ValueError(f"model.encoder.pool=grid needs a backbone with a global average pool; {name} has none")
+        backbone.avgpool = nn.AdaptiveAvgPool2d(grid)
+        cells = grid * grid
+    last = None
+    for parent in backbone.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                last = (parent, child_name, child)
+    if last is None:
+        raise ValueError(f"model.encoder.name: {name} has no linear classifier to remove")
+    setattr(last[0], last[1], nn.Identity())
+    return backbone, last[2].in_features * cells
+
+
+def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels: torch.Tensor, train_rows: list[int],
+             val_rows: list[int], settings: dict, device: torch.device) -> list[dict]:
+    """AdamW with a cosine learning rate (one warm-up epoch's first 5%), summed cross-entropy over the heads."""
+    heads = _heads()
+    generator = torch.Generator().manual_seed(settings["seed"])
+    torch.manual_seed(settings["seed"])
+    head = nn.Linear(feature_dim, sum(heads.values()))
+    model = nn.Sequential(backbone, head).to(device).train()
+    batch = settings["batch_size"]
+    steps_per_epoch = max(1, len(train_rows) // batch)
+    total = steps_per_epoch * settings["epochs"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    warmup = max(1, total // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, total) / total)))
+    flipped = flipped_labels(labels)
+    rows = torch.tensor(train_rows, dtype=torch.long)
+    history = []
+    for epoch in range(settings["epochs"]):
+        started, loss_sum = time.perf_counter(), 0.0
+        order = rows[torch.randperm(len(rows), generator=generator)]
+        for step in range(steps_per_epoch):
+            index = order[step * batch:(step + 1) * batch]
+            flip = torch.rand(len(index), generator=generator) < settings["hflip"]
+            images = pixels[index]
+            images[flip] = images[flip].flip(-1)
+            targets = torch.where(flip[:, None], flipped[index], labels[index])
+            logits = model(normalise(images).to(device))
+            loss = head_losses(logits, targets.to(device), heads)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss.detach())
+        record = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch,
+                  "seconds": round(time.perf_counter() - started, 1)}
+        if val_rows:
+            record["val_accuracy"] = accuracy(model, pixels, labels, val_rows, heads, device)
+            record["train_accuracy"] = accuracy(model, pixels, labels, train_rows[:len(val_rows)], heads, device)
+            model.train()
+        history.append(record)
+        log.info("scene-label pretraining: epoch %d/%d, loss %.3f, %.0f s, val scene accuracy %.3f", epoch + 1,
+                 settings["epochs"], record["loss"], record["seconds"], record.get("val_accuracy", {}).get("scene", math.nan))
+    model.eval()
+    return history
+
+
+def head_losses(logits: torch.Tensor, targets: torch.Tensor, heads: dict[str, int]) -> torch.Tensor:
+    """Sum over heads of the mean cross-entropy over the images the head applies to (target -1: not scored)."""
+    total = logits.new_zeros(())
+    for column, piece in enumerate(logits.split(list(heads.values()), dim=1)):
+        target = targets[:, column]
+        if bool((target >= 0).any()):
+            total = total + nn.functional.cross_entropy(piece, target, ignore_index=-1)
+    return total
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, rows: list[int], heads: dict[str, int],
+             device: torch.device, batch: int = 250) -> dict[str, float]:
+    """Accuracy per head over the images it applies to, and `scene`: the fraction of images with every label right."""
+    model.eval()
+    predictions = []
+    for start in range(0, len(rows), batch):
+        index = torch.tensor(rows[start:start + batch], dtype=torch.long)
+        logits = model(normalise(pixels[index]).to(device)).float().cpu()
+        predictions.append(torch.stack([p.argmax(1) for p in logits.split(list(heads.values()), dim=1)], 1))
+    predicted, target = torch.cat(predictions), labels[torch.tensor(rows, dtype=torch.long)]
+    scored = target >= 0
+    right = (predicted == target) | ~scored
+    out = {name: float(right[scored[:, c], c].float().mean()) for c, name in enumerate(heads) if scored[:, c].any()}
+    out["scene"] = float(right.all(1).float().mean())
+    return out
+
+
+@torch.no_grad()
+def encode(backbone: nn.Module, pixels: torch.Tensor, device: torch.device, batch: int = 256) -> np.ndarray:
+    backbone.eval()
+    out = []
+    for start in range(0, len(pixels), batch):
+        out.append(backbone(normalise(pixels[start:start + batch]).to(device)).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float16)
+
+
+def write_store(out: Path, image_ids: list[int], features: np.ndarray, bad: dict[int, str], meta: dict) -> None:
+    """The feature store layout of captioning.data.features (the files tools/extract_features.py writes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "features.npy", features)
+    (out / "index.json").write_text(json.dumps({"image_ids": image_ids}))
+    (out / "bad.json").write_text(json.dumps({str(k): v for k, v in bad.items()}))
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    np.save(out / "done.npy", np.ones(len(image_ids), dtype=bool))

@@ -1,0 +1,208 @@
+"""The scene-label pretrained encoder and its feature cache (captioning.data.scene_features), and the statistics of
+tools/schedule_table.py on hand-made numbers."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioning.config import ConfigError
+from captioning.data import scene_features
+from captioning.data.features import FeatureStore
+from captioning.data.synthetic import Scene, SceneObject
+from conftest import compose, tiny_overrides
+
+spec = importlib.util.spec_from_file_location("schedule_table",
+                                              Path(__file__).parent.parent / "tools" / "schedule_table.py")
+schedule_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(schedule_table)
+
+QUICK = ["model.encoder.pretrain.epochs=1", "model.encoder.pretrain.batch_size=20",
+         "model.encoder.pretrain.extra_images=40"]
+
+
+def pretraining(root) -> list[str]:
+    """tiny_overrides with the scene-label pretraining (the default) left on, and made quick."""
+    return [o for o in tiny_overrides(root) if o != "model.encoder.pretrain=null"] + QUICK
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("CAPTIONING_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def pretrained(tiny_data_root, cache):
+    """(config before, config after prepare_inputs) for the tiny data set, pretraining built in a fresh cache."""
+    from captioning.data.build import prepare_inputs
+
+    cfg = compose(pretraining(tiny_data_root))
+    return cfg, prepare_inputs(cfg)
+
+
+def _obj(shape, color, size="small", cx=0.5, cy=0.5):
+    return SceneObject(shape, color, size, cx, cy, 0.16, (0, 0, 0))
+
+
+def test_scene_labels_and_their_mirror_image():
+    names = list(scene_features._heads())
+    row = Scene((120, 120, 120), "horizontal", None,
+                [_obj("circle", "red", "large", 0.2), _obj("star", "blue", "small", 0.5), _obj("cross", "white", cx=0.8)])
+    single = Scene((120, 120, 120), "single", "left", [_obj("square", "green", "large", 0.25)])
+    column = Scene((120, 120, 120), "vertical", None, [_obj("triangle", "black"), _obj("diamond", "orange")])
+    labels = scene_features.scene_labels([row, single, column])
+    get = lambda n, name: int(labels[n, names.index(name)])  # noqa: E731
+    assert [get(0, "count"), get(0, "layout"), get(0, "position")] == [2, 1, -1]
+    assert [get(0, "slot0_shape"), get(0, "slot1_shape"), get(0, "slot2_shape")] == [0, 3, 4]  # circle, star, cross
+    assert [get(0, "slot0_colour"), get(0, "slot0_size"), get(0, "slot1_size")] == [0, 1, 0]  # red large, small
+    assert [get(1, "count"), get(1, "layout"), get(1, "position"), get(1, "slot1_shape")] == [0, 0, 1, -1]
+    flipped = scene_features.flipped_labels(labels)
+    fget = lambda n, name: int(flipped[n, names.index(name)])  # noqa: E731
+    assert [fget(0, f"slot{s}_shape") for s in range(3)] == [4, 3, 0]  # the row reads right to left
+    assert [fget(0, f"slot{s}_colour") for s in range(3)] == [6, 1, 0]
+    assert fget(1, "position") == 2  # left -> right
+    assert torch.equal(flipped[2], labels[2])  # a column is unchanged
+    assert torch.equal(scene_features.flipped_labels(flipped), labels)
+
+
+def test_pretraining_makes_a_valid_feature_store_of_the_encoder_it_saves(pretrained, tiny_data_root, cache):
+    from captioning.data.build import eval_dataset, load_records
+    from captioning.models.encoder import ImageEncoder
+
+    cfg, prepared = pretrained
+    entry = Path(prepared.data.features).parent
+    assert entry.parent == (cache / "scene_encoders").resolve() and scene_features.is_complete(entry)
+    assert prepared.model.encoder.weights == str(entry / "encoder.pth") and prepared.model.encoder.trainable is False
+    assert cfg.data.features is None and cfg.model.encoder.weights is None  # the input config is left alone
+    store = FeatureStore(prepared.data.features)
+    records = load_records(prepared.data)
+    store.check([r.image_id for split in records.values() for r in split], prepared.model.encoder, prepared.data)
+    assert store.complete() and store.feature_dim == 1024 and len(store.row_of) == 80
+    report = json.loads((entry / "pretrain.json").read_text())
+    assert report["images"] == 80 and set(report["val_accuracy"]) >= {"count", "slot0_shape", "scene"}
+    encoder = ImageEncoder(cfg.model.encoder.name, prepared.model.encoder.weights, trainable=False).eval()  # as predict
+    with torch.no_grad():
+        for record in records["val"][:3] + records["train"][:3]:
+            image = eval_dataset([record], cfg.data)[0]["image"]
+            torch.testing.assert_close(store.get(record.image_id), encoder(image[None])[0], rtol=1e-2, atol=1e-2)
+
+
+def test_the_cache_is_reused_and_keyed_by_the_settings(pretrained, tiny_data_root, monkeypatch):
+    from captioning.data.build import prepare_inputs
+
+    cfg, prepared = pretrained
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("rebuilt a cached entry")
+
+    monkeypatch.setattr(scene_features, "build_entry", must_not_build)
+    again = prepare_inputs(cfg)
+    assert again.data.features == prepared.data.features
+    assert again.model.encoder.weights == prepared.model.encoder.weights
+    other = compose(pretraining(tiny_data_root) + ["model.encoder.pretrain.seed=1"])
+    with pytest.raises(AssertionError, match="rebuilt"):
+        prepare_inputs(other)  # other settings: another entry
+
+
+def test_nothing_changes_without_pretraining_or_with_own_features(tiny_data_root, cache, tmp_path):
+    from captioning.data.build import prepare_inputs
+
+    for extra in (["model.encoder.pretrain=null"], [f"data.features={tmp_path}", "model.encoder.trainable=false"]):
+        cfg = compose(tiny_overrides(tiny_data_root) + extra)
+        assert prepare_inputs(cfg) is cfg
+    coco = compose(["data=coco", "data.root=/nonexistent"])
+    assert coco.model.encoder.pretrain is not None and prepare_inputs(coco) is coco
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.encoder.weights=DEFAULT"], "model.encoder.weights cannot be used"),
+    (["model.encoder.trainable=false", "model.encoder.unfreeze_after_steps=3"], "unfreeze_after_steps cannot"),
+    (["model.encoder.pretrain.task=imagenet"], "model.encoder.pretrain.task must be one of"),
+    (["model.encoder.pretrain.epochs=0"], "model.encoder.pretrain.epochs must be an integer >= 1"),
+    (["model.encoder.pretrain.hflip=2"], r"model.encoder.pretrain.hflip must be in \[0, 1\]"),
+    (["+model.encoder.pretrain.steps=10"], "model.encoder.pretrain.steps is not a pretraining setting"),
+])
+def test_contradicting_settings_name_the_key(tiny_data_root, cache, extra, message):
+    from captioning.data.build import prepare_inputs
+
+    with pytest.raises(ConfigError, match=message):
+        prepare_inputs(compose(pretraining(tiny_data_root) + extra))
+
+
+def test_a_run_trains_on_the_cached_features_and_predicts_from_images(tiny_data_root, cache, tmp_path):
+    """Deferred scoring: no Java needed; the checkpoint reads features, and captions JPEGs with the saved encoder."""
+    from captioning.evaluation.evaluate import evaluate_checkpoint
+    from captioning.predict import predict
+    from captioning.training.recipe import train
+
+    overrides = pretraining(tiny_data_root) + ["trainer.max_steps=4", "trainer.val_every_n_steps=2",
+                                                          "trainer.scoring=deferred"]
+    summary = train(compose(overrides), tmp_path / "run")
+    assert summary["steps"] == 4
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    config = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]
+    assert config["data"]["features"] and config["model"]["encoder"]["weights"].endswith("encoder.pth")
+    evaluation = evaluate_checkpoint(checkpoint, "test", compose([], config_name="eval").decode,
+                                     device=torch.device("cpu"), score_now=False)
+    assert len(evaluation.captions) == 10
+    rows = predict(checkpoint, [tiny_data_root / "val2014"], compose([], config_name="predict").decode, "cpu",
+                   output=tmp_path / "out.jsonl")
+    assert len(rows) == len(list((tiny_data_root / "val2014").glob("*.jpg"))) and all("captions" in r for r in rows)
+
+
+# -- tools/schedule_table.py ------------------------------------------------------------------------------------------
+def test_t_quantiles_match_the_printed_tables():
+    assert schedule_table.t_quantile(0.975, 4) == pytest.approx(2.776445, abs=1e-6)
+    assert schedule_table.t_quantile(0.975, 2) == pytest.approx(4.302653, abs=1e-6)
+    assert schedule_table.t_quantile(0.975, 1) == pytest.approx(12.706205, abs=1e-6)
+    assert schedule_table.t_quantile(0.025, 10) == pytest.approx(-2.228139, abs=1e-6)
+    assert schedule_table.t_quantile(0.975, math.inf) == pytest.approx(1.959964, abs=1e-6)
+
+
+def test_welch_interval_by_hand():
+    # row mean 4, baseline mean 2, both variance 2 over 2 values: se = sqrt(2/2 + 2/2) = sqrt 2, df = 4 / (1 + 1) = 2
+    ci = schedule_table.welch_interval([3.0, 5.0], [1.0, 3.0])
+    half = 4.302653 * math.sqrt(2)
+    assert ci["diff"] == pytest.approx(2.0) and ci["df"] == pytest.approx(2.0)
+    assert (ci["low"], ci["high"]) == pytest.approx((2 - half, 2 + half), abs=1e-5) and not ci["significant"]
+    # variances 0.04 over 3 values each: se = sqrt(0.08 / 3), df = 4
+    ci = schedule_table.welch_interval([10.0, 10.2, 9.8], [1.0, 1.2, 0.8])
+    half = 2.776445 * math.sqrt(0.08 / 3)
+    assert ci["df"] == pytest.approx(4.0) and ci["significant"]
+    assert (ci["low"], ci["high"]) == pytest.approx((9 - half, 9 + half), abs=1e-5)
+    below = schedule_table.welch_interval([1.0, 1.2, 0.8], [10.0, 10.2, 9.8])
+    assert below["significant"] and below["high"] == pytest.approx(-9 + half, abs=1e-5)
+    assert schedule_table.welch_interval([1.0], [1.0, 2.0]) is None
+    same = schedule_table.welch_interval([0.0, 0.0], [0.5, 0.5])
+    assert same["low"] == same["high"] == -0.5 and same["significant"]
+
+
+def test_schedule_length_and_table_from_finished_runs(tmp_path, capsys):
+    k = schedule_table.inverse_sigmoid_k(1400, 0.5)
+    assert k * math.log(k) == pytest.approx(700) and schedule_table.epsilon(700, k) == pytest.approx(0.5)
+    values = {"baseline": [0.50, 0.52, 0.48], "scheduled_sampling": [0.60, 0.62, 0.58]}
+    for row, cider in values.items():
+        for seed, value in enumerate(cider):
+            out = schedule_table.run_dir(tmp_path / "sweep", row, seed)
+            out.mkdir(parents=True)
+            (out / "test_metrics.json").write_text(json.dumps({"test/CIDEr": value, "test/BLEU-4": 0.2,
+                                                               "test/METEOR": 0.2, "test/scene/correct": 0.9}))
+    code = schedule_table.main(["--table-only", "--no-oracle", "--seeds", "4", "--rows", "baseline",
+                                "scheduled_sampling", "--sweep-dir", str(tmp_path / "sweep"), "--out-dir",
+                                str(tmp_path / "out"), "--name", "t"])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "t.json").read_text())
+    cell = result["table"]["scheduled_sampling"]["CIDEr"]
+    assert cell["n"] == 3 and cell["mean"] == pytest.approx(0.60) and cell["std"] == pytest.approx(0.02)
+    half = 2.776445 * math.sqrt(2 * 0.0004 / 3)
+    assert cell["vs_baseline"]["significant"] and cell["vs_baseline"]["low"] == pytest.approx(0.1 - half, abs=1e-6)
+    assert len(result["missing_runs"]) == 2  # seed 3 of both rows
+    markdown = (tmp_path / "out" / "t.md").read_text()
+    assert "| scheduled_sampling | 3 | 0.200 ± 0.000 | 0.200 ± 0.000 | 0.600 ± 0.020 | 0.900 ± 0.000 |" in markdown
+    assert f"**+0.100 [{0.1 - half:+.3f}, {0.1 + half:+.3f}]**" in markdown
