@@ -193,7 +193,7 @@ def test_schedule_length_and_table_from_finished_runs(tmp_path, capsys):
             out.mkdir(parents=True)
             (out / "test_metrics.json").write_text(json.dumps({"test/CIDEr": value, "test/BLEU-4": 0.2,
                                                                "test/METEOR": 0.2, "test/scene/correct": 0.9}))
-    code = schedule_table.main(["--table-only", "--no-oracle", "--seeds", "4", "--rows", "baseline",
+    code = schedule_table.main(["--table-only", "--seeds", "4", "--rows", "baseline",
                                 "scheduled_sampling", "--sweep-dir", str(tmp_path / "sweep"), "--out-dir",
                                 str(tmp_path / "out"), "--name", "t"])
     assert code == 0
@@ -206,3 +206,13 @@ def test_schedule_length_and_table_from_finished_runs(tmp_path, capsys):
     markdown = (tmp_path / "out" / "t.md").read_text()
     assert "| scheduled_sampling | 3 | 0.200 ± 0.000 | 0.200 ± 0.000 | 0.600 ± 0.020 | 0.900 ± 0.000 |" in markdown
     assert f"**+0.100 [{0.1 - half:+.3f}, {0.1 + half:+.3f}]**" in markdown
+
+
+def test_self_critical_rows_continue_the_same_seeds_checkpoint(tmp_path):
+    command = schedule_table.scst_command("scheduled_sampling+self_critical", 3, tmp_path, 400, 1e-4, 1, ["data=x"])
+    source = tmp_path / "scheduled_sampling" / "seed_3" / "checkpoints" / "best.pt"
+    assert f"objective.init_from={source}" in command and "objective=self_critical" in command
+    assert {"seed=3", "trainer.max_steps=400", "optim.optimizer.lr=0.0001", "data=x"} <= set(command)
+    assert f"hydra.run.dir={tmp_path / 'scheduled_sampling+self_critical' / 'seed_3'}" in command
+    with pytest.raises(SystemExit):  # its source row is not in the table
+        schedule_table.main(["--table-only", "--rows", "baseline", "scheduled_sampling+self_critical"])

@@ -1,23 +1,26 @@
 """The paper's table (Bengio et al. 2015, image captioning) on the synthetic scenes, in one command.
 
-    python tools/schedule_table.py                                   # 6 rows x 5 seeds, default data, 2 jobs
-    python tools/schedule_table.py --data synthetic_hard --seeds 5 --jobs 2
-    python tools/schedule_table.py --table-only --sweep-dir multirun/schedule_table/synthetic   # re-print
+    python tools/schedule_table.py                                   # 8 rows x 5 seeds, default data, 2 jobs
+    python tools/schedule_table.py --data synthetic_hard
+    python tools/schedule_table.py --table-only                     # re-print from the finished runs
 
 1. Prepares the inputs once (the pretrained scene encoder's cached features, captioning.data.scene_features), so
    the runs only read them.
-2. Trains every (row, seed) as its own `python -m captioning.train experiment=ROW seed=S ...` process, `--jobs` at a
-   time with `--threads` torch threads each (2 x 1 on a 2-core laptop), into SWEEP_DIR/ROW/seed_S/. A run with a
-   test_metrics.json is finished and not run again: a killed table resumes where it stopped.
-3. The schedule scales with the run: `inverse_sigmoid_k` is solved from the run's number of steps T so that
+2. Trains every (row, seed) of the six rows of the paper's table as its own `python -m captioning.train
+   experiment=ROW seed=S ...` process, `--jobs` at a time with `--threads` torch threads each (2 x 1 on a 2-core
+   laptop), into SWEEP_DIR/ROW/seed_S/. A run with a test_metrics.json is finished and not run again: a killed
+   table resumes where it stopped.
+3. Then the self-critical rows (SCST_ROWS): `self_critical` continues the same seed's `baseline` run, and
+   `scheduled_sampling+self_critical` its `scheduled_sampling` run, from their best checkpoints
+   (objective.init_from: weights only), `--scst-steps` steps at `--scst-lr`.
+4. The schedule scales with the run: `inverse_sigmoid_k` is solved from the run's number of steps T so that
    epsilon = k / (k + exp(i / k)) crosses 0.5 at i = k ln k = `--half-at` x T (0.5 by default; epsilon is then
    about 0.02 at the end for T = 1,400).
-4. Reads every run's test metrics (the best checkpoint by val/CIDEr, beam search of 3: what the run's final test
-   evaluated), computes the oracle exposure excess error of that checkpoint on the test split
-   (captioning.metrics.oracle_exposure; saved as RUN/oracle_exposure.json), and writes the table:
-   per row mean +- sample standard deviation over seeds, and per row its difference from the baseline with a 95%
-   Welch t confidence interval over seeds (unequal variances; significant when the interval excludes 0; no
-   correction for the several rows and metrics compared).
+5. Reads every run's test metrics (the best checkpoint by val/CIDEr, beam search of 3: what the run's final test
+   evaluated, the oracle exposure figures included) and writes the table: per row mean +- sample standard
+   deviation over seeds, and per row its difference from the baseline with a 95% Welch t confidence interval over
+   seeds (unequal variances; significant when the interval excludes 0; no correction for the several rows and
+   metrics compared).
 
 Outputs: OUT_DIR/schedule_table_<data>.json and .md (default OUT_DIR: tools/results). Extra Hydra overrides for
 every run go after `--`: `python tools/schedule_table.py -- trainer.max_steps=2000`.
@@ -37,10 +40,12 @@ from typing import Mapping, Sequence
 REPO = Path(__file__).resolve().parent.parent
 ROWS = ("baseline", "baseline_dropout", "always_sampling", "scheduled_sampling", "uniform_scheduled_sampling",
         "scheduled_sampling_sequence")
-# (column, key in test_metrics.json or in the oracle report, higher is better)
+# Self-critical rows (Rennie et al. 2017): SCST started from the best checkpoint of the same seed's run of a row above.
+SCST_ROWS = {"self_critical": "baseline", "scheduled_sampling+self_critical": "scheduled_sampling"}
+# (column, key in test_metrics.json, higher is better)
 METRICS = (("BLEU-4", "test/BLEU-4", True), ("METEOR", "test/METEOR", True), ("CIDEr", "test/CIDEr", True),
            ("scene/correct", "test/scene/correct", True),
-           ("oracle excess error", "exposure_oracle/excess_error", False))
+           ("oracle excess error", "test/exposure_oracle/excess_error", False))
 BASELINE = "baseline"
 
 
@@ -167,6 +172,19 @@ def train_command(row: str, seed: int, out: Path, k: float, threads: int, overri
             f"hydra.run.dir={out}", *overrides]
 
 
+def scst_command(row: str, seed: int, sweep: Path, scst_steps: int, lr: float, threads: int,
+                 overrides: Sequence[str]) -> list[str]:
+    """Self-critical training from the best checkpoint of the same seed's `SCST_ROWS[row]` run (its weights only:
+    a fresh optimizer and learning-rate schedule), `scst_steps` steps, validated 4 times."""
+    source = run_dir(sweep, SCST_ROWS[row], seed) / "checkpoints" / "best.pt"
+    out = run_dir(sweep, row, seed)
+    return [sys.executable, "-m", "captioning.train", "experiment=baseline", f"experiment_name={row}", f"seed={seed}",
+            "objective=self_critical", f"objective.init_from={source}", f"trainer.max_steps={scst_steps}",
+            f"trainer.val_every_n_steps={max(1, scst_steps // 4)}", f"optim.optimizer.lr={lr}",
+            f"trainer.num_threads={threads}", "data.num_workers=0", "trainer.progress_bar=false",
+            f"hydra.run.dir={out}", *overrides]
+
+
 def finished(out: Path) -> bool:
     return (out / "test_metrics.json").is_file()
 
@@ -198,32 +216,7 @@ def run_all(jobs: list[tuple[str, int, Path, list[str]]], parallel: int, threads
     return done
 
 
-def oracle_excess(out: Path, threads: int) -> dict:
-    """The oracle exposure summary of the checkpoint the run's final test evaluated, on the test split (cached in
-    OUT/oracle_exposure.json)."""
-    cached = out / "oracle_exposure.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    import torch
-
-    from captioning.data import build as data_build
-    from captioning.metrics.oracle_exposure import oracle_exposure
-    from captioning.models.loading import load_model
-
-    torch.set_num_threads(threads)
-    checkpoint = json.loads((out / "test_metrics.json").read_text()).get("checkpoint") or out / "checkpoints/best.pt"
-    model, vocab, cfg, _ = load_model(checkpoint, torch.device("cpu"))
-    records = data_build.load_records(cfg.data)["test"]
-    scenes = data_build.load_scene_truth(cfg.data)
-    loader = data_build.make_loader(data_build.eval_dataset(records, cfg.data), cfg.data.eval_batch_size, 0)
-    batches = ((batch["images"], batch["image_ids"].tolist()) for batch in loader if batch["size"])
-    report = oracle_exposure(model, vocab, batches, scenes, {r.image_id: r.captions for r in records}, cfg.data.max_len)
-    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.summary().items()}
-    cached.write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def collect(sweep: Path, rows: Sequence[str], seeds: Sequence[int], oracle: bool, threads: int) -> dict:
+def collect(sweep: Path, rows: Sequence[str], seeds: Sequence[int]) -> dict:
     """{row: {column: [value per finished seed]}} and the runs left out."""
     values, missing = {row: {name: [] for name, _, _ in METRICS} for row in rows}, []
     for row in rows:
@@ -233,8 +226,6 @@ def collect(sweep: Path, rows: Sequence[str], seeds: Sequence[int], oracle: bool
                 missing.append(str(out))
                 continue
             metrics = json.loads((out / "test_metrics.json").read_text())
-            if oracle:
-                metrics.update(oracle_excess(out, threads))
             for name, key, _ in METRICS:
                 value = metrics.get(key)
                 if isinstance(value, (int, float)) and not math.isnan(value):
@@ -299,7 +290,8 @@ def format_markdown(table: Mapping[str, Mapping[str, dict]], title: str, level: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="synthetic", help="a conf/data option: synthetic (default), synthetic_hard")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--rows", nargs="+", default=[*ROWS, *SCST_ROWS], choices=[*ROWS, *SCST_ROWS],
+                        help="default: the six rows and the two self-critical ones")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per row")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -308,12 +300,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep-dir", type=Path, default=None, help="default: multirun/schedule_table/<data>")
     parser.add_argument("--out-dir", type=Path, default=REPO / "tools" / "results")
     parser.add_argument("--name", default=None, help="output name (default: schedule_table_<data>)")
-    parser.add_argument("--no-oracle", action="store_true", help="skip the oracle exposure excess error")
+    parser.add_argument("--scst-steps", type=int, default=400, help="optimizer steps of each self-critical run")
+    parser.add_argument("--scst-lr", type=float, default=1e-4, help="its learning rate (cosine-decayed)")
     parser.add_argument("--table-only", action="store_true", help="no training: the table of the finished runs")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args(argv)
     if BASELINE not in args.rows:
         parser.error("--rows must include baseline (every row is compared with it)")
+    for row in args.rows:
+        if row in SCST_ROWS and SCST_ROWS[row] not in args.rows:
+            parser.error(f"--rows: {row} starts from {SCST_ROWS[row]}'s checkpoints, so it needs that row too")
+    if args.scst_steps < 1 or not args.scst_lr > 0:
+        parser.error(f"--scst-steps must be >= 1 and --scst-lr > 0 (got {args.scst_steps}, {args.scst_lr})")
     overrides = [f"data={args.data}", *args.overrides]
     sweep = args.sweep_dir or REPO / "multirun" / "schedule_table" / args.data
     seeds = list(range(args.seeds))
@@ -332,25 +330,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepared_in = time.perf_counter()
         prepare_inputs(cfg)  # the pretrained encoder's features, once, before the runs read them
         prepared_in = time.perf_counter() - prepared_in
+        base = [row for row in args.rows if row in ROWS]
         jobs = [(row, seed, run_dir(sweep, row, seed),
                  train_command(row, seed, run_dir(sweep, row, seed), k, args.threads, overrides))
-                for seed in seeds for row in args.rows if not finished(run_dir(sweep, row, seed))]
-        print(f"{len(jobs)} runs to train ({len(args.rows)} rows x {len(seeds)} seeds, {steps} steps, "
+                for seed in seeds for row in base if not finished(run_dir(sweep, row, seed))]
+        print(f"{len(jobs)} runs to train ({len(base)} rows x {len(seeds)} seeds, {steps} steps, "
               f"inverse_sigmoid_k={k:.1f}: epsilon {epsilon(0, k):.2f} -> {epsilon(steps, k):.3f}), "
               f"{args.jobs} at a time, {args.threads} thread(s) each; inputs ready in {prepared_in:.0f} s", flush=True)
         runs = run_all(jobs, args.jobs, args.threads)
+        scst = [(row, seed, run_dir(sweep, row, seed),
+                 scst_command(row, seed, sweep, args.scst_steps, args.scst_lr, args.threads, overrides))
+                for seed in seeds for row in args.rows if row in SCST_ROWS and not finished(run_dir(sweep, row, seed))
+                and finished(run_dir(sweep, SCST_ROWS[row], seed))]
+        if scst:
+            print(f"{len(scst)} self-critical runs ({args.scst_steps} steps at lr {args.scst_lr:g} from the best "
+                  f"checkpoints of {sorted({SCST_ROWS[r] for r in args.rows if r in SCST_ROWS})})", flush=True)
+            runs += run_all(scst, args.jobs, args.threads)
     trained = time.perf_counter()
-    collected = collect(sweep, args.rows, seeds, not args.no_oracle, max(1, args.jobs * args.threads))
+    collected = collect(sweep, args.rows, seeds)
     table = build_table(collected["values"])
     name = args.name or f"schedule_table_{args.data}"
     title = (f"data={args.data}, {steps} steps, inverse_sigmoid_k={k:.1f} (epsilon {epsilon(steps, k):.3f} at the "
-             f"end), test split, beam search of 3, best checkpoint by val/CIDEr")
+             f"end), test split, beam search of 3, best checkpoint by val/CIDEr"
+             + (f"; self-critical rows: {args.scst_steps} more steps from that checkpoint at lr {args.scst_lr:g}"
+                if any(r in SCST_ROWS for r in args.rows) else ""))
     markdown = format_markdown(table, title)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{name}.md").write_text(markdown)
     (args.out_dir / f"{name}.json").write_text(json.dumps({
         "data": args.data, "overrides": overrides, "rows": args.rows, "seeds": seeds, "max_steps": steps,
         "inverse_sigmoid_k": k, "half_at": args.half_at, "jobs": args.jobs, "threads": args.threads,
+        "scst_steps": args.scst_steps, "scst_lr": args.scst_lr,
         "sweep_dir": str(sweep), "missing_runs": collected["missing"], "runs": runs,
         "seconds": {"training": round(trained - started, 1), "table": round(time.perf_counter() - trained, 1)},
         "table": table}, indent=2))
