@@ -63,10 +63,18 @@ def test_no_usable_checkpoint_says_what_to_do(tiny_data_root, tmp_path):
 
 
 def test_a_diverging_run_stops_with_the_step_and_keeps_only_finite_numbers(tiny_data_root, tmp_path):
-    cfg = compose(overrides(tiny_data_root, "optim.optimizer.lr=1e20", "optim.grad_clip_norm=null",
-                            "trainer.max_steps=40", "trainer.val_every_n_steps=5", "trainer.max_nonfinite_in_a_row=3"))
+    diverging = overrides(tiny_data_root, "optim.optimizer.lr=1e20", "optim.grad_clip_norm=null", "trainer.max_steps=40",
+                          "trainer.val_every_n_steps=5", "trainer.max_nonfinite_in_a_row=3")
+    cfg = compose(diverging)
     with pytest.raises(NonFiniteLossError, match=r"not finite at step \d+ \(loss (nan|inf)\).*learning rate"):
         train(cfg, tmp_path)
+    # Saving at every step: the end-to-end CNN's BatchNorm statistics go bad with the weights (buffers, not
+    # parameters); a skipped step keeps them as they were, and no checkpoint is written with a non-finite tensor.
+    every_step = tmp_path / "every_step"
+    with pytest.raises(NonFiniteLossError, match=r"training diverged.*not finite.*learning rate"):
+        train(compose(diverging + ["trainer.checkpoint_every_n_steps=1"]), every_step)
+    for path in (every_step / "checkpoints").glob("*.pt"):
+        assert torch.isfinite(params(path)).all(), path
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # valid JSON
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for r in records for v in r.values())
@@ -161,3 +169,16 @@ def test_a_scorer_that_dies_is_restarted_once_then_the_validation_is_recorded_as
     assert "val/CIDEr" in validations[0] and "val/scoring_failed" not in validations[0]  # restarted, scored
     assert validations[1]["val/scoring_failed"] == 1.0 and "val/CIDEr" not in validations[1]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_data_root, tmp_path):
+    """No checkpoint yet: the records the killed attempt logged and its cut-short checkpoint write are dropped."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n{"step": 2, "train/loss": 9.0}\n')
+    train(compose(overrides(tiny_data_root, "trainer.max_steps=4", "trainer.val_every_n_steps=4",
+                            "trainer.log_every_n_steps=1")), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+    assert all(r["train/loss"] != 9.0 for r in records if "train/loss" in r)
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))

@@ -71,9 +71,9 @@ def save_checkpoint(checkpoint: dict, path: str | Path, keep_previous: bool = Fa
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
-            kept = [str(p) for p in (path, previous_path(path)) if p.is_file()]
-            raise CheckpointWriteError(e.errno, f"could not write checkpoint {path} ({e.strerror or e}); "
-                                       f"left intact: {kept or 'nothing saved before'}") from e
+            kept = sorted(p.name for p in path.parent.glob("*.pt"))
+            raise CheckpointWriteError(e.errno, f"could not write checkpoint {path} ({e.strerror or e}); left intact "
+                                       f"in {path.parent}: {', '.join(kept) if kept else 'nothing saved before'}") from e
         raise
     return path
 

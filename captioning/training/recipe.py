@@ -261,10 +261,14 @@ def resume(state: TrainingState) -> None:
         load_training_state(state, checkpoint)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.progress.step, state.progress.epoch,
                  state.progress.batch_in_epoch)
+    if state.info.is_main:  # a run killed before its first checkpoint starts again from step 0: the same rule
         metrics_file = state.run_dir / "metrics.jsonl"
-        if state.info.is_main and metrics_file.is_file():
+        if metrics_file.is_file():
             kept = [r for r in read_jsonl(metrics_file) if r["step"] <= state.progress.step]
             metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        for partial in state.checkpoint_dir.glob(".*.pt.*.tmp"):  # a write that a kill cut short
+            log.warning("removing %s: a checkpoint write that did not finish", partial)
+            partial.unlink(missing_ok=True)
     state.step_settings = state.objective.step_settings(state.progress.step, state.progress.epoch)
     maybe_unfreeze(state)  # a run resumed past the unfreezing step
 
@@ -344,6 +348,8 @@ def train_step(state: TrainingState, batch: dict) -> None:
     state.step_settings = state.objective.step_settings(progress.step, progress.epoch)
     images = batch["images"].to(state.device, non_blocking=True, memory_format=state.memory_format)
     targets = batch["targets"].to(state.device, non_blocking=True)
+    buffers = updated_buffers(state.model)  # BatchNorm statistics: the forward pass moves them
+    buffers_before = [b.detach().clone() for b in buffers]
     with autocast(state.device, state.amp_dtype):
         loss, stats = state.train_forward(images, targets, image_ids=batch["image_ids"], **state.step_settings)
     state.optimizer.zero_grad(set_to_none=True)
@@ -354,12 +360,33 @@ def train_step(state: TrainingState, batch: dict) -> None:
     if not state.scaler.is_enabled():  # with fp16, non-finite gradients are the scaler's business (skip, rescale)
         finite = finite & torch.isfinite(grad_norm)
     apply_update_if(state, finite)
+    keep_buffers_if(buffers, buffers_before, finite)
     if state.lr_scheduler:
         state.lr_scheduler.step()
     state.guard.record(finite, loss, progress.step + 1)
     progress.step += 1
     state.window.add({"loss": loss, **stats}, finite, targets.shape[0] * targets.shape[1], targets.shape[0])
     state.bar.update(1)
+
+
+def updated_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers a training forward pass updates: those of BatchNorm layers in training mode."""
+    return [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+            for b in m.buffers(recurse=False)]
+
+
+def keep_buffers_if(buffers: list[torch.Tensor], before: list[torch.Tensor], finite: torch.Tensor) -> None:
+    """A skipped (non-finite) step leaves the BatchNorm statistics as they were, as it leaves the weights."""
+    if not buffers:
+        return
+    with torch.no_grad():
+        if finite.device.type != "cuda":
+            if not bool(finite):
+                for buffer, old in zip(buffers, before):
+                    buffer.copy_(old)
+            return
+        for buffer, old in zip(buffers, before):
+            buffer.copy_(torch.where(finite, buffer, old))
 
 
 def apply_update_if(state: TrainingState, finite: torch.Tensor) -> None:
@@ -506,12 +533,17 @@ def gather_rng(state: TrainingState) -> list:
 
 def save(state: TrainingState, names: tuple[str, ...] = ("last.pt",)) -> None:
     """Every rank gathers its random streams; rank 0 writes RUN_DIR/checkpoints/NAME for each name (last.pt keeps
-    its previous generation as last.prev.pt). Weights that are not finite are never written."""
+    its previous generation as last.prev.pt). Weights or buffers (BatchNorm statistics) that are not finite are
+    never written."""
     rng_per_rank = gather_rng(state)
     if state.info.is_main:
-        if not all(torch.isfinite(p).all() for p in state.model.parameters()):
-            raise NonFiniteLossError(f"step {state.progress.step}: the weights are not finite; not saving them "
-                                     f"(the checkpoints in {state.checkpoint_dir} are from before)")
+        bad = [name for name, v in state.model.state_dict().items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLossError(f"training diverged: at step {state.progress.step} the model's {bad[0]} ({len(bad)} "
+                                     f"tensors in all) is not finite; not saving it (the checkpoints in "
+                                     f"{state.checkpoint_dir} are from before). Try a lower learning rate "
+                                     "(optim.optimizer.lr), gradient clipping (optim.grad_clip_norm) or fp32")
         checkpoint = checkpoint_dict(state, rng_per_rank)
         for name in names:
             save_checkpoint(checkpoint, state.checkpoint_dir / name, keep_previous=name == "last.pt")
