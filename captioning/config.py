@@ -80,6 +80,9 @@ def check_target_arguments(node, key: str, provided_later: tuple[str, ...]) -> N
 
 
 def validate_data(cfg: DictConfig) -> None:
+    if cfg.data.get("name") == "text":  # the language model's data (task=lm; check_task_matches_data)
+        validate_text_data(cfg)
+        return
     _choice(cfg, "data.name", ("synthetic", "coco"))
     if cfg.data.name == "coco":
         _require(OmegaConf.select(cfg, "data.root", throw_on_missing=False) not in (None, "???"), "data.root",
@@ -117,6 +120,10 @@ def validate_model(cfg: DictConfig) -> None:
     _require(isinstance(cfg.model.encoder.trainable, bool), "model.encoder.trainable", "must be true or false",
              cfg.model.encoder.trainable)
     _choice(cfg, "model.encoder.pool", ("avg", "grid"))
+    if cfg.model.decoder.get("image_feed") is not None:
+        _choice(cfg, "model.decoder.image_feed", ("first", "every_step"))
+    if cfg.model.get("image_input") is not None:  # conf/experiment/image_blind.yaml
+        _choice(cfg, "model.image_input", ("image", "constant"))
     _positive_int(cfg, "model.encoder.unfreeze_after_steps", allow_none=True, minimum=0)
     if cfg.model.encoder.get("unfreeze_after_steps") is not None:
         _require(not cfg.model.encoder.trainable, "model.encoder.unfreeze_after_steps",
@@ -267,12 +274,69 @@ def validate_logger(cfg: DictConfig) -> None:
         _require(bool(w.project), "logger.wandb.project", "must be set", w.project)
 
 
+def validate_text_data(cfg: DictConfig) -> None:
+    """`data=text` (conf/data/text.yaml): the language model's text, tokens and streams."""
+    _choice(cfg, "data.level", ("char", "word"))
+    path = cfg.data.get("path")
+    if path is not None:
+        _require(Path(str(path)).expanduser().exists(), "data.path", "must be an existing UTF-8 text file (or null "
+                 "for the embedded synthetic captions): no such file", path)
+        _require(Path(str(path)).expanduser().is_file(), "data.path", "must be a text file, not a folder", path)
+    split = cfg.data.get("split")
+    _require(OmegaConf.is_list(split) and len(split) == 3 and all(_number(x) and x > 0 for x in split), "data.split",
+             "must be three fractions > 0 (train, val, test, by position)", split)
+    for key in ("batch_size", "tbptt_steps", "eval_batch_size"):
+        _positive_int(cfg, f"data.{key}")
+    _positive_int(cfg, "data.word_count_threshold", minimum=0)
+    for key in ("num_train", "num_val", "num_test"):
+        _positive_int(cfg, f"data.embedded.{key}", minimum=0)
+    _positive_int(cfg, "data.embedded.seed", minimum=0)
+
+
+LM_MONITORS = {"char": ("val/loss", "val/bits_per_token", "val/bpc"),
+               "word": ("val/loss", "val/bits_per_token", "val/perplexity")}
+
+
+def validate_language_model(cfg: DictConfig) -> None:
+    """task=lm (conf/task/lm.yaml): the decoder alone over `data=text`; the model's encoder settings do not apply."""
+    _require(cfg.data.get("name") == "text", "data", "must be text for task=lm (captioning-train task=lm "
+             "data.path=FILE)", cfg.data.get("name"))
+    validate_text_data(cfg)
+    _require(OmegaConf.select(cfg, "objective.name", default="cross_entropy") == "cross_entropy", "objective.name",
+             "must be cross_entropy for task=lm", OmegaConf.select(cfg, "objective.name"))
+    monitors = LM_MONITORS[cfg.data.level]
+    _require(cfg.trainer.monitor in monitors, "trainer.monitor", f"must be one of {list(monitors)} for task=lm "
+             f"data.level={cfg.data.level} (lower is better)", cfg.trainer.monitor)
+    _positive_int(cfg, "task.sample_length")
+    temperatures = cfg.task.get("sample_temperatures")
+    _require(OmegaConf.is_list(temperatures) and all(_number(t) and t > 0 for t in temperatures),
+             "task.sample_temperatures", "must be a list of temperatures > 0", temperatures)
+
+
+def check_task_matches_data(cfg: DictConfig) -> None:
+    """Captioning (task=caption) needs image data: data=text is the language model's (task=lm)."""
+    if OmegaConf.select(cfg, "task.name", default="caption") != "lm" and cfg.data.get("name") == "text":
+        raise ConfigError("data=text is text for the language model: add task=lm (captioning-train task=lm "
+                          "data.path=FILE); captioning needs data=synthetic or data=coco")
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """All checks for a training run; cheap (no data, no model)."""
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"missing mandatory config value(s): {sorted(missing)}")
     _positive_int(cfg, "seed", minimum=0)
+    task = OmegaConf.select(cfg, "task.name", default="caption")
+    _require(task in ("caption", "lm"), "task", "must be caption or lm", task)
+    if task == "lm":
+        validate_language_model(cfg)
+        validate_model(cfg)
+        validate_schedule(cfg)
+        validate_decode(cfg)
+        validate_optim(cfg)
+        validate_trainer(cfg)
+        validate_logger(cfg)
+        return
     validate_data(cfg)
     validate_model(cfg)
     validate_schedule(cfg)

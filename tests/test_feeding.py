@@ -17,10 +17,10 @@ from captioning.training.objectives import CrossEntropyObjective, shift_right
 V, N, T = 40, 64, 9
 
 
-def tiny_model(cell: str = "lstm", dropout: float = 0.0) -> Captioner:
+def tiny_model(cell: str = "lstm", dropout: float = 0.0, image_feed: str = "first") -> Captioner:
     torch.manual_seed(0)
     encoder = ImageEncoder("shufflenet_v2_x0_5", None, trainable=True)
-    return Captioner(encoder, RNNDecoder(V, 16, 24, num_layers=2, cell=cell, dropout=dropout))
+    return Captioner(encoder, RNNDecoder(V, 16, 24, num_layers=2, cell=cell, dropout=dropout), image_feed=image_feed)
 
 
 def batch(seed: int = 0):
@@ -64,13 +64,14 @@ def test_prob_one_is_teacher_forcing_bit_for_bit(mode):
     assert stats["model_token_fraction"].item() == 0.0
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_choosing_then_one_fused_pass_equals_the_step_by_step_loop(cell):
+@pytest.mark.parametrize("cell, image_feed", [("lstm", "first"), ("gru", "first"), ("rnn", "first"),
+                                              ("lstm", "every_step")])
+def test_choosing_then_one_fused_pass_equals_the_step_by_step_loop(cell, image_feed):
     """Exact mode's two computations (GPU: choose the inputs without gradient, then one fused pass; CPU:
     step through with gradient) give the same fed tokens, logits and gradients."""
     from captioning.training.feeding import _exact_single_pass, choose_inputs
 
-    model = tiny_model(cell).train()  # no dropout: both computations are deterministic given the coins
+    model = tiny_model(cell, image_feed=image_feed).train()  # no dropout: both computations are deterministic given the coins
     images, targets = batch()
     features = model.encode(images).detach().repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)
@@ -104,12 +105,12 @@ def test_two_pass_tokens_are_chosen_under_the_dropout_the_loss_sees():
     assert not torch.equal(chosen.fed, choose_inputs(model, features, inputs, 0.0, "argmax", "token", 1.0).fed)
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_tokens_are_chosen_under_the_dropout_the_loss_sees(layers):
+@pytest.mark.parametrize("layers, image_feed", [(1, "first"), (2, "first"), (1, "every_step")])
+def test_tokens_are_chosen_under_the_dropout_the_loss_sees(layers, image_feed):
     """The same through scheduled_sampling_logits, with dropout inside a two-layer RNN too."""
     torch.manual_seed(0)
     model = Captioner(ImageEncoder("shufflenet_v2_x0_5", None, trainable=True),
-                      RNNDecoder(V, 16, 24, num_layers=layers, dropout=0.5)).train()
+                      RNNDecoder(V, 16, 24, num_layers=layers, dropout=0.5), image_feed=image_feed).train()
     images, targets = batch()
     features = model.encode(images).repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)

@@ -68,10 +68,12 @@ def test_grid_pooling_keeps_where_things_are():
         ImageEncoder("resnet18", pool="max")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_step_interface_equals_the_fused_teacher_forced_pass(cell):
+@pytest.mark.parametrize("cell, image_feed", [("lstm", "first"), ("gru", "first"), ("rnn", "first"),
+                                              ("lstm", "every_step"), ("gru", "every_step")])
+def test_step_interface_equals_the_fused_teacher_forced_pass(cell, image_feed):
     torch.manual_seed(0)
-    model = Captioner(PrecomputedFeatures(20), RNNDecoder(30, 8, 12, num_layers=2, cell=cell)).eval()
+    model = Captioner(PrecomputedFeatures(20), RNNDecoder(30, 8, 12, num_layers=2, cell=cell),
+                      image_feed=image_feed).eval()
     features = torch.randn(3, 20)
     inputs = torch.randint(3, 30, (3, 6))
     inputs[:, 0] = model.bos_id
@@ -87,3 +89,7 @@ def test_step_interface_equals_the_fused_teacher_forced_pass(cell):
     for full, picked in zip(state, moved):
         assert torch.equal(full[:, index], picked)
     assert (model.bos_id, model.eos_id, model.pad_id, model.vocab_size) == (1, 2, 0, 30)
+    if image_feed == "every_step":  # the projected image rides in the state and changes every step's output
+        assert len(state) == {"lstm": 3, "gru": 2}[cell] and state[-1].shape == (1, 3, 8)
+        other = (*state[:-1], torch.zeros_like(state[-1]))
+        assert not torch.allclose(model.step(inputs[:, 0], state)[0], model.step(inputs[:, 0], other)[0])

@@ -1,5 +1,7 @@
 """Show and Tell: the image feature, projected to the word-embedding size, is the decoder's first
-input (before <bos>); then one word per step.
+input (before <bos>); then one word per step. With `image_feed="every_step"` the projected feature is also added to
+every word's embedding (the image is an input at every step, as in m-RNN and LRCN), so that the decoder need not
+carry it in its state alone; the state then holds the projection as its last tensor, (1, N, E).
 
 The step interface serves training and every decoder:
     state = model.init_state(images)               # encode once
@@ -17,6 +19,9 @@ from captioning.models.decoder import RNNDecoder, State
 from captioning.models.encoder import ImageEncoder, PrecomputedFeatures
 
 
+IMAGE_FEEDS = ("first", "every_step")
+
+
 class DropoutMasks(NamedTuple):
     """The decoder's dropout for one teacher-forced pass, drawn up front so that two passes can share it:
     multipliers (0 or 1 / (1 - p)) for the inputs (N, T+1, E: image, then words) and the outputs (N, T, H)."""
@@ -25,8 +30,21 @@ class DropoutMasks(NamedTuple):
 
 
 class Captioner(nn.Module):
-    def __init__(self, encoder: ImageEncoder, decoder: RNNDecoder, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2):
+    """`image_input`: "image" (Show and Tell), or "constant" (the image-blind baseline, experiment=image_blind): the
+    image feature is replaced by zeros, so the decoder's first input is image_proj's bias, a learned vector that is
+    the same for every image, and the encoder is neither run nor trained."""
+
+    def __init__(self, encoder: ImageEncoder, decoder: RNNDecoder, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2,
+                 image_input: str = "image", image_feed: str = "first"):
         super().__init__()
+        if image_feed not in IMAGE_FEEDS:
+            raise ValueError(f"model.decoder.image_feed must be one of {list(IMAGE_FEEDS)} (got {image_feed!r})")
+        self.image_feed = image_feed
+        if image_input not in ("image", "constant"):
+            raise ValueError(f"model.image_input must be image or constant (got {image_input!r})")
+        self.image_input = image_input
+        if image_input == "constant":
+            encoder.set_trainable(False)
         self.encoder = encoder
         self.decoder = decoder
         self.image_proj = nn.Linear(encoder.feature_dim, decoder.embed.embedding_dim)
@@ -35,13 +53,17 @@ class Captioner(nn.Module):
 
     # -- encoding -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.image_input == "constant":  # image-blind: the same (zero) feature for every image
+            return self.image_proj.weight.new_zeros(images.shape[0], self.encoder.feature_dim)  # (B, F)
         return self.encoder(images)  # (B, 3, H, W) -> (B, F)
 
     def state_from_features(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> State:
         """Feed the projected image feature as the step before <bos>. `mask`: dropout (N, E) drawn beforehand."""
-        image_embedding = self.image_proj(features)  # (N, E)
-        image_embedding = self.decoder.dropout(image_embedding) if mask is None else image_embedding * mask
+        projected = self.image_proj(features)  # (N, E)
+        image_embedding = self.decoder.dropout(projected) if mask is None else projected * mask
         _, state = self.decoder.run(image_embedding[:, None], None)
+        if self.image_feed == "every_step":
+            return (*state, projected[None])  # (1, N, E): reordered with the rest of the state
         return state
 
     # -- step interface -------------------------------------------------------------------
@@ -53,10 +75,14 @@ class Captioner(nn.Module):
         """tokens (N,) -> the decoder's output (N, H) after dropout, new state. `masks`: the dropout of this step's
         input (N, E) and output (N, H), drawn beforehand (see `draw_dropout_masks`), instead of the decoder's own."""
         words = self.decoder.embed(tokens)  # (N, E)
+        image = None
+        if self.image_feed == "every_step":
+            state, image = state[:-1], state[-1]
+            words = words + image[0]
         words = self.decoder.dropout(words) if masks is None else words * masks[0]
         outputs, state = self.decoder.run(words[:, None], state)  # (N, 1, H)
         hidden = self.decoder.dropout(outputs[:, 0]) if masks is None else outputs[:, 0] * masks[1]  # (N, H)
-        return hidden, state
+        return hidden, (state if image is None else (*state, image))
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer: hidden (..., H), already through dropout -> logits (..., V)."""
@@ -104,6 +130,8 @@ class Captioner(nn.Module):
         `masks`: dropout drawn beforehand, instead of the decoder's own."""
         image_embedding = self.image_proj(features)[:, None]  # (N, 1, E)
         words = self.decoder.embed(inputs)  # (N, T, E)
+        if self.image_feed == "every_step":
+            words = words + image_embedding
         sequence = torch.cat([image_embedding, words], dim=1)  # (N, T+1, E)
         if masks is None:
             outputs, _ = self.decoder.run(self.decoder.dropout(sequence), None)  # (N, T+1, H)
@@ -135,4 +163,5 @@ def build_captioner(cfg_model, vocab_size: int, cached_feature_dim: int | None =
     else:
         encoder = build_image_encoder(enc, bool(enc.trainable))
     decoder = RNNDecoder(vocab_size, dec.embed_dim, dec.hidden_dim, dec.num_layers, dec.cell, dec.dropout)
-    return Captioner(encoder, decoder)
+    return Captioner(encoder, decoder, image_input=cfg_model.get("image_input") or "image",
+                     image_feed=dec.get("image_feed", "first"))

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from captioning.config import validate_train_config
+from captioning.config import check_task_matches_data, validate_train_config
 from captioning.data import build as data_build
 from captioning.data.dataset import BadImageTracker
 from captioning.data.features import open_feature_store
@@ -66,6 +66,7 @@ class TrainingWindow:
     captions: int = 0
     images: int = 0
     data_wait: float = 0.0
+    tokens: int = 0  # language model (task=lm): target tokens read
     start: float = field(default_factory=time.perf_counter)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     finite_steps: torch.Tensor | None = None
@@ -158,6 +159,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> TrainingState:
     """Check the config, join the process group, build data, model, objective and optimizer (in this order:
     the random initialisation depends on it)."""
     validate_train_config(cfg)
+    check_task_matches_data(cfg)
     cfg = data_build.prepare_inputs(cfg)
     if cfg.trainer.scoring != "deferred":
         from captioning.metrics import check_java
@@ -298,6 +300,8 @@ def load_training_state(state: TrainingState, checkpoint: dict) -> None:
         log.warning("resuming %d process(es) from a checkpoint of %d: random streams restart from rank 0's",
                     info.world_size, len(rng))
     restore_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
+    if hasattr(state.objective, "load_checkpoint_state"):
+        state.objective.load_checkpoint_state(checkpoint)
 
 
 def start_logging(state: TrainingState) -> None:
@@ -454,6 +458,8 @@ def log_progress(state: TrainingState) -> None:
     metrics.update(finite_figures)
     metrics["train/captions_per_s"] = window.captions * info.world_size / elapsed
     metrics["train/images_per_s"] = window.images * info.world_size / elapsed
+    if window.tokens:  # a language model (task=lm)
+        metrics["train/tokens_per_s"] = window.tokens * info.world_size / elapsed
     # Share of the wall time spent waiting for the next batch (> 0.1: the loader limits the step).
     metrics["train/data_wait_fraction"] = min(1.0, window.data_wait / elapsed)
     metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]
@@ -524,7 +530,9 @@ def checkpoint_dict(state: TrainingState, rng_per_rank: list) -> dict:
             "best_metric": p.best_metric, "best_step": p.best_step, "objective": state.objective.name,
             # the per-step settings of the step that produced these weights, as the metrics records carry them
             "last_step_settings": dict(state.step_settings),
-            "rng": rng_per_rank, "vocab": state.vocab.state_dict(), "config": state.config}
+            "rng": rng_per_rank, "vocab": state.vocab.state_dict(), "config": state.config,
+            # an objective's own resumable state (the language model's carried recurrent state)
+            **(state.objective.checkpoint_state() if hasattr(state.objective, "checkpoint_state") else {})}
 
 
 def gather_rng(state: TrainingState) -> list:
@@ -628,6 +636,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train, validate every `trainer.val_every_n_steps`, keep last/best checkpoints; then (optionally)
     evaluate the best checkpoint on the test split. Returns a summary dict (`exit_code` 124 after a
     preemption signal: requeue me)."""
+    if OmegaConf.select(cfg, "task.name", default="caption") == "lm":  # the decoder as a language model over text
+        from captioning.training.language_model import train_language_model
+
+        return train_language_model(cfg, run_dir)
     state = setup(cfg, run_dir)
     resume(state)
     start_logging(state)
