@@ -258,6 +258,11 @@ def test_text_inputs_errors_and_config_checks(tmp_path, text_file):
         torch.save({"model": {}, "vocab": {"itos": []}, "config": {"task": {"name": "caption"}}, "step": 0},
                    tmp_path / "caption.pt")
         load_language_model(tmp_path / "caption.pt", torch.device("cpu"))
+    from captioning.models.loading import load_model
+
+    torch.save({"model": {}, "vocab": {"itos": []}, "config": {"task": {"name": "lm"}}, "step": 0}, tmp_path / "lm.pt")
+    with pytest.raises(ValueError, match="language model's checkpoint.*captioning-sample"):
+        load_model(tmp_path / "lm.pt", torch.device("cpu"))  # what captioning-eval and captioning-predict read
 
 
 def _write(path, data: bytes):

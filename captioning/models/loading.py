@@ -16,6 +16,9 @@ def load_model(checkpoint_path, device: torch.device, for_images: bool = False):
     available)."""
     state = load_checkpoint(checkpoint_path, map_location="cpu")
     cfg = OmegaConf.create(state["config"])
+    if OmegaConf.select(cfg, "task.name", default="caption") == "lm":
+        raise ValueError(f"{checkpoint_path} is a language model's checkpoint (task=lm), not a captioner's: sample "
+                         f"it with captioning-sample checkpoint={checkpoint_path}")
     vocab = Vocabulary.from_state_dict(state["vocab"])
     cached = cfg.data.get("features") is not None
     model_cfg = cfg.model.copy()
