@@ -601,6 +601,15 @@ class Campaign:
                 kinds["clock"] += 1
         return kinds
 
+    def restart_and_compare(self, check, name: str, run_dir: Path, details: dict, what: str):
+        """Run the scenario's command again; it must exit 0 and end identical to the straight run."""
+        restart = self.launcher.run(name, self.overrides, run_dir, self.spec(name))
+        details["restart_exit"] = restart.rc
+        check(restart.rc == 0, f"{what} exits 0 (exit {restart.rc})")
+        if restart.rc == 0:
+            self.identical(check, run_dir, details)
+        return restart
+
     def identical(self, check: Check, run_dir: Path, details: dict) -> None:
         differences = compare_runs(self.ensure_reference().run_dir, run_dir)
         details["differences_from_straight_run"] = differences
@@ -737,11 +746,7 @@ class Campaign:
               steps.get("last.pt") == int(said) and int(said) in (interrupted["step"], interrupted["step"] + 1),
               "last.pt readable, saved at the step boundary after the signal")
         check(not temporary_files(run_dir), "no partial file left")
-        second = self.launcher.run(name, self.overrides, run_dir, self.spec(name))
-        details["restart_exit"] = second.rc
-        check(second.rc == 0, f"the restart exits 0 (exit {second.rc})")
-        if second.rc == 0:
-            self.identical(check, run_dir, details)
+        second = self.restart_and_compare(check, name, run_dir, details, "the restart")
         return self.result("sigterm_during_save", self.outcome(check, f"exit {first.rc} after SIGTERM during the "
                            f"write of step {interrupted and interrupted['step']}, restart exit {second.rc}"),
                            f"exit {PREEMPTION_EXIT_CODE} with last.pt saved, the restart identical to the straight run",
@@ -867,11 +872,7 @@ class Campaign:
         check(not problems, "every checkpoint readable")
         check(bool(good) and steps.get("last.pt") == good[-1], "last.pt is the last good save")
         check(not details["temporary_files"], "no partial file left")
-        restart = self.launcher.run(name, self.overrides, run_dir, self.spec(name))
-        details["restart_exit"] = restart.rc
-        check(restart.rc == 0, f"the restart (disk freed) exits 0 (exit {restart.rc})")
-        if restart.rc == 0:
-            self.identical(check, run_dir, details)
+        restart = self.restart_and_compare(check, name, run_dir, details, "the restart (disk freed)")
         return self.result("full_disk", self.outcome(check, f"exit {launch.rc} at the write of step "
                            f"{failed and failed['step']}; last.pt kept at step {steps.get('last.pt')}; restart exit "
                            f"{restart.rc}"), f"exit {USER_ERROR_EXIT_CODE} with a message, the previous checkpoint "

@@ -358,27 +358,7 @@ def train_language_model(cfg: DictConfig, run_dir) -> dict:
     state = setup_language_model(cfg, run_dir)
     recipe.resume(state)
     start_lm_logging(state)
-    stopped_by_signal = False
-    state.model.train()
-    try:
-        if state.progress.step < state.total_steps:
-            for batch in stream_batches(state):
-                lm_train_step(state, batch)
-                if recipe.due(state, cfg.trainer.log_every_n_steps):
-                    recipe.log_progress(state)
-                validated = recipe.due(state, cfg.trainer.val_every_n_steps) and lm_validate_and_save(state)
-                signal_received, clock_says = recipe.boundary_flags(state)
-                if not validated and recipe.checkpoint_due(state, clock_says):
-                    recipe.save(state)
-                if state.progress.step >= state.total_steps:
-                    break
-                if signal_received:
-                    stopped_by_signal = True
-                    break
-    finally:
-        state.bar.close()
-        if not stopped_by_signal:
-            state.preemption.restore()
+    stopped_by_signal = recipe.run_steps(state, stream_batches(state), lm_train_step, lm_validate_and_save)
     summary = recipe.summary_of(state)
     summary["best_metric"] = -state.progress.best_metric  # the monitored figure itself (lower is better)
     if stopped_by_signal:

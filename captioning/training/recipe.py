@@ -631,27 +631,20 @@ def summary_of(state: TrainingState) -> dict:
             "skipped_images": len(state.bad_images.skipped), "preempted": False}
 
 
-# -- the run -------------------------------------------------------------------------------------------------
-def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train, validate every `trainer.val_every_n_steps`, keep last/best checkpoints; then (optionally)
-    evaluate the best checkpoint on the test split. Returns a summary dict (`exit_code` 124 after a
-    preemption signal: requeue me)."""
-    if OmegaConf.select(cfg, "task.name", default="caption") == "lm":  # the decoder as a language model over text
-        from captioning.training.language_model import train_language_model
-
-        return train_language_model(cfg, run_dir)
-    state = setup(cfg, run_dir)
-    resume(state)
-    start_logging(state)
+def run_steps(state, batches, step, validate_and_save_now) -> bool:
+    """The training loop of every task: `step(state, batch)` for each batch until the run's last step, logging,
+    validating (`validate_and_save_now(state)`: True when it saved) and checkpointing on their cadences. True when
+    a preemption signal stopped it (its checkpoint is saved: the caller requeues)."""
+    cfg = state.cfg
     stopped_by_signal = False
     state.model.train()
     try:
         if state.progress.step < state.total_steps:
-            for batch in training_batches(state):
-                train_step(state, batch)
+            for batch in batches:
+                step(state, batch)
                 if due(state, cfg.trainer.log_every_n_steps):
                     log_progress(state)
-                validated = due(state, cfg.trainer.val_every_n_steps) and validate_and_save(state)
+                validated = due(state, cfg.trainer.val_every_n_steps) and validate_and_save_now(state)
                 signal_received, clock_says = boundary_flags(state)
                 if not validated and checkpoint_due(state, clock_says):
                     save(state)
@@ -664,6 +657,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         state.bar.close()
         if not stopped_by_signal:
             state.preemption.restore()
+    return stopped_by_signal
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train, validate every `trainer.val_every_n_steps`, keep last/best checkpoints; then (optionally)
+    evaluate the best checkpoint on the test split. Returns a summary dict (`exit_code` 124 after a
+    preemption signal: requeue me)."""
+    if OmegaConf.select(cfg, "task.name", default="caption") == "lm":  # the decoder as a language model over text
+        from captioning.training.language_model import train_language_model
+
+        return train_language_model(cfg, run_dir)
+    state = setup(cfg, run_dir)
+    resume(state)
+    start_logging(state)
+    stopped_by_signal = run_steps(state, training_batches(state), train_step, validate_and_save)
     summary = summary_of(state)
     if stopped_by_signal:
         return stop_for_requeue(state, summary)
