@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "captioning"
-ENTRY_POINTS = {"captioning.train", "captioning.evaluate", "captioning.predict", "captioning.score"}
+ENTRY_POINTS = {"captioning.train", "captioning.evaluate", "captioning.predict", "captioning.score", "captioning.sample"}
 # What each layer must not import (lower layers know nothing of the ones above them).
 FORBIDDEN = {
     "runtime": ("captioning.training", "captioning.evaluation", "captioning.models", "captioning.decoding",
