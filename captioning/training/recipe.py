@@ -160,11 +160,11 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> TrainingState:
     the random initialisation depends on it)."""
     validate_train_config(cfg)
     check_task_matches_data(cfg)
-    cfg = data_build.prepare_inputs(cfg)
     if cfg.trainer.scoring != "deferred":
         from captioning.metrics import check_java
 
         check_java()  # before any heavy work: validation and evaluation need pycocoevalcap's Java tools
+    cfg = data_build.prepare_inputs(cfg)  # on synthetic data: the pretrained encoder's features (built once)
     info = dist_utils.init_distributed(device=str(cfg.trainer.device), timeout_minutes=cfg.trainer.dist_timeout_minutes)
     run_dir = Path(dist_utils.broadcast_object(str(run_dir), info))  # rank 0's: ${now} in a path may differ by rank
     device = dist_utils.pick_device(str(cfg.trainer.device), info)
