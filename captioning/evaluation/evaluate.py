@@ -104,11 +104,6 @@ def load_ensemble(checkpoint_path, others, device: torch.device):
     return EnsembleModel(members), vocab, cfg, state
 
 
-def probe_split(model, records: list[ImageRecord], vocab, cfg_data, device: torch.device,
-                batch_size: int | None = None) -> ExposureProbes:
-    """`run_exposure_probes` on these records with the data's scene truth (synthetic data) if there is one."""
-    return run_exposure_probes(model, vocab, data_build.reference_loader(records, vocab, cfg_data, batch_size),
-                               cfg_data.max_len, device, data_build.load_scene_truth(cfg_data), records)
 
 
 def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: str, decode_cfg, cfg_data,
@@ -128,11 +123,13 @@ def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: s
                               batch_size=batch_size)
     if not info.is_main:
         return None
+    scenes = data_build.load_scene_truth(cfg_data)  # synthetic data: the exact truth (None elsewhere)
     if exposure is None:
-        exposure = probe_split(model, split_records, vocab, cfg_data, device, batch_size)
+        loader = data_build.reference_loader(split_records, vocab, cfg_data, batch_size)
+        exposure = run_exposure_probes(model, vocab, loader, cfg_data.max_len, device, scenes, split_records)
     evaluation = Evaluation(split, decode_cfg.strategy, params, captions, exposure, split_records)
     if score_now:
-        score_evaluation(evaluation, records["train"], spice, data_build.load_scene_truth(cfg_data))
+        score_evaluation(evaluation, records["train"], spice, scenes)
     return evaluation
 
 

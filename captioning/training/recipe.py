@@ -381,16 +381,15 @@ def updated_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def keep_buffers_if(buffers: list[torch.Tensor], before: list[torch.Tensor], finite: torch.Tensor) -> None:
     """A skipped (non-finite) step leaves the BatchNorm statistics as they were, as it leaves the weights."""
-    if not buffers:
-        return
+    if buffers and (finite.device.type == "cuda" or not bool(finite)):  # on a CPU asking is free
+        restore_where_not(finite, buffers, before)
+
+
+def restore_where_not(finite: torch.Tensor, tensors: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+    """Each tensor back to its copy in `before` where `finite` (a device bool) is false, without waiting on it."""
     with torch.no_grad():
-        if finite.device.type != "cuda":
-            if not bool(finite):
-                for buffer, old in zip(buffers, before):
-                    buffer.copy_(old)
-            return
-        for buffer, old in zip(buffers, before):
-            buffer.copy_(torch.where(finite, buffer, old))
+        for tensor, old in zip(tensors, before):
+            tensor.copy_(torch.where(finite, tensor, old))
 
 
 def apply_update_if(state: TrainingState, finite: torch.Tensor) -> None:
@@ -408,9 +407,7 @@ def apply_update_if(state: TrainingState, finite: torch.Tensor) -> None:
     scale = scaler._scale.clone() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
-    with torch.no_grad():
-        for tensor, old in zip(kept, before):
-            tensor.copy_(torch.where(finite, tensor, old))
+    restore_where_not(finite, kept, before)
     if scale is not None:  # the scaler lowered its scale: it skipped this step (inf/NaN gradients under fp16)
         state.guard.scaler_skips += (scaler._scale < scale).long()
 
