@@ -329,18 +329,12 @@ def validate_train_config(cfg: DictConfig) -> None:
     task = OmegaConf.select(cfg, "task.name", default="caption")
     _require(task in ("caption", "lm"), "task", "must be caption or lm", task)
     if task == "lm":
-        validate_language_model(cfg)
-        validate_model(cfg)
-        validate_schedule(cfg)
-        validate_decode(cfg)
-        validate_optim(cfg)
-        validate_trainer(cfg)
-        validate_logger(cfg)
-        return
-    validate_data(cfg)
+        validate_language_model(cfg)  # its data and objective
+    else:
+        validate_data(cfg)
+        validate_objective(cfg)
     validate_model(cfg)
     validate_schedule(cfg)
-    validate_objective(cfg)
     validate_decode(cfg)
     validate_optim(cfg)
     validate_trainer(cfg)
