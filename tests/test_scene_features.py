@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,27 @@ def test_the_cache_is_reused_and_keyed_by_the_settings(pretrained, tiny_data_roo
     other = compose(pretraining(tiny_data_root) + ["model.encoder.pretrain.seed=1"])
     with pytest.raises(AssertionError, match="rebuilt"):
         prepare_inputs(other)  # other settings: another entry
+
+
+def test_the_same_settings_build_the_same_encoder_whatever_the_run_did_before(tiny_data_root, tmp_path, monkeypatch):
+    """The backbone's initialisation comes from the pretraining seed, not from the calling process's random stream
+    (it did once, and three fresh caches gave three encoders), and the caller's stream is left as it was."""
+    from captioning.data.build import prepare_inputs
+
+    cfg = compose(pretraining(tiny_data_root))
+    weights, features = [], []
+    for n, seed in enumerate((1, 2)):
+        monkeypatch.setenv("CAPTIONING_CACHE", str(tmp_path / f"cache{n}"))
+        torch.manual_seed(seed)
+        expected_next = torch.rand(1, generator=torch.Generator().manual_seed(seed))
+        prepared = prepare_inputs(cfg)
+        assert torch.equal(torch.rand(1), expected_next)  # the run's own stream: untouched by the pretraining
+        weights.append(torch.load(prepared.model.encoder.weights))
+        features.append(np.array(FeatureStore(prepared.data.features).array))
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    assert (features[0] == features[1]).all()
 
 
 def test_nothing_changes_without_pretraining_or_with_own_features(tiny_data_root, cache, tmp_path):

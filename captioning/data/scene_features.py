@@ -220,11 +220,13 @@ def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, enc
     extra_pixels, extra_labels = generated_scenes(settings["extra_images"], key["data"]["kwargs"]["image_size"],
                                                   cfg_data, settings["seed"])
     train_rows = usable("train") + list(range(len(image_ids), len(image_ids) + len(extra_pixels)))
-    backbone, feature_dim = build_backbone(encoder_cfg)
     log.info("pretraining %s on the scene labels of %d training images and %d more generated scenes (%d epochs, "
              "cached in %s)", encoder_cfg.name, len(usable("train")), len(extra_pixels), settings["epochs"], entry)
-    history = pretrain(backbone, feature_dim, torch.cat([pixels, extra_pixels]), torch.cat([labels, extra_labels]),
-                       train_rows, usable("val"), settings, device)
+    with torch.random.fork_rng(devices=[]):  # the calling run's random stream is left as it was
+        torch.manual_seed(settings["seed"])  # the backbone's initialisation, then the head's: one encoder per seed
+        backbone, feature_dim = build_backbone(encoder_cfg)
+        history = pretrain(backbone, feature_dim, torch.cat([pixels, extra_pixels]),
+                           torch.cat([labels, extra_labels]), train_rows, usable("val"), settings, device)
     trained = time.perf_counter()
     torch.save(backbone.state_dict(), entry / "encoder.pth")
     features = encode(backbone, pixels, device)
@@ -369,10 +371,10 @@ def build_backbone(encoder_cfg) -> tuple[nn.Module, int]:
 
 def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels: torch.Tensor, train_rows: list[int],
              val_rows: list[int], settings: dict, device: torch.device) -> list[dict]:
-    """AdamW with a cosine learning rate (one warm-up epoch's first 5%), summed cross-entropy over the heads."""
+    """AdamW with a cosine learning rate (one warm-up epoch's first 5%), summed cross-entropy over the heads. The head
+    is initialised from torch's global random stream, which build_entry seeds."""
     heads = _heads()
     generator = torch.Generator().manual_seed(settings["seed"])
-    torch.manual_seed(settings["seed"])
     head = nn.Linear(feature_dim, sum(heads.values()))
     model = nn.Sequential(backbone, head).to(device).train()
     batch = settings["batch_size"]
