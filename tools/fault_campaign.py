@@ -252,7 +252,7 @@ def pretrain_setting_exists() -> bool:
 def base_overrides(data_root: Path, plan: RunPlan) -> list[str]:
     tiny = [f"data.root={data_root}", *(f"data.synthetic.{k}={v}" for k, v in TINY_DATA.items()),
             "data.image_size=32", "data.batch_size=6", "data.eval_batch_size=10", "data.num_workers=0",
-            "data.word_count_threshold=2", "model.encoder.name=shufflenet_v2_x0_5",
+            "data.word_count_threshold=2", "model.encoder.name=shufflenet_v2_x0_5", "model.encoder.pool=avg",
             "model.decoder.embed_dim=32", "model.decoder.hidden_dim=32", "decode.beam_size=2"]
     if pretrain_setting_exists():
         tiny.append("model.encoder.pretrain=null")
