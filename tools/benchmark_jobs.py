@@ -36,8 +36,10 @@ QUIET_LOAD = 0.5
 def machine() -> dict:
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    model = names[0] if names else platform.processor()
     return {"cpus": os.cpu_count(), "cpu": model, "python": platform.python_version(), "torch": torch.__version__}
 
 
@@ -96,7 +98,8 @@ def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("jobs", nargs="+", choices=["main", "table"])
     parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "benchmark_jobs_cpu_2cores.json")
-    parser.add_argument("--work-dir", type=Path, default=None, help="where runs and logs go (default: a new temp folder)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where runs and logs go (default: a new temp folder)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="CAPTIONING_CACHE for the table (default: the main job's fresh cache, else the user's)")
     parser.add_argument("--table-args", nargs=argparse.REMAINDER, default=[],

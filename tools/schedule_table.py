@@ -9,8 +9,8 @@
 2. Trains every (row, seed) of the six rows of the paper's table as its own `python -m captioning.train
    experiment=ROW seed=S ...` process, `--jobs` at a time with `--threads` torch threads each (2 x 1 on a 2-core
    laptop), `--steps` optimizer steps each (1,400, validated 7 times: less than the main job's 3,000, so that the
-   40 runs fit in an hour), into SWEEP_DIR/ROW/seed_S/. A run with a test_metrics.json is finished and not run again: a killed
-   table resumes where it stopped.
+   40 runs fit in an hour), into SWEEP_DIR/ROW/seed_S/. A run with a test_metrics.json is finished and not run
+   again: a killed table resumes where it stopped.
 3. Then the self-critical rows (SCST_ROWS): `self_critical` continues the same seed's `baseline` run, and
    `scheduled_sampling+self_critical` its `scheduled_sampling` run, from their best checkpoints
    (objective.init_from: weights only), `--scst-steps` steps at `--scst-lr`.
@@ -295,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="default: the six rows and the two self-critical ones")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per row")
     parser.add_argument("--steps", type=int, default=1400,
-                        help="optimizer steps per run (7 validations): shorter than the main job's 3,000, so that 40 runs fit in an hour on 2 cores")
+                        help="optimizer steps per run (7 validations): shorter than the main job's 3,000, so that "
+                             "40 runs fit in an hour on 2 cores")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--half-at", type=float, default=0.5,
@@ -318,14 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scst_steps < 1 or not args.scst_lr > 0:
         parser.error(f"--scst-steps must be >= 1 and --scst-lr > 0 (got {args.scst_steps}, {args.scst_lr})")
     overrides = [f"data={args.data}", *args.overrides]
-    length = [f"trainer.max_steps={args.steps}", f"trainer.val_every_n_steps={max(1, args.steps // 7)}"]
+    run_overrides = [f"trainer.max_steps={args.steps}", f"trainer.val_every_n_steps={args.steps // 7}", *overrides]
     sweep = args.sweep_dir or REPO / "multirun" / "schedule_table" / args.data
     seeds = list(range(args.seeds))
     started = time.perf_counter()
 
     from captioning.data.build import prepare_inputs
 
-    cfg = compose([*length, *overrides])
+    cfg = compose(run_overrides)
     steps = int(cfg.trainer.max_steps)
     k = inverse_sigmoid_k(steps, args.half_at)
     runs = []
@@ -338,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepared_in = time.perf_counter() - prepared_in
         base = [row for row in args.rows if row in ROWS]
         jobs = [(row, seed, run_dir(sweep, row, seed),
-                 train_command(row, seed, run_dir(sweep, row, seed), k, args.threads, [*length, *overrides]))
+                 train_command(row, seed, run_dir(sweep, row, seed), k, args.threads, run_overrides))
                 for seed in seeds for row in base if not finished(run_dir(sweep, row, seed))]
         print(f"{len(jobs)} runs to train ({len(base)} rows x {len(seeds)} seeds, {steps} steps, "
               f"inverse_sigmoid_k={k:.1f}: epsilon {epsilon(0, k):.2f} -> {epsilon(steps, k):.3f}), "
