@@ -129,6 +129,9 @@ def validate_model(cfg: DictConfig) -> None:
         _require(not cfg.model.encoder.trainable, "model.encoder.unfreeze_after_steps",
                  "needs model.encoder.trainable=false (the encoder starts frozen)", cfg.model.encoder.trainable)
     _positive_int(cfg, "model.encoder.grid_size")
+    label_head = cfg.model.encoder.get("label_head")
+    _require(label_head is None or (isinstance(label_head, str) and label_head), "model.encoder.label_head",
+             "must be null or the path of a label head file", label_head)
     import torchvision
 
     name = cfg.model.encoder.name

@@ -66,6 +66,9 @@ def test_grid_pooling_keeps_where_things_are():
             assert change.argmax().item() == cell
     with pytest.raises(ValueError, match="model.encoder.pool"):
         ImageEncoder("resnet18", pool="max")
+    with pytest.raises(ValueError, match="pool=grid needs a classifier of one linear layer .* mobilenet_v3_small's has 2"):
+        ImageEncoder("mobilenet_v3_small", pool="grid")  # its hidden 576 -> 1024 layer cannot read 4 cells
+    assert ImageEncoder("mobilenet_v3_small", pool="avg").feature_dim == 1024
 
 
 @pytest.mark.parametrize("cell, image_feed", [("lstm", "first"), ("gru", "first"), ("rnn", "first"),

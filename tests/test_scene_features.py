@@ -71,26 +71,56 @@ def test_scene_labels_and_their_mirror_image():
     assert torch.equal(scene_features.flipped_labels(flipped), labels)
 
 
-def test_pretraining_makes_a_valid_feature_store_of_the_encoder_it_saves(pretrained, tiny_data_root, cache):
+def test_pretraining_makes_valid_feature_stores_of_the_encoder_it_saves(pretrained, tiny_data_root, cache):
+    """The default feed=labels store holds the heads' probabilities; the features store the backbone's features; the
+    encoder rebuilt from the saved files (as captioning-predict does) computes both again from the JPEGs."""
     from captioning.data.build import eval_dataset, load_records
-    from captioning.models.encoder import ImageEncoder
+    from captioning.models.captioner import build_image_encoder
 
     cfg, prepared = pretrained
     entry = Path(prepared.data.features).parent
     assert entry.parent == (cache / "scene_encoders").resolve() and scene_features.is_complete(entry)
+    assert prepared.data.features == str(entry / "labels") and prepared.model.encoder.label_head == str(entry / "head.pth")
     assert prepared.model.encoder.weights == str(entry / "encoder.pth") and prepared.model.encoder.trainable is False
     assert cfg.data.features is None and cfg.model.encoder.weights is None  # the input config is left alone
-    store = FeatureStore(prepared.data.features)
     records = load_records(prepared.data)
-    store.check([r.image_id for split in records.values() for r in split], prepared.model.encoder, prepared.data)
-    assert store.complete() and store.feature_dim == 1024 and len(store.row_of) == 80
+    image_ids = [r.image_id for split in records.values() for r in split]
+    features = compose(pretraining(tiny_data_root) + ["model.encoder.pretrain.feed=features"])
+    from captioning.data.build import prepare_inputs
+
+    features = prepare_inputs(features)
+    assert features.data.features == str(entry / "features") and features.model.encoder.label_head is None
+    groups = list(scene_features._heads().values())
+    for config, dim in ((prepared, sum(groups)), (features, 1024)):
+        store = FeatureStore(config.data.features)
+        store.check(image_ids, config.model.encoder, config.data)
+        assert store.complete() and store.feature_dim == dim and len(store.row_of) == 80
+        encoder = build_image_encoder(config.model.encoder, trainable=False).eval()
+        assert encoder.feature_dim == dim
+        with torch.no_grad():
+            for record in records["val"][:3] + records["train"][:3]:
+                image = eval_dataset([record], cfg.data)[0]["image"]
+                torch.testing.assert_close(store.get(record.image_id), encoder(image[None])[0], rtol=1e-2, atol=1e-2)
+    probabilities = torch.from_numpy(np.array(FeatureStore(prepared.data.features).array, dtype=np.float32))
+    for piece in probabilities.split(groups, dim=1):  # one distribution per label
+        assert (piece >= 0).all()
+        torch.testing.assert_close(piece.sum(1), torch.ones(len(piece)), atol=2e-3, rtol=0)
     report = json.loads((entry / "pretrain.json").read_text())
     assert report["images"] == 80 and set(report["val_accuracy"]) >= {"count", "slot0_shape", "scene"}
-    encoder = ImageEncoder(cfg.model.encoder.name, prepared.model.encoder.weights, trainable=False).eval()  # as predict
-    with torch.no_grad():
-        for record in records["val"][:3] + records["train"][:3]:
-            image = eval_dataset([record], cfg.data)[0]["image"]
-            torch.testing.assert_close(store.get(record.image_id), encoder(image[None])[0], rtol=1e-2, atol=1e-2)
+
+
+def test_a_label_head_of_another_encoder_names_the_mismatch(pretrained, tmp_path):
+    from captioning.models.encoder import ImageEncoder
+
+    _, prepared = pretrained
+    head = prepared.model.encoder.label_head
+    with pytest.raises(ValueError, match="reads 1024 features into 59 outputs .* the encoder gives 512 features"):
+        ImageEncoder("resnet18", trainable=False, pool="avg", label_head=head)
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="is not a label head file"):
+        ImageEncoder("resnet18", trainable=False, pool="grid", label_head=str(tmp_path / "junk.pth"))
+    with pytest.raises(FileNotFoundError, match="model.encoder.label_head: file not found"):
+        ImageEncoder("resnet18", trainable=False, pool="grid", label_head=str(tmp_path / "missing.pth"))
 
 
 def test_the_cache_is_reused_and_keyed_by_the_settings(pretrained, tiny_data_root, monkeypatch):
@@ -105,6 +135,8 @@ def test_the_cache_is_reused_and_keyed_by_the_settings(pretrained, tiny_data_roo
     again = prepare_inputs(cfg)
     assert again.data.features == prepared.data.features
     assert again.model.encoder.weights == prepared.model.encoder.weights
+    features = prepare_inputs(compose(pretraining(tiny_data_root) + ["model.encoder.pretrain.feed=features"]))
+    assert Path(features.data.features).parent == Path(prepared.data.features).parent  # feed: a store of the entry
     other = compose(pretraining(tiny_data_root) + ["model.encoder.pretrain.seed=1"])
     with pytest.raises(AssertionError, match="rebuilt"):
         prepare_inputs(other)  # other settings: another entry
@@ -149,6 +181,8 @@ def test_nothing_changes_without_pretraining_or_with_own_features(tiny_data_root
     (["model.encoder.pretrain.epochs=0"], "model.encoder.pretrain.epochs must be an integer >= 1"),
     (["model.encoder.pretrain.hflip=2"], r"model.encoder.pretrain.hflip must be in \[0, 1\]"),
     (["+model.encoder.pretrain.steps=10"], "model.encoder.pretrain.steps is not a pretraining setting"),
+    (["model.encoder.pretrain.feed=logits"], r"model.encoder.pretrain.feed must be one of \['labels', 'features'\]"),
+    (["model.encoder.label_head=/x/head.pth"], "model.encoder.label_head cannot be used with model.encoder.pretrain"),
 ])
 def test_contradicting_settings_name_the_key(tiny_data_root, cache, extra, message):
     from captioning.data.build import prepare_inputs

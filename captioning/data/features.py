@@ -6,7 +6,7 @@ Layout of a store folder:
     index.json     {"image_ids": [...]}: row r holds image_ids[r]
     done.npy       (N,) bool: rows written so far (extraction resumes from here)
     bad.json       {image_id: reason} for unreadable images
-    meta.json      the encoder (name, weights, pool, grid_size), image_size, resize_size, feature_dim
+    meta.json      the encoder (name, weights, pool, grid_size, label_head), image_size, resize_size, feature_dim
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ class FeatureStore:
             raise ValueError(f"data.features: extraction into {self.path} is unfinished: run "
                              "tools/extract_features.py again, it resumes")
         expected = {"name": encoder_cfg.name, "weights": encoder_cfg.weights, "pool": encoder_cfg.get("pool", "avg"),
-                    "image_size": cfg_data.image_size, "resize_size": cfg_data.resize_size}
+                    "label_head": encoder_cfg.get("label_head"), "image_size": cfg_data.image_size,
+                    "resize_size": cfg_data.resize_size}
         for key, value in expected.items():
             if self.meta.get(key) != value:
                 raise ValueError(f"data.features: {self.path} was extracted with {key}={self.meta.get(key)!r}, "

@@ -14,9 +14,12 @@ data without `data.features` set:
 2. If missing: train the torchvision backbone from scratch on the train split's scene labels (below), with a
    linear head per label on its pooled feature; then encode every image of every split with the frozen
    backbone into a feature store (the layout of captioning.data.features / tools/extract_features.py).
-3. Return the config with `data.features` = the store, `model.encoder.weights` = the saved backbone (a local
+3. Return the config with `data.features` = a store, `model.encoder.weights` = the saved backbone (a local
    .pth, so a checkpoint trained on the features still captions JPEGs: captioning-predict rebuilds the
-   encoder from it) and `model.encoder.trainable` = false.
+   encoder from it) and `model.encoder.trainable` = false. `feed` (not part of the key: both stores are built)
+   picks what the decoder reads: `labels`, the trained heads' probabilities (59 numbers: one distribution per
+   label; `model.encoder.label_head` = the saved head, so the encoder computes them from JPEGs too), or
+   `features`, the backbone's pooled feature.
 
 Nothing changes for `data=coco`, for a `data.features` folder the user gives, or with `model.encoder.pretrain=null`
 (the CNN is then trained end to end from the JPEGs).
@@ -30,7 +33,9 @@ follow: a row's reading order reverses, left and right swap).
 
 Cache entry (CAPTIONING_CACHE/scene_encoders/<task>_<encoder>_<hash>/):
     encoder.pth      the backbone's state dict without its classifier (model.encoder.weights)
-    features/        the feature store (data.features)
+    head.pth         the label heads (model.encoder.label_head; captioning.models.encoder.LabelProbabilities)
+    features/        the backbone's features (data.features with feed=features)
+    labels/          the heads' probabilities (data.features with feed=labels)
     pretrain.json    settings, data fingerprint, validation accuracy per label, timings; written LAST (complete)
 """
 from __future__ import annotations
@@ -52,10 +57,13 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the labels, the training or the files change: older cache entries are not reused
+FORMAT_VERSION = 2  # bump when the labels, the training or the files change: older cache entries are not reused
 TASKS = ("scene_labels",)
-DEFAULTS = {"task": "scene_labels", "extra_images": 16000, "epochs": 3, "batch_size": 128, "lr": 3e-3,
-            "weight_decay": 1e-4, "hflip": 0.5, "seed": 0}
+FEEDS = ("labels", "features")
+DEFAULTS = {"task": "scene_labels", "extra_images": 12000, "epochs": 3, "batch_size": 128, "lr": 3e-3,
+            "weight_decay": 1e-4, "hflip": 0.5, "seed": 0, "feed": "labels"}
+NOT_IN_KEY = ("feed",)  # settings that pick among the entry's files instead of changing them
+EXTRA_SCENES_STREAM = "scene-pretrain-v1"  # the extra scenes' random streams (the same across format versions)
 JPEG_QUALITY = 90  # as captioning.data.synthetic.generate_synthetic writes its images
 POSITIONS = ("center", "left", "right", "top", "bottom")
 LAYOUTS = ("single", "horizontal", "vertical")
@@ -93,6 +101,7 @@ def settings_of(cfg) -> dict | None:
             raise ConfigError(f"model.encoder.pretrain.{key} {message} (got {settings[key]!r})")
 
     require(settings["task"] in TASKS, "task", f"must be one of {list(TASKS)}")
+    require(settings["feed"] in FEEDS, "feed", f"must be one of {list(FEEDS)}")
     for key in ("epochs", "batch_size", "extra_images"):
         value = settings[key]
         low = 0 if key == "extra_images" else 1
@@ -125,6 +134,10 @@ def prepare(cfg):
         raise ConfigError("model.encoder.weights cannot be used with model.encoder.pretrain: pretraining makes the "
                           "encoder's weights; set model.encoder.pretrain=null to start from "
                           f"model.encoder.weights (got {e.weights!r})")
+    if e.get("label_head") is not None:
+        raise ConfigError("model.encoder.label_head cannot be used with model.encoder.pretrain: pretraining makes "
+                          "the label head (model.encoder.pretrain.feed=labels uses it); set model.encoder.pretrain=null "
+                          f"to read a head of your own (got {e.label_head!r})")
     if e.get("unfreeze_after_steps") is not None:
         raise ConfigError("model.encoder.unfreeze_after_steps cannot be used with model.encoder.pretrain: the "
                           "pretrained encoder is frozen and read as cached features; set "
@@ -132,10 +145,12 @@ def prepare(cfg):
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(cfg.trainer.num_threads)
     entry = ensure_scene_features(cfg.data, e, settings, device=_device(cfg))
+    labels = settings["feed"] == "labels"
     cfg = cfg.copy()
     with open_dict(cfg):
-        cfg.data.features = str(entry / "features")
+        cfg.data.features = str(entry / ("labels" if labels else "features"))
         cfg.model.encoder.weights = str(entry / "encoder.pth")
+        cfg.model.encoder.label_head = str(entry / "head.pth") if labels else None
         cfg.model.encoder.trainable = False
     return cfg
 
@@ -158,7 +173,8 @@ def entry_key(fingerprint: dict, encoder_cfg, cfg_data, settings: dict) -> dict:
     return {"format_version": FORMAT_VERSION, "data": fingerprint,
             "encoder": {"name": encoder_cfg.name, "pool": encoder_cfg.get("pool", "avg"),
                         "grid_size": encoder_cfg.get("grid_size", 2)},
-            "image_size": cfg_data.image_size, "resize_size": cfg_data.resize_size, "pretrain": settings}
+            "image_size": cfg_data.image_size, "resize_size": cfg_data.resize_size,
+            "pretrain": {k: v for k, v in settings.items() if k not in NOT_IN_KEY}}
 
 
 def entry_dir(key: dict) -> Path:
@@ -171,10 +187,10 @@ def entry_dir(key: dict) -> Path:
 def is_complete(entry: Path) -> bool:
     from captioning.data.features import FeatureStore
 
-    if not (entry / COMPLETE_FILE).is_file() or not (entry / "encoder.pth").is_file():
+    if not all((entry / name).is_file() for name in (COMPLETE_FILE, "encoder.pth", "head.pth")):
         return False
     try:
-        return FeatureStore(entry / "features").complete()
+        return FeatureStore(entry / "features").complete() and FeatureStore(entry / "labels").complete()
     except (FileNotFoundError, ValueError, OSError):
         return False
 
@@ -225,15 +241,25 @@ def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, enc
     with torch.random.fork_rng(devices=[]):  # the calling run's random stream is left as it was
         torch.manual_seed(settings["seed"])  # the backbone's initialisation, then the head's: one encoder per seed
         backbone, feature_dim = build_backbone(encoder_cfg)
-        history = pretrain(backbone, feature_dim, torch.cat([pixels, extra_pixels]),
-                           torch.cat([labels, extra_labels]), train_rows, usable("val"), settings, device)
+        history, head = pretrain(backbone, feature_dim, torch.cat([pixels, extra_pixels]),
+                                 torch.cat([labels, extra_labels]), train_rows, usable("val"), settings, device)
     trained = time.perf_counter()
     torch.save(backbone.state_dict(), entry / "encoder.pth")
+    head = head.cpu()
+    torch.save({"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
+                "groups": [[name, size] for name, size in _heads().items()]}, entry / "head.pth")
     features = encode(backbone, pixels, device)
-    write_store(entry / "features", image_ids, features, bad, {
-        "name": encoder_cfg.name, "weights": str(entry / "encoder.pth"), "pool": encoder_cfg.get("pool", "avg"),
-        "grid_size": encoder_cfg.get("grid_size", 2), "image_size": cfg_data.image_size,
-        "resize_size": cfg_data.resize_size, "images": len(image_ids), "feature_dim": feature_dim})
+    meta = {"name": encoder_cfg.name, "weights": str(entry / "encoder.pth"), "pool": encoder_cfg.get("pool", "avg"),
+            "grid_size": encoder_cfg.get("grid_size", 2), "label_head": None, "image_size": cfg_data.image_size,
+            "resize_size": cfg_data.resize_size, "images": len(image_ids), "feature_dim": feature_dim}
+    write_store(entry / "features", image_ids, features.astype(np.float16), bad, meta)
+    from captioning.models.encoder import LabelProbabilities
+
+    probabilities = LabelProbabilities(entry / "head.pth", feature_dim)
+    with torch.no_grad():  # as the encoder computes them from an image (captioning-predict)
+        label_probs = probabilities(torch.from_numpy(features)).numpy().astype(np.float16)
+    write_store(entry / "labels", image_ids, label_probs, bad, {
+        **meta, "label_head": str(entry / "head.pth"), "feature_dim": probabilities.out_features})
     done = time.perf_counter()
     report = {"key": key, "images": len(image_ids), "bad_images": len(bad), "device": str(device),
               "threads": torch.get_num_threads(), "val_accuracy": history[-1]["val_accuracy"] if history else {},
@@ -301,7 +327,7 @@ def generated_scenes(count: int, drawn_size: int, cfg_data, seed: int) -> tuple[
     pixels = torch.zeros((count, 3, size, size), dtype=torch.uint8)
     scenes = []
     for n in range(count):
-        scene = sample_scene(random.Random(f"scene-pretrain-v{FORMAT_VERSION}:{seed}:{n}"))
+        scene = sample_scene(random.Random(f"{EXTRA_SCENES_STREAM}:{seed}:{n}"))
         buffer = io.BytesIO()
         draw_scene(scene, drawn_size).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
@@ -345,38 +371,24 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 # -- the backbone -----------------------------------------------------------------------------------------------
 def build_backbone(encoder_cfg) -> tuple[nn.Module, int]:
-    """The torchvision classifier named by model.encoder.name, randomly initialised, its last linear layer made the
-    identity and (pool=grid) its global pool a grid: the module captioning.models.encoder.ImageEncoder builds,
-    so that the saved state dict loads there as model.encoder.weights (a test checks the features agree)."""
-    import torchvision
+    """The backbone captioning.models.encoder.ImageEncoder builds for model.encoder (name, pool, grid size), randomly
+    initialised, and its feature size: its saved state dict loads there as model.encoder.weights."""
+    from captioning.models.encoder import ImageEncoder
 
-    name, pool, grid = encoder_cfg.name, encoder_cfg.get("pool", "avg"), encoder_cfg.get("grid_size", 2)
-    backbone = torchvision.models.get_model(name, weights=None)
-    cells = 1
-    if pool == "grid":
-        if not isinstance(getattr(backbone, "avgpool", None), nn.AdaptiveAvgPool2d):
-            raise ValueError(f"model.encoder.pool=grid needs a backbone with a global average pool; {name} has none")
-        backbone.avgpool = nn.AdaptiveAvgPool2d(grid)
-        cells = grid * grid
-    last = None
-    for parent in backbone.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                last = (parent, child_name, child)
-    if last is None:
-        raise ValueError(f"model.encoder.name: {name} has no linear classifier to remove")
-    setattr(last[0], last[1], nn.Identity())
-    return backbone, last[2].in_features * cells
+    encoder = ImageEncoder(encoder_cfg.name, None, trainable=True, pool=encoder_cfg.get("pool", "avg"),
+                           grid_size=encoder_cfg.get("grid_size", 2))
+    return encoder.backbone, encoder.feature_dim
 
 
 def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels: torch.Tensor, train_rows: list[int],
-             val_rows: list[int], settings: dict, device: torch.device) -> list[dict]:
+             val_rows: list[int], settings: dict, device: torch.device) -> tuple[list[dict], nn.Linear]:
     """AdamW with a cosine learning rate (one warm-up epoch's first 5%), summed cross-entropy over the heads. The head
-    is initialised from torch's global random stream, which build_entry seeds."""
+    is initialised from torch's global random stream, which build_entry seeds. Returns (history, the trained head)."""
     heads = _heads()
     generator = torch.Generator().manual_seed(settings["seed"])
     head = nn.Linear(feature_dim, sum(heads.values()))
-    model = nn.Sequential(backbone, head).to(device).train()
+    # channels_last: oneDNN's convolutions run about 8% faster so on a 2-core CPU (README); the same layout on CUDA
+    model = nn.Sequential(backbone, head).to(device, memory_format=torch.channels_last).train()
     batch = settings["batch_size"]
     steps_per_epoch = max(1, len(train_rows) // batch)
     total = steps_per_epoch * settings["epochs"]
@@ -396,7 +408,7 @@ def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels
             images = pixels[index]
             images[flip] = images[flip].flip(-1)
             targets = torch.where(flip[:, None], flipped[index], labels[index])
-            logits = model(normalise(images).to(device))
+            logits = model(normalise(images).to(device).contiguous(memory_format=torch.channels_last))
             loss = head_losses(logits, targets.to(device), heads)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -413,7 +425,7 @@ def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels
         log.info("scene-label pretraining: epoch %d/%d, loss %.3f, %.0f s, val scene accuracy %.3f", epoch + 1,
                  settings["epochs"], record["loss"], record["seconds"], record.get("val_accuracy", {}).get("scene", math.nan))
     model.eval()
-    return history
+    return history, head
 
 
 def head_losses(logits: torch.Tensor, targets: torch.Tensor, heads: dict[str, int]) -> torch.Tensor:
@@ -446,11 +458,12 @@ def accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, rows:
 
 @torch.no_grad()
 def encode(backbone: nn.Module, pixels: torch.Tensor, device: torch.device, batch: int = 256) -> np.ndarray:
+    """(N, F) float32 features of the frozen backbone."""
     backbone.eval()
     out = []
     for start in range(0, len(pixels), batch):
         out.append(backbone(normalise(pixels[start:start + batch]).to(device)).float().cpu().numpy())
-    return np.concatenate(out).astype(np.float16)
+    return np.concatenate(out)
 
 
 def write_store(out: Path, image_ids: list[int], features: np.ndarray, bad: dict[int, str], meta: dict) -> None:

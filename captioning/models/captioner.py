@@ -150,9 +150,10 @@ def never_generated(scores: torch.Tensor, model) -> torch.Tensor:
 
 
 def build_image_encoder(cfg_encoder, trainable: bool) -> ImageEncoder:
-    """The CNN that `model.encoder` describes (name, weights, pooling)."""
+    """The CNN that `model.encoder` describes (name, weights, pooling, label head)."""
     return ImageEncoder(cfg_encoder.name, cfg_encoder.weights, trainable=trainable,
-                        pool=cfg_encoder.get("pool", "avg"), grid_size=cfg_encoder.get("grid_size", 2))
+                        pool=cfg_encoder.get("pool", "avg"), grid_size=cfg_encoder.get("grid_size", 2),
+                        label_head=cfg_encoder.get("label_head"))
 
 
 def build_captioner(cfg_model, vocab_size: int, cached_feature_dim: int | None = None) -> Captioner:

@@ -4,6 +4,8 @@
 "ResNet50_Weights.IMAGENET1K_V2"), a path to a local state-dict file (air-gapped clusters), or
 None (random init). The backbone's last nn.Linear becomes the identity, so the encoder returns
 the pooled feature the classifier would have read: 512 for resnet18/34, 2048 for resnet50+.
+With `label_head` (a file the scene-label pretraining writes), the encoder returns instead what a trained
+classifier on that feature says is in the image: one probability distribution per label, concatenated.
 """
 from __future__ import annotations
 
@@ -59,13 +61,45 @@ def build_backbone(name: str, weights: str | None) -> nn.Module:
     return torchvision.models.get_model(name, weights=resolved)
 
 
+class LabelProbabilities(nn.Module):
+    """A linear classifier of several labels read as the encoder's output: softmax within each group of its outputs
+    (one group per label: count, layout, each object's shape, colour...), the distributions concatenated. Feeding a
+    captioner what the CNN recognises rather than its raw feature is the attribute input of Wu et al. 2016 ("What
+    value do explicit high level concepts have in vision to language problems?") and Yao et al. 2017 (LSTM-A).
+
+    The file (torch.save of a dict): weight (O, F), bias (O,), groups [[label name, size], ...] summing to O."""
+
+    def __init__(self, path: str | Path, in_features: int):
+        super().__init__()
+        path = Path(str(path)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.encoder.label_head: file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            weight, bias, groups = state["weight"], state["bias"], [(str(n), int(k)) for n, k in state["groups"]]
+        except Exception as e:  # not a torch file, or not a label head's
+            raise ValueError(f"model.encoder.label_head: {path} is not a label head file (weight, bias, groups): "
+                             f"{e}") from None
+        if weight.dim() != 2 or weight.shape[1] != in_features or sum(k for _, k in groups) != weight.shape[0]:
+            raise ValueError(f"model.encoder.label_head: {path} reads {weight.shape[1]} features into "
+                             f"{weight.shape[0]} outputs ({sum(k for _, k in groups)} in its groups), but the "
+                             f"encoder gives {in_features} features (check model.encoder.name, pool and grid_size)")
+        self.weight, self.bias = nn.Parameter(weight.float()), nn.Parameter(bias.float())  # no random init drawn
+        self.groups = groups
+        self.out_features = weight.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pieces = nn.functional.linear(features, self.weight, self.bias).split([k for _, k in self.groups], dim=-1)
+        return torch.cat([p.softmax(-1) for p in pieces], dim=-1)  # (B, O)
+
+
 class ImageEncoder(nn.Module):
     """`pool`: "avg" is the classifier's own global average (Show and Tell); "grid" average-pools the last feature
     map to a `grid_size` x `grid_size` grid and concatenates the cells, which keeps where things are (left of,
-    above...) at `grid_size**2` times the feature size."""
+    above...) at `grid_size**2` times the feature size. `label_head`: a LabelProbabilities file read on top."""
 
     def __init__(self, name: str = "resnet18", weights: str | None = None, trainable: bool = True,
-                 pool: str = "avg", grid_size: int = 2):
+                 pool: str = "avg", grid_size: int = 2, label_head: str | None = None):
         super().__init__()
         self.backbone = build_backbone(name, weights)
         if pool not in ("avg", "grid"):
@@ -77,23 +111,27 @@ class ImageEncoder(nn.Module):
                                  f"(resnet, regnet, efficientnet, mobilenet...); {name} has none")
             self.backbone.avgpool = nn.AdaptiveAvgPool2d(grid_size)
             cells = grid_size * grid_size
-        last_linear = None
-        for parent in self.backbone.modules():
-            for child_name, child in parent.named_children():
-                if isinstance(child, nn.Linear):
-                    last_linear = (parent, child_name, child)
-        if last_linear is None:
+        linears = [(parent, child_name, child) for parent in self.backbone.modules()
+                   for child_name, child in parent.named_children() if isinstance(child, nn.Linear)]
+        if not linears:
             raise ValueError(f"model.encoder.name: {name} has no linear classifier to remove; "
                              "pick a backbone ending in a linear layer (resnet, efficientnet, convnext, vgg...)")
-        parent, child_name, linear = last_linear
+        if pool == "grid" and len(linears) > 1:  # the grid's cells would reach a hidden layer sized for one average
+            raise ValueError(f"model.encoder.pool=grid needs a classifier of one linear layer on the pooled feature "
+                             f"(resnet, regnet, efficientnet...); {name}'s has {len(linears)}")
+        parent, child_name, linear = linears[-1]
         setattr(parent, child_name, nn.Identity())
         self.feature_dim = linear.in_features * cells
+        self.label_head = None
+        if label_head is not None:
+            self.label_head = LabelProbabilities(label_head, self.feature_dim)
+            self.feature_dim = self.label_head.out_features
         self.set_trainable(trainable)
 
     def set_trainable(self, trainable: bool) -> None:
         """Frozen encoders also keep BatchNorm statistics fixed (eval mode), as feature extractors should."""
         self.trainable = trainable
-        for p in self.backbone.parameters():
+        for p in self.parameters():
             p.requires_grad_(trainable)
         self.train(self.training)
 
@@ -104,7 +142,8 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)  # (B, 3, H, W) -> (B, F)
+        features = self.backbone(images)  # (B, 3, H, W) -> (B, F)
+        return features if self.label_head is None else self.label_head(features)
 
 
 class PrecomputedFeatures(nn.Module):
