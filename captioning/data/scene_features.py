@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # bump when the labels, the training or the files change: older cache entries are not reused
 TASKS = ("scene_labels",)
 FEEDS = ("labels", "features")
-DEFAULTS = {"task": "scene_labels", "extra_images": 12000, "epochs": 3, "batch_size": 128, "lr": 3e-3,
+DEFAULTS = {"task": "scene_labels", "extra_images": 16000, "epochs": 3, "batch_size": 128, "lr": 3e-3,
             "weight_decay": 1e-4, "hflip": 0.5, "seed": 0, "feed": "labels"}
 NOT_IN_KEY = ("feed",)  # settings that pick among the entry's files instead of changing them
 EXTRA_SCENES_STREAM = "scene-pretrain-v1"  # the extra scenes' random streams (the same across format versions)
