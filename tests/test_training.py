@@ -181,7 +181,7 @@ def test_encoder_unfreezes_after_n_steps_with_its_own_learning_rate(tiny_data_ro
     assert any(not torch.equal(v, initial[k]) for k, v in after.items())  # trained from step 3 on
     encoder_group = [g for g in state["optimizer"]["param_groups"] if g.get("name") == "encoder"][0]
     assert encoder_group["initial_lr"] == 0.05  # its own rate (then cosine-decayed like the decoder's)
-    assert state["optimizer"]["param_groups"][0]["initial_lr"] == 1e-3
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == 6e-3  # conf/optim/adam.yaml
     records = read_jsonl(tmp_path / "five" / "metrics.jsonl")
     assert all(0 <= r["train/data_wait_fraction"] <= 1 and r["train/images_per_s"] > 0
                for r in records if "train/loss" in r)

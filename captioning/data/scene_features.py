@@ -253,13 +253,9 @@ def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, enc
             "grid_size": encoder_cfg.get("grid_size", 2), "label_head": None, "image_size": cfg_data.image_size,
             "resize_size": cfg_data.resize_size, "images": len(image_ids), "feature_dim": feature_dim}
     write_store(entry / "features", image_ids, features.astype(np.float16), bad, meta)
-    from captioning.models.encoder import LabelProbabilities
-
-    probabilities = LabelProbabilities(entry / "head.pth", feature_dim)
-    with torch.no_grad():  # as the encoder computes them from an image (captioning-predict)
-        label_probs = probabilities(torch.from_numpy(features)).numpy().astype(np.float16)
-    write_store(entry / "labels", image_ids, label_probs, bad, {
-        **meta, "label_head": str(entry / "head.pth"), "feature_dim": probabilities.out_features})
+    label_probs = label_probabilities(head, torch.from_numpy(features), list(_heads().values()))
+    write_store(entry / "labels", image_ids, label_probs.astype(np.float16), bad, {
+        **meta, "label_head": str(entry / "head.pth"), "feature_dim": label_probs.shape[1]})
     done = time.perf_counter()
     report = {"key": key, "images": len(image_ids), "bad_images": len(bad), "device": str(device),
               "threads": torch.get_num_threads(), "val_accuracy": history[-1]["val_accuracy"] if history else {},
@@ -371,13 +367,28 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 # -- the backbone -----------------------------------------------------------------------------------------------
 def build_backbone(encoder_cfg) -> tuple[nn.Module, int]:
-    """The backbone captioning.models.encoder.ImageEncoder builds for model.encoder (name, pool, grid size), randomly
-    initialised, and its feature size: its saved state dict loads there as model.encoder.weights."""
-    from captioning.models.encoder import ImageEncoder
+    """The torchvision classifier named by model.encoder.name, randomly initialised, its last linear layer made the
+    identity and (pool=grid) its global pool a grid: the module captioning.models.encoder.ImageEncoder builds,
+    so that the saved state dict loads there as model.encoder.weights (a test checks the features agree)."""
+    import torchvision
 
-    encoder = ImageEncoder(encoder_cfg.name, None, trainable=True, pool=encoder_cfg.get("pool", "avg"),
-                           grid_size=encoder_cfg.get("grid_size", 2))
-    return encoder.backbone, encoder.feature_dim
+    name, pool, grid = encoder_cfg.name, encoder_cfg.get("pool", "avg"), encoder_cfg.get("grid_size", 2)
+    backbone = torchvision.models.get_model(name, weights=None)
+    cells = 1
+    if pool == "grid":
+        if not isinstance(getattr(backbone, "avgpool", None), nn.AdaptiveAvgPool2d):
+            raise ValueError(f"model.encoder.pool=grid needs a backbone with a global average pool; {name} has none")
+        backbone.avgpool = nn.AdaptiveAvgPool2d(grid)
+        cells = grid * grid
+    linears = [(parent, child_name, child) for parent in backbone.modules()
+               for child_name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    if not linears:
+        raise ValueError(f"model.encoder.name: {name} has no linear classifier to remove")
+    if pool == "grid" and len(linears) > 1:
+        raise ValueError(f"model.encoder.pool=grid needs a classifier of one linear layer on the pooled feature; "
+                         f"{name}'s has {len(linears)}")
+    setattr(linears[-1][0], linears[-1][1], nn.Identity())
+    return backbone, linears[-1][2].in_features * cells
 
 
 def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels: torch.Tensor, train_rows: list[int],
@@ -464,6 +475,13 @@ def encode(backbone: nn.Module, pixels: torch.Tensor, device: torch.device, batc
     for start in range(0, len(pixels), batch):
         out.append(backbone(normalise(pixels[start:start + batch]).to(device)).float().cpu().numpy())
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def label_probabilities(head: nn.Linear, features: torch.Tensor, groups: list[int]) -> np.ndarray:
+    """The heads' softmax per label, concatenated: what model.encoder.label_head (captioning.models.encoder.
+    LabelProbabilities, which the data layer does not import) computes from an image; a test checks they agree."""
+    return torch.cat([p.softmax(-1) for p in head(features).split(groups, dim=1)], dim=1).numpy()
 
 
 def write_store(out: Path, image_ids: list[int], features: np.ndarray, bad: dict[int, str], meta: dict) -> None:
