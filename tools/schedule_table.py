@@ -8,7 +8,7 @@
    the runs only read them.
 2. Trains every (row, seed) of the six rows of the paper's table as its own `python -m captioning.train
    experiment=ROW seed=S ...` process, `--jobs` at a time with `--threads` torch threads each (2 x 1 on a 2-core
-   laptop), `--steps` optimizer steps each (1,400, validated 7 times: less than the main job's 3,000, so that the
+   laptop), `--steps` optimizer steps each (1,400, validated 7 times: less than the main job's 2,000, so that the
    40 runs fit in an hour), into SWEEP_DIR/ROW/seed_S/. A run with a test_metrics.json is finished and not run
    again: a killed table resumes where it stopped.
 3. Then the self-critical rows (SCST_ROWS): `self_critical` continues the same seed's `baseline` run, and
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="default: the six rows and the two self-critical ones")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per row")
     parser.add_argument("--steps", type=int, default=1400,
-                        help="optimizer steps per run (7 validations): shorter than the main job's 3,000, so that "
+                        help="optimizer steps per run (7 validations): shorter than the main job's 2,000, so that "
                              "40 runs fit in an hour on 2 cores")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
