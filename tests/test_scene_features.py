@@ -74,7 +74,7 @@ def test_scene_labels_and_their_mirror_image():
 def test_pretraining_makes_valid_feature_stores_of_the_encoder_it_saves(pretrained, tiny_data_root, cache):
     """The default feed=labels store holds the heads' probabilities; the features store the backbone's features; the
     encoder rebuilt from the saved files (as captioning-predict does) computes both again from the JPEGs."""
-    from captioning.data.build import eval_dataset, load_records
+    from captioning.data.build import eval_dataset, load_records, prepare_inputs
     from captioning.models.captioner import build_image_encoder
 
     cfg, prepared = pretrained
@@ -85,10 +85,7 @@ def test_pretraining_makes_valid_feature_stores_of_the_encoder_it_saves(pretrain
     assert cfg.data.features is None and cfg.model.encoder.weights is None  # the input config is left alone
     records = load_records(prepared.data)
     image_ids = [r.image_id for split in records.values() for r in split]
-    features = compose(pretraining(tiny_data_root) + ["model.encoder.pretrain.feed=features"])
-    from captioning.data.build import prepare_inputs
-
-    features = prepare_inputs(features)
+    features = prepare_inputs(compose(pretraining(tiny_data_root) + ["model.encoder.pretrain.feed=features"]))
     assert features.data.features == str(entry / "features") and features.model.encoder.label_head is None
     groups = list(scene_features._heads().values())
     for config, dim in ((prepared, sum(groups)), (features, 1024)):

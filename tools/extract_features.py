@@ -38,7 +38,8 @@ def extract(out: Path, cfg, batch_size: int, device: torch.device, flush_every: 
     image_ids = sorted(unique)
     e = cfg.model.encoder
     meta = {"name": e.name, "weights": e.weights, "pool": e.get("pool", "avg"), "grid_size": e.get("grid_size", 2),
-            "label_head": e.get("label_head"), "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size, "images": len(image_ids)}
+            "label_head": e.get("label_head"), "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size,
+            "images": len(image_ids)}
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # weights=null: a reproducible random encoder
     encoder = build_image_encoder(e, trainable=False).to(device).eval()
