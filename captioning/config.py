@@ -122,6 +122,13 @@ def validate_model(cfg: DictConfig) -> None:
     _choice(cfg, "model.encoder.pool", ("avg", "grid"))
     if cfg.model.decoder.get("image_feed") is not None:
         _choice(cfg, "model.decoder.image_feed", ("first", "every_step"))
+    attention = cfg.model.decoder.get("attention", False)
+    _require(isinstance(attention, bool), "model.decoder.attention", "must be true or false", attention)
+    if attention and cfg.model.encoder.get("pretrain") is None:  # pretraining makes a label head (feed=labels)
+        from captioning.models.attention import no_parts
+
+        if no_parts(cfg.model.encoder):
+            raise ConfigError(no_parts(cfg.model.encoder))
     if cfg.model.get("image_input") is not None:  # conf/experiment/image_blind.yaml
         _choice(cfg, "model.image_input", ("image", "constant"))
     _positive_int(cfg, "model.encoder.unfreeze_after_steps", allow_none=True, minimum=0)

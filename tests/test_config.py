@@ -58,6 +58,8 @@ def test_eval_config_composes_for_every_decoder():
     ("model.decoder.dropout=1.5", "model.decoder.dropout"),
     ("model.decoder.hidden_dim=0", "model.decoder.hidden_dim"),
     ("model.encoder.name=resnet9000", "model.encoder.name"),
+    ("model.decoder.attention=sometimes", "model.decoder.attention"),
+    ("model.decoder.attention=true model.encoder.pretrain=null model.encoder.pool=avg", "model.encoder.pool"),
     ("schedule=inverse_sigmoid schedule.k=0.5", "schedule.k"),
     ("schedule=exponential schedule.k=1.5", "schedule.k"),
     ("schedule=constant schedule.p=2", "schedule.p"),

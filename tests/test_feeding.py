@@ -17,10 +17,15 @@ from captioning.training.objectives import CrossEntropyObjective, shift_right
 V, N, T = 40, 64, 9
 
 
-def tiny_model(cell: str = "lstm", dropout: float = 0.0, image_feed: str = "first") -> Captioner:
+ATTENTION_PARTS = torch.arange(1024).view(4, 256)  # shufflenet's 1,024 features read as 4 parts
+
+
+def tiny_model(cell: str = "lstm", dropout: float = 0.0, image_feed: str = "first", attention: bool = False
+               ) -> Captioner:
     torch.manual_seed(0)
     encoder = ImageEncoder("shufflenet_v2_x0_5", None, trainable=True)
-    return Captioner(encoder, RNNDecoder(V, 16, 24, num_layers=2, cell=cell, dropout=dropout), image_feed=image_feed)
+    return Captioner(encoder, RNNDecoder(V, 16, 24, num_layers=2, cell=cell, dropout=dropout), image_feed=image_feed,
+                     attention_parts=ATTENTION_PARTS if attention else None)
 
 
 def batch(seed: int = 0):
@@ -64,14 +69,15 @@ def test_prob_one_is_teacher_forcing_bit_for_bit(mode):
     assert stats["model_token_fraction"].item() == 0.0
 
 
-@pytest.mark.parametrize("cell, image_feed", [("lstm", "first"), ("gru", "first"), ("rnn", "first"),
-                                              ("lstm", "every_step")])
-def test_choosing_then_one_fused_pass_equals_the_step_by_step_loop(cell, image_feed):
+@pytest.mark.parametrize("cell, image_feed, attention", [("lstm", "first", False), ("gru", "first", False),
+                                                         ("rnn", "first", False), ("lstm", "every_step", False),
+                                                         ("lstm", "every_step", True), ("gru", "first", True)])
+def test_choosing_then_one_fused_pass_equals_the_step_by_step_loop(cell, image_feed, attention):
     """Exact mode's two computations (GPU: choose the inputs without gradient, then one fused pass; CPU:
     step through with gradient) give the same fed tokens, logits and gradients."""
     from captioning.training.feeding import _exact_single_pass, choose_inputs
 
-    model = tiny_model(cell, image_feed=image_feed).train()  # no dropout: both computations are deterministic given the coins
+    model = tiny_model(cell, image_feed=image_feed, attention=attention).train()  # no dropout: both computations are deterministic given the coins
     images, targets = batch()
     features = model.encode(images).detach().repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)
@@ -79,9 +85,9 @@ def test_choosing_then_one_fused_pass_equals_the_step_by_step_loop(cell, image_f
     chosen = choose_inputs(model, features, inputs, 0.4, "argmax", "token", 1.0)
     assert 0.3 < chosen.use_truth[:, 1:].float().mean() < 0.5 and not torch.equal(chosen.fed, inputs)
     logits = model.forward_teacher_forcing(features, chosen.fed, chosen.masks)
-    grads = torch.autograd.grad(logits.logsumexp(-1).sum(), list(model.decoder.parameters()))
+    grads = torch.autograd.grad(logits.logsumexp(-1).sum(), model.step_parameters())
     step_logits, step_fed = _exact_single_pass(model, features, inputs, chosen.use_truth, "argmax", 1.0)
-    step_grads = torch.autograd.grad(step_logits.logsumexp(-1).sum(), list(model.decoder.parameters()))
+    step_grads = torch.autograd.grad(step_logits.logsumexp(-1).sum(), model.step_parameters())
     assert torch.equal(chosen.fed, step_fed)
     torch.testing.assert_close(logits, step_logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, step_grads):
@@ -105,12 +111,14 @@ def test_two_pass_tokens_are_chosen_under_the_dropout_the_loss_sees():
     assert not torch.equal(chosen.fed, choose_inputs(model, features, inputs, 0.0, "argmax", "token", 1.0).fed)
 
 
-@pytest.mark.parametrize("layers, image_feed", [(1, "first"), (2, "first"), (1, "every_step")])
-def test_tokens_are_chosen_under_the_dropout_the_loss_sees(layers, image_feed):
+@pytest.mark.parametrize("layers, image_feed, attention", [(1, "first", False), (2, "first", False),
+                                                           (1, "every_step", False), (1, "every_step", True)])
+def test_tokens_are_chosen_under_the_dropout_the_loss_sees(layers, image_feed, attention):
     """The same through scheduled_sampling_logits, with dropout inside a two-layer RNN too."""
     torch.manual_seed(0)
     model = Captioner(ImageEncoder("shufflenet_v2_x0_5", None, trainable=True),
-                      RNNDecoder(V, 16, 24, num_layers=layers, dropout=0.5), image_feed=image_feed).train()
+                      RNNDecoder(V, 16, 24, num_layers=layers, dropout=0.5), image_feed=image_feed,
+                      attention_parts=ATTENTION_PARTS if attention else None).train()
     images, targets = batch()
     features = model.encode(images).repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)

@@ -71,12 +71,49 @@ def test_grid_pooling_keeps_where_things_are():
     assert ImageEncoder("mobilenet_v3_small", pool="avg").feature_dim == 1024
 
 
-@pytest.mark.parametrize("cell, image_feed", [("lstm", "first"), ("gru", "first"), ("rnn", "first"),
-                                              ("lstm", "every_step"), ("gru", "every_step")])
-def test_step_interface_equals_the_fused_teacher_forced_pass(cell, image_feed):
+def test_attention_parts_are_the_grid_cells_and_the_object_slots(tmp_path):
+    from omegaconf import OmegaConf
+
+    from captioning.models.attention import feature_parts
+
     torch.manual_seed(0)
-    model = Captioner(PrecomputedFeatures(20), RNNDecoder(30, 8, 12, num_layers=2, cell=cell),
-                      image_feed=image_feed).eval()
+    encoder = ImageEncoder("resnet18", pool="grid", grid_size=2).eval()
+    pooled = []
+    encoder.backbone.avgpool.register_forward_hook(lambda module, args, output: pooled.append(output))
+    with torch.no_grad():
+        features = encoder(torch.randn(2, 3, 64, 64))  # (2, 2048)
+    parts = feature_parts(OmegaConf.create({"pool": "grid", "grid_size": 2}), encoder.feature_dim)
+    assert parts.shape == (4, 512)
+    for cell in range(4):  # part k: the 512 channels of grid cell k (row-major)
+        assert torch.equal(features[:, parts[cell]], pooled[0][:, :, cell // 2, cell % 2])
+    head = tmp_path / "head.pth"
+    groups = [["count", 3], ["slot0_shape", 2], ["slot0_colour", 3], ["slot1_shape", 2], ["slot1_colour", 3]]
+    torch.save({"weight": torch.zeros(13, 8), "bias": torch.zeros(13), "groups": groups}, head)
+    slots = feature_parts(OmegaConf.create({"pool": "avg", "label_head": str(head)}), 13)
+    assert slots.tolist() == [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]  # the count is not a part
+    with pytest.raises(ValueError, match="gives 13 probabilities, but the features have 12"):
+        feature_parts(OmegaConf.create({"label_head": str(head)}), 12)
+    with pytest.raises(ValueError, match="global average has none"):
+        feature_parts(OmegaConf.create({"pool": "avg"}), 512)
+    torch.save({"weight": torch.zeros(4, 8), "bias": torch.zeros(4), "groups": [["count", 2], ["layout", 2]]}, head)
+    with pytest.raises(ValueError, match="per object slot .* no slots"):
+        feature_parts(OmegaConf.create({"label_head": str(head)}), 4)
+    torch.save({"weight": torch.zeros(5, 8), "bias": torch.zeros(5),
+                "groups": [["slot0_shape", 2], ["slot1_shape", 2], ["slot1_size", 1]]}, head)
+    with pytest.raises(ValueError, match="same labels in every slot"):
+        feature_parts(OmegaConf.create({"label_head": str(head)}), 5)
+    (tmp_path / "junk.pth").write_text("not a head")
+    with pytest.raises(ValueError, match="not a label head file"):
+        feature_parts(OmegaConf.create({"label_head": str(tmp_path / "junk.pth")}), 5)
+
+
+@pytest.mark.parametrize("cell, image_feed, attention", [
+    ("lstm", "first", False), ("gru", "first", False), ("rnn", "first", False), ("lstm", "every_step", False),
+    ("gru", "every_step", False), ("lstm", "every_step", True), ("rnn", "first", True)])
+def test_step_interface_equals_the_fused_teacher_forced_pass(cell, image_feed, attention):
+    torch.manual_seed(0)
+    model = Captioner(PrecomputedFeatures(20), RNNDecoder(30, 8, 12, num_layers=2, cell=cell), image_feed=image_feed,
+                      attention_parts=torch.arange(20).view(4, 5) if attention else None).eval()
     features = torch.randn(3, 20)
     inputs = torch.randint(3, 30, (3, 6))
     inputs[:, 0] = model.bos_id
@@ -92,7 +129,16 @@ def test_step_interface_equals_the_fused_teacher_forced_pass(cell, image_feed):
     for full, picked in zip(state, moved):
         assert torch.equal(full[:, index], picked)
     assert (model.bos_id, model.eos_id, model.pad_id, model.vocab_size) == (1, 2, 0, 30)
+
+    def zeroed(position):  # the state with one tensor replaced by zeros
+        return tuple(torch.zeros_like(s) if i == position % len(state) else s for i, s in enumerate(state))
+
+    rnn_tensors = {"lstm": 2, "gru": 1, "rnn": 1}[cell]
+    assert len(state) == rnn_tensors + (image_feed == "every_step") + attention
+    if attention:  # the projected parts ride at the end of the state and change every step's output
+        assert state[-1].shape == (4, 3, 24)  # keys and values
+        assert not torch.allclose(model.step(inputs[:, 0], state)[0], model.step(inputs[:, 0], zeroed(-1))[0])
     if image_feed == "every_step":  # the projected image rides in the state and changes every step's output
-        assert len(state) == {"lstm": 3, "gru": 2}[cell] and state[-1].shape == (1, 3, 8)
-        other = (*state[:-1], torch.zeros_like(state[-1]))
+        assert state[rnn_tensors].shape == (1, 3, 8)
+        other = zeroed(rnn_tensors)
         assert not torch.allclose(model.step(inputs[:, 0], state)[0], model.step(inputs[:, 0], other)[0])

@@ -50,6 +50,24 @@ def _obj(shape, color, size="small", cx=0.5, cy=0.5):
     return SceneObject(shape, color, size, cx, cy, 0.16, (0, 0, 0))
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_pretraining_precision_is_the_forward_pass_dtype(precision, dtype):
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(0)
+    backbone, feature_dim = scene_features.build_backbone(OmegaConf.create({"name": "resnet18", "pool": "grid"}))
+    seen = []
+    backbone.conv1.register_forward_hook(lambda module, args, output: seen.append((module.training, output.dtype)))
+    labels = torch.full((8, len(scene_features._heads())), -1)
+    labels[:, 0] = torch.arange(8) % 3  # the count head only
+    settings = {**scene_features.DEFAULTS, "epochs": 1, "batch_size": 4, "precision": precision}
+    pixels = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+    history, head = scene_features.pretrain(backbone, feature_dim, pixels, labels, list(range(8)), [], settings,
+                                            torch.device("cpu"))
+    assert [d for training, d in seen if training] == [dtype, dtype]  # two training steps
+    assert head.weight.dtype == torch.float32 and math.isfinite(history[0]["loss"])
+
+
 def test_scene_labels_and_their_mirror_image():
     names = list(scene_features._heads())
     row = Scene((120, 120, 120), "horizontal", None,
@@ -137,6 +155,14 @@ def test_the_cache_is_reused_and_keyed_by_the_settings(pretrained, tiny_data_roo
     other = compose(pretraining(tiny_data_root) + ["model.encoder.pretrain.seed=1"])
     with pytest.raises(AssertionError, match="rebuilt"):
         prepare_inputs(other)  # other settings: another entry
+    # precision=auto is keyed by what it resolves to on this machine: naming that reuses the entry, the other does not
+    resolved = scene_features.resolve_precision("auto", torch.device("cpu"))
+    assert resolved == ("bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    same = prepare_inputs(compose(pretraining(tiny_data_root) + [f"model.encoder.pretrain.precision={resolved}"]))
+    assert same.data.features == prepared.data.features
+    other = {"bf16": "fp32", "fp32": "bf16"}[resolved]
+    with pytest.raises(AssertionError, match="rebuilt"):
+        prepare_inputs(compose(pretraining(tiny_data_root) + [f"model.encoder.pretrain.precision={other}"]))
 
 
 def test_the_same_settings_build_the_same_encoder_whatever_the_run_did_before(tiny_data_root, tmp_path, monkeypatch):
@@ -179,6 +205,7 @@ def test_nothing_changes_without_pretraining_or_with_own_features(tiny_data_root
     (["model.encoder.pretrain.hflip=2"], r"model.encoder.pretrain.hflip must be in \[0, 1\]"),
     (["+model.encoder.pretrain.steps=10"], "model.encoder.pretrain.steps is not a pretraining setting"),
     (["model.encoder.pretrain.feed=logits"], r"model.encoder.pretrain.feed must be one of \['labels', 'features'\]"),
+    (["model.encoder.pretrain.precision=fp16"], r"model.encoder.pretrain.precision must be one of \['auto', 'fp32'"),
     (["model.encoder.label_head=/x/head.pth"], "model.encoder.label_head cannot be used with model.encoder.pretrain"),
 ])
 def test_contradicting_settings_name_the_key(tiny_data_root, cache, extra, message):

@@ -29,7 +29,8 @@ Scene labels (one softmax each; absent slots and positions of multi-object scene
     slot{0,1,2}_{shape,colour,size}: the objects in reading order (left to right, top to bottom), the
     order the captions name them in.
 Training images are flipped left-right with probability `hflip` (every shape is left-right symmetric; the labels
-follow: a row's reading order reverses, left and right swap).
+follow: a row's reading order reverses, left and right swap). `precision` auto trains in bf16 autocast where the
+device computes bf16 natively (resolve_precision; the resolved value is part of the cache key).
 
 Cache entry (CAPTIONING_CACHE/scene_encoders/<task>_<encoder>_<hash>/):
     encoder.pth      the backbone's state dict without its classifier (model.encoder.weights)
@@ -60,8 +61,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # bump when the labels, the training or the files change: older cache entries are not reused
 TASKS = ("scene_labels",)
 FEEDS = ("labels", "features")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULTS = {"task": "scene_labels", "extra_images": 16000, "epochs": 3, "batch_size": 128, "lr": 3e-3,
-            "weight_decay": 1e-4, "hflip": 0.5, "seed": 0, "feed": "labels"}
+            "weight_decay": 1e-4, "hflip": 0.5, "seed": 0, "feed": "labels", "precision": "auto"}
 NOT_IN_KEY = ("feed",)  # settings that pick among the entry's files instead of changing them
 EXTRA_SCENES_STREAM = "scene-pretrain-v1"  # the extra scenes' random streams (the same across format versions)
 JPEG_QUALITY = 90  # as captioning.data.synthetic.generate_synthetic writes its images
@@ -102,6 +104,7 @@ def settings_of(cfg) -> dict | None:
 
     require(settings["task"] in TASKS, "task", f"must be one of {list(TASKS)}")
     require(settings["feed"] in FEEDS, "feed", f"must be one of {list(FEEDS)}")
+    require(settings["precision"] in PRECISIONS, "precision", f"must be one of {list(PRECISIONS)}")
     for key in ("epochs", "batch_size", "extra_images"):
         value = settings[key]
         low = 0 if key == "extra_images" else 1
@@ -153,6 +156,16 @@ def prepare(cfg):
         cfg.model.encoder.label_head = str(entry / "head.pth") if labels else None
         cfg.model.encoder.trainable = False
     return cfg
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 where the device computes it natively (CUDA with bf16; a CPU with AVX-512 BF16 or AMX, as oneDNN
+    reports), else fp32. A bf16 entry is another cache entry (the resolved value is in the key)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def _device(cfg) -> torch.device:
@@ -208,6 +221,7 @@ def ensure_scene_features(cfg_data, encoder_cfg, settings: dict, device: torch.d
     from captioning.data.build import load_records, resolve_root
 
     root = resolve_root(cfg_data)
+    settings = {**settings, "precision": resolve_precision(settings["precision"], torch.device(device))}
     key = entry_key(data_fingerprint(root), encoder_cfg, cfg_data, settings)
     entry = entry_dir(key)
     with _locked(entry.parent / f".{entry.name}.lock"):
@@ -394,7 +408,8 @@ def build_backbone(encoder_cfg) -> tuple[nn.Module, int]:
 def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels: torch.Tensor, train_rows: list[int],
              val_rows: list[int], settings: dict, device: torch.device) -> tuple[list[dict], nn.Linear]:
     """AdamW with a cosine learning rate (one warm-up epoch's first 5%), summed cross-entropy over the heads. The head
-    is initialised from torch's global random stream, which build_entry seeds. Returns (history, the trained head)."""
+    is initialised from torch's global random stream, which build_entry seeds. `precision` bf16: the forward pass in
+    bf16 autocast (weights, optimizer and the accuracy passes stay fp32). Returns (history, the trained head)."""
     heads = _heads()
     generator = torch.Generator().manual_seed(settings["seed"])
     head = nn.Linear(feature_dim, sum(heads.values()))
@@ -420,8 +435,9 @@ def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels
             images = pixels[index]
             images[flip] = images[flip].flip(-1)
             targets = torch.where(flip[:, None], flipped[index], labels[index])
-            logits = model(normalise(images).to(device).contiguous(memory_format=torch.channels_last))
-            loss = head_losses(logits, targets.to(device), heads)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["precision"] == "bf16"):
+                logits = model(normalise(images).to(device).contiguous(memory_format=torch.channels_last))
+            loss = head_losses(logits.float(), targets.to(device), heads)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

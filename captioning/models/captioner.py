@@ -1,7 +1,9 @@
 """Show and Tell: the image feature, projected to the word-embedding size, is the decoder's first
 input (before <bos>); then one word per step. With `image_feed="every_step"` the projected feature is also added to
 every word's embedding (the image is an input at every step, as in m-RNN and LRCN), so that the decoder need not
-carry it in its state alone; the state then holds the projection as its last tensor, (1, N, E).
+carry it in its state alone; the state then holds the projection, (1, N, E), after the RNN's. With `attention`
+(captioning.models.attention) the decoder's output at every step also attends over the feature's parts (object
+slots or grid cells) before the output layer; the state then ends with the parts' keys and values, (K, N, 2H).
 
 The step interface serves training and every decoder:
     state = model.init_state(images)               # encode once
@@ -15,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from captioning.models.attention import PartAttention, feature_parts
 from captioning.models.decoder import RNNDecoder, State
 from captioning.models.encoder import ImageEncoder, PrecomputedFeatures
 
@@ -35,7 +38,9 @@ class Captioner(nn.Module):
     the same for every image, and the encoder is neither run nor trained."""
 
     def __init__(self, encoder: ImageEncoder, decoder: RNNDecoder, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2,
-                 image_input: str = "image", image_feed: str = "first"):
+                 image_input: str = "image", image_feed: str = "first", attention_parts: torch.Tensor | None = None):
+        """`attention_parts`: (K, D) indices of the feature's entries that make each part (feature_parts); None: no
+        attention."""
         super().__init__()
         if image_feed not in IMAGE_FEEDS:
             raise ValueError(f"model.decoder.image_feed must be one of {list(IMAGE_FEEDS)} (got {image_feed!r})")
@@ -48,6 +53,12 @@ class Captioner(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.image_proj = nn.Linear(encoder.feature_dim, decoder.embed.embedding_dim)
+        self.attention = None
+        if attention_parts is not None:
+            if int(attention_parts.max()) >= encoder.feature_dim:
+                raise ValueError(f"model.decoder.attention: the parts index entries up to {int(attention_parts.max())}"
+                                 f" of a {encoder.feature_dim}-d feature")
+            self.attention = PartAttention(attention_parts, decoder.out.in_features)
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.vocab_size = decoder.out.out_features
 
@@ -63,7 +74,9 @@ class Captioner(nn.Module):
         image_embedding = self.decoder.dropout(projected) if mask is None else projected * mask
         _, state = self.decoder.run(image_embedding[:, None], None)
         if self.image_feed == "every_step":
-            return (*state, projected[None])  # (1, N, E): reordered with the rest of the state
+            state = (*state, projected[None])  # (1, N, E): reordered with the rest of the state
+        if self.attention is not None:
+            state = (*state, self.attention.memory(features).transpose(0, 1))  # (K, N, 2H)
         return state
 
     # -- step interface -------------------------------------------------------------------
@@ -75,14 +88,19 @@ class Captioner(nn.Module):
         """tokens (N,) -> the decoder's output (N, H) after dropout, new state. `masks`: the dropout of this step's
         input (N, E) and output (N, H), drawn beforehand (see `draw_dropout_masks`), instead of the decoder's own."""
         words = self.decoder.embed(tokens)  # (N, E)
-        image = None
+        extra = ()  # the state's tensors after the RNN's: the image projection, the attended parts
+        if self.attention is not None:
+            state, extra = state[:-1], (state[-1],)
         if self.image_feed == "every_step":
-            state, image = state[:-1], state[-1]
-            words = words + image[0]
+            state, extra = state[:-1], (state[-1], *extra)
+            words = words + extra[0][0]
         words = self.decoder.dropout(words) if masks is None else words * masks[0]
         outputs, state = self.decoder.run(words[:, None], state)  # (N, 1, H)
-        hidden = self.decoder.dropout(outputs[:, 0]) if masks is None else outputs[:, 0] * masks[1]  # (N, H)
-        return hidden, (state if image is None else (*state, image))
+        hidden = outputs[:, 0]  # (N, H)
+        if self.attention is not None:
+            hidden = self.attention(hidden, extra[-1].transpose(0, 1))
+        hidden = self.decoder.dropout(hidden) if masks is None else hidden * masks[1]
+        return hidden, (*state, *extra)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer: hidden (..., H), already through dropout -> logits (..., V)."""
@@ -121,7 +139,8 @@ class Captioner(nn.Module):
 
     def step_parameters(self) -> list[torch.Tensor]:
         """The parameters a step reads after encoding (a CUDA graph of the step loop is keyed on their addresses)."""
-        return [*self.decoder.parameters(), *self.image_proj.parameters()]
+        attention = [] if self.attention is None else [*self.attention.parameters()]
+        return [*self.decoder.parameters(), *self.image_proj.parameters(), *attention]
 
     # -- teacher forcing: one fused sequence call --------------------------------------------
     def forward_teacher_forcing(self, features: torch.Tensor, inputs: torch.Tensor,
@@ -133,11 +152,14 @@ class Captioner(nn.Module):
         if self.image_feed == "every_step":
             words = words + image_embedding
         sequence = torch.cat([image_embedding, words], dim=1)  # (N, T+1, E)
+        sequence = self.decoder.dropout(sequence) if masks is None else sequence * masks.inputs.to(sequence.dtype)
+        outputs, _ = self.decoder.run(sequence, None)  # (N, T+1, H)
+        outputs = outputs[:, 1:]  # (N, T, H)
+        if self.attention is not None:
+            outputs = self.attention(outputs, self.attention.memory(features))
         if masks is None:
-            outputs, _ = self.decoder.run(self.decoder.dropout(sequence), None)  # (N, T+1, H)
-            return self.decoder.logits(outputs[:, 1:])  # (N, T, V)
-        outputs, _ = self.decoder.run(sequence * masks.inputs.to(sequence.dtype), None)
-        return self.decoder.out(outputs[:, 1:] * masks.outputs.to(outputs.dtype))
+            return self.decoder.logits(outputs)  # (N, T, V)
+        return self.decoder.out(outputs * masks.outputs.to(outputs.dtype))
 
 
 def never_generated(scores: torch.Tensor, model) -> torch.Tensor:
@@ -164,5 +186,6 @@ def build_captioner(cfg_model, vocab_size: int, cached_feature_dim: int | None =
     else:
         encoder = build_image_encoder(enc, bool(enc.trainable))
     decoder = RNNDecoder(vocab_size, dec.embed_dim, dec.hidden_dim, dec.num_layers, dec.cell, dec.dropout)
+    parts = feature_parts(enc, encoder.feature_dim) if dec.get("attention", False) else None
     return Captioner(encoder, decoder, image_input=cfg_model.get("image_input") or "image",
-                     image_feed=dec.get("image_feed", "first"))
+                     image_feed=dec.get("image_feed", "first"), attention_parts=parts)

@@ -61,6 +61,19 @@ def build_backbone(name: str, weights: str | None) -> nn.Module:
     return torchvision.models.get_model(name, weights=resolved)
 
 
+def read_label_head(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
+    """(weight, bias, [(label name, size), ...]) of a label head file (LabelProbabilities)."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.encoder.label_head: file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state["weight"], state["bias"], [(str(n), int(k)) for n, k in state["groups"]]
+    except Exception as e:  # not a torch file, or not a label head's
+        raise ValueError(f"model.encoder.label_head: {path} is not a label head file (weight, bias, groups): "
+                         f"{e}") from None
+
+
 class LabelProbabilities(nn.Module):
     """A linear classifier of several labels read as the encoder's output: softmax within each group of its outputs
     (one group per label: count, layout, each object's shape, colour...), the distributions concatenated. Feeding a
@@ -71,15 +84,7 @@ class LabelProbabilities(nn.Module):
 
     def __init__(self, path: str | Path, in_features: int):
         super().__init__()
-        path = Path(str(path)).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"model.encoder.label_head: file not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            weight, bias, groups = state["weight"], state["bias"], [(str(n), int(k)) for n, k in state["groups"]]
-        except Exception as e:  # not a torch file, or not a label head's
-            raise ValueError(f"model.encoder.label_head: {path} is not a label head file (weight, bias, groups): "
-                             f"{e}") from None
+        weight, bias, groups = read_label_head(path)
         if weight.dim() != 2 or weight.shape[1] != in_features or sum(k for _, k in groups) != weight.shape[0]:
             raise ValueError(f"model.encoder.label_head: {path} reads {weight.shape[1]} features into "
                              f"{weight.shape[0]} outputs ({sum(k for _, k in groups)} in its groups), but the "
