@@ -62,7 +62,7 @@ FORMAT_VERSION = 2  # bump when the labels, the training or the files change: ol
 TASKS = ("scene_labels",)
 FEEDS = ("labels", "features")
 PRECISIONS = ("auto", "fp32", "bf16")
-DEFAULTS = {"task": "scene_labels", "extra_images": 16000, "epochs": 3, "batch_size": 128, "lr": 3e-3,
+DEFAULTS = {"task": "scene_labels", "extra_images": 16000, "epochs": 4, "batch_size": 128, "lr": 3e-3,
             "weight_decay": 1e-4, "hflip": 0.5, "seed": 0, "feed": "labels", "precision": "auto"}
 NOT_IN_KEY = ("feed",)  # settings that pick among the entry's files instead of changing them
 EXTRA_SCENES_STREAM = "scene-pretrain-v1"  # the extra scenes' random streams (the same across format versions)
