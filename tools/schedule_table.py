@@ -291,12 +291,14 @@ def format_markdown(table: Mapping[str, Mapping[str, dict]], title: str, level: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="synthetic", help="a conf/data option: synthetic (default), synthetic_hard")
-    parser.add_argument("--rows", nargs="+", default=[*ROWS, *SCST_ROWS], choices=[*ROWS, *SCST_ROWS],
-                        help="default: the six rows and the two self-critical ones")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, *SCST_ROWS],
+                        help="default: the paper's six rows; add self_critical and scheduled_sampling+self_critical "
+                             "for the self-critical rows")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per row")
     parser.add_argument("--steps", type=int, default=1400,
-                        help="optimizer steps per run (7 validations): shorter than the main job's 2,000, so that "
-                             "40 runs fit in an hour on 2 cores")
+                        help="optimizer steps per run: shorter than the main job's 2,000, so that 30 runs fit in an "
+                             "hour on 2 cores")
+    parser.add_argument("--validations", type=int, default=7, help="validations per run (every steps / N steps)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--half-at", type=float, default=0.5,
@@ -314,12 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in args.rows:
         if row in SCST_ROWS and SCST_ROWS[row] not in args.rows:
             parser.error(f"--rows: {row} starts from {SCST_ROWS[row]}'s checkpoints, so it needs that row too")
-    if args.steps < 7:
-        parser.error(f"--steps must be >= 7 (got {args.steps})")
+    if not 1 <= args.validations <= args.steps:
+        parser.error(f"--validations must be in [1, --steps] (got {args.validations} for {args.steps} steps)")
     if args.scst_steps < 1 or not args.scst_lr > 0:
         parser.error(f"--scst-steps must be >= 1 and --scst-lr > 0 (got {args.scst_steps}, {args.scst_lr})")
     overrides = [f"data={args.data}", *args.overrides]
-    run_overrides = [f"trainer.max_steps={args.steps}", f"trainer.val_every_n_steps={args.steps // 7}", *overrides]
+    run_overrides = [f"trainer.max_steps={args.steps}", f"trainer.val_every_n_steps={args.steps // args.validations}", *overrides]
     sweep = args.sweep_dir or REPO / "multirun" / "schedule_table" / args.data
     seeds = list(range(args.seeds))
     started = time.perf_counter()
