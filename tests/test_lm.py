@@ -284,7 +284,7 @@ def test_the_image_blind_captioner_ignores_its_image():
     from captioning.models.captioner import build_captioner
 
     cfg = compose(["experiment=image_blind", "model.encoder.name=shufflenet_v2_x0_5", "model.encoder.pool=avg",
-                   "model.decoder.embed_dim=16", "model.decoder.hidden_dim=16"])
+                   "model.decoder.attention=false", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=16"])
     torch.manual_seed(0)
     blind = build_captioner(cfg.model, 20).eval()
     assert blind.image_input == "constant" and not any(p.requires_grad for p in blind.encoder.parameters())
@@ -297,7 +297,8 @@ def test_the_image_blind_captioner_ignores_its_image():
     torch.manual_seed(0)
     # batch statistics: O(1) features
     seeing = build_captioner(compose(["model.encoder.name=shufflenet_v2_x0_5", "model.encoder.pool=avg",
-                                      "model.decoder.embed_dim=16", "model.decoder.hidden_dim=16"]).model, 20)
+                                      "model.decoder.attention=false", "model.decoder.embed_dim=16",
+                                      "model.decoder.hidden_dim=16"]).model, 20)
     seen, _ = seeing.step(tokens, seeing.init_state(images))
     assert (seen[0] - seen[1]).abs().max() > 1e-3  # not vacuous: the same model with its image does see it
 

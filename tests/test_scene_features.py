@@ -27,8 +27,10 @@ QUICK = ["model.encoder.pretrain.epochs=1", "model.encoder.pretrain.batch_size=2
 
 
 def pretraining(root) -> list[str]:
-    """tiny_overrides with the scene-label pretraining (the default) left on, and made quick."""
-    return [o for o in tiny_overrides(root) if o != "model.encoder.pretrain=null"] + QUICK
+    """tiny_overrides with the scene-label pretraining (the default) left on, and made quick; the decoder attends
+    over the label head's object slots, as by default."""
+    off = ("model.encoder.pretrain=null", "model.decoder.attention=false")
+    return [o for o in tiny_overrides(root) if o not in off] + QUICK
 
 
 @pytest.fixture

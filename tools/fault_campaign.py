@@ -240,13 +240,14 @@ def merge_overrides(*groups: list[str]) -> list[str]:
     return list(merged.values())
 
 
-def pretrain_setting_exists() -> bool:
+def model_settings() -> tuple[bool, bool]:
+    """Whether the installed configs have model.encoder.pretrain and model.decoder.attention (older ones do not)."""
     from omegaconf import OmegaConf
 
     from captioning.config import config_dir
 
     model = OmegaConf.load(Path(config_dir()) / "model" / "show_tell.yaml")
-    return "pretrain" in model.get("encoder", {})
+    return "pretrain" in model.get("encoder", {}), "attention" in model.get("decoder", {})
 
 
 def base_overrides(data_root: Path, plan: RunPlan) -> list[str]:
@@ -254,8 +255,11 @@ def base_overrides(data_root: Path, plan: RunPlan) -> list[str]:
             "data.image_size=32", "data.batch_size=6", "data.eval_batch_size=10", "data.num_workers=0",
             "data.word_count_threshold=2", "model.encoder.name=shufflenet_v2_x0_5", "model.encoder.pool=avg",
             "model.decoder.embed_dim=32", "model.decoder.hidden_dim=32", "decode.beam_size=2"]
-    if pretrain_setting_exists():
+    has_pretrain, has_attention = model_settings()
+    if has_pretrain:
         tiny.append("model.encoder.pretrain=null")
+    if has_attention:  # the averaged feature has no parts to attend over
+        tiny.append("model.decoder.attention=false")
     run = ["logger=jsonl", "trainer.device=cpu", "trainer.num_threads=1", "trainer.precision=fp32",
            "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "trainer.scoring=deferred",
            "trainer.evaluate_after_training=false", f"trainer.max_steps={plan.steps}",
