@@ -1,6 +1,6 @@
 """The paper's table (Bengio et al. 2015, image captioning) on the synthetic scenes, in one command.
 
-    python tools/schedule_table.py                                   # 8 rows x 5 seeds, default data, 2 jobs
+    python tools/schedule_table.py                                   # 6 rows x 5 seeds, default data, 2 jobs
     python tools/schedule_table.py --data synthetic_hard
     python tools/schedule_table.py --table-only                     # re-print from the finished runs
 
@@ -8,16 +8,18 @@
    the runs only read them.
 2. Trains every (row, seed) of the six rows of the paper's table as its own `python -m captioning.train
    experiment=ROW seed=S ...` process, `--jobs` at a time with `--threads` torch threads each (2 x 1 on a 2-core
-   laptop), `--steps` optimizer steps each (1,400, validated 7 times: less than the main job's 2,000, so that the
-   40 runs fit in an hour), into SWEEP_DIR/ROW/seed_S/. A run with a test_metrics.json is finished and not run
-   again: a killed table resumes where it stopped.
-3. Then the self-critical rows (SCST_ROWS): `self_critical` continues the same seed's `baseline` run, and
-   `scheduled_sampling+self_critical` its `scheduled_sampling` run, from their best checkpoints
-   (objective.init_from: weights only), `--scst-steps` steps at `--scst-lr`.
+   laptop), `--steps` optimizer steps each (1,400, validated `--validations` = 4 times: less than the main job's
+   2,000, so that the 30 runs fit in an hour), into SWEEP_DIR/ROW/seed_S/. A run with a test_metrics.json is
+   finished and not run again: a killed table resumes where it stopped.
+3. With `--rows ... self_critical scheduled_sampling+self_critical`, the self-critical rows (SCST_ROWS):
+   `self_critical` continues the same seed's `baseline` run, and `scheduled_sampling+self_critical` its
+   `scheduled_sampling` run, from their best checkpoints (objective.init_from: weights only), `--scst-steps` steps
+   at `--scst-lr`.
 4. The schedule scales with the run: `inverse_sigmoid_k` is solved from the run's number of steps T so that
    epsilon = k / (k + exp(i / k)) crosses 0.5 at i = k ln k = `--half-at` x T (0.5 by default; epsilon is then
    about 0.02 at the end for T = 1,400).
-5. Reads every run's test metrics (the best checkpoint by val/CIDEr, beam search of 3: what the run's final test
+5. Reads every run's test metrics (the best checkpoint by trainer.monitor, val/scene/correct on synthetic data;
+   beam search of 3: what the run's final test
    evaluated, the oracle exposure figures included) and writes the table: per row mean +- sample standard
    deviation over seeds, and per row its difference from the baseline with a 95% Welch t confidence interval over
    seeds (unequal variances; significant when the interval excludes 0; no correction for the several rows and
@@ -298,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1400,
                         help="optimizer steps per run: shorter than the main job's 2,000, so that 30 runs fit in an "
                              "hour on 2 cores")
-    parser.add_argument("--validations", type=int, default=7, help="validations per run (every steps / N steps)")
+    parser.add_argument("--validations", type=int, default=4, help="validations per run (every steps / N steps)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--half-at", type=float, default=0.5,
