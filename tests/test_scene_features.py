@@ -285,7 +285,7 @@ def test_schedule_length_and_table_from_finished_runs(tmp_path, capsys):
     half = 2.776445 * math.sqrt(2 * 0.0004 / 3)
     assert cell["vs_baseline"]["significant"] and cell["vs_baseline"]["low"] == pytest.approx(0.1 - half, abs=1e-6)
     assert len(result["missing_runs"]) == 2  # seed 3 of both rows
-    assert result["max_steps"] == 1200  # --steps: the table's own run length, not the main job's
+    assert result["max_steps"] == 1000  # --steps: the table's own run length, not the main job's
     markdown = (tmp_path / "out" / "t.md").read_text()
     assert "| scheduled_sampling | 3 | 0.200 ± 0.000 | 0.200 ± 0.000 | 0.600 ± 0.020 | 0.900 ± 0.000 |" in markdown
     assert f"**+0.100 [{0.1 - half:+.3f}, {0.1 + half:+.3f}]**" in markdown

@@ -8,8 +8,8 @@
    the runs only read them.
 2. Trains every (row, seed) of the six rows of the paper's table as its own `python -m captioning.train
    experiment=ROW seed=S ...` process, `--jobs` at a time with `--threads` torch threads each (2 x 1 on a 2-core
-   laptop), `--steps` optimizer steps each (1,200, validated `--validations` = 3 times: less than the main job's
-   2,000, so that the 30 runs fit in an hour), into SWEEP_DIR/ROW/seed_S/. A run with a test_metrics.json is
+   laptop), `--steps` optimizer steps each (1,000, validated `--validations` = 2 times: half the main job's 2,000,
+   so that the 30 runs fit in an hour on 2 cores), into SWEEP_DIR/ROW/seed_S/. A run with a test_metrics.json is
    finished and not run again: a killed table resumes where it stopped.
 3. With `--rows ... self_critical scheduled_sampling+self_critical`, the self-critical rows (SCST_ROWS):
    `self_critical` continues the same seed's `baseline` run, and `scheduled_sampling+self_critical` its
@@ -17,7 +17,7 @@
    at `--scst-lr`.
 4. The schedule scales with the run: `inverse_sigmoid_k` is solved from the run's number of steps T so that
    epsilon = k / (k + exp(i / k)) crosses 0.5 at i = k ln k = `--half-at` x T (0.5 by default; epsilon is then
-   about 0.01 at the end for T = 1,200).
+   about 0.01 at the end for T = 1,000).
 5. Reads every run's test metrics (the best checkpoint by trainer.monitor, val/scene/correct on synthetic data;
    beam search of 3: what the run's final test
    evaluated, the oracle exposure figures included) and writes the table: per row mean +- sample standard
@@ -297,10 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="default: the paper's six rows; add self_critical and scheduled_sampling+self_critical "
                              "for the self-critical rows")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per row")
-    parser.add_argument("--steps", type=int, default=1200,
+    parser.add_argument("--steps", type=int, default=1000,
                         help="optimizer steps per run: shorter than the main job's 2,000, so that 30 runs fit in an "
                              "hour on 2 cores")
-    parser.add_argument("--validations", type=int, default=3, help="validations per run (every steps / N steps)")
+    parser.add_argument("--validations", type=int, default=2, help="validations per run (every steps / N steps)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--half-at", type=float, default=0.5,
