@@ -107,6 +107,16 @@ def test_coco_without_root_names_data_root():
         validate_train_config(cfg)
 
 
+def test_the_best_checkpoint_metric_follows_the_data():
+    """Synthetic data keeps the checkpoint with the most fully true captions, COCO the best CIDEr; an explicit
+    trainer.monitor wins, and task=lm keeps its own."""
+    assert compose([]).trainer.monitor == "val/scene/correct"
+    assert compose(["data=synthetic_hard"]).trainer.monitor == "val/scene/correct"
+    assert compose(["data=coco", "data.root=/x"]).trainer.monitor == "val/CIDEr"
+    assert compose(["trainer.monitor=val/BLEU-4"]).trainer.monitor == "val/BLEU-4"
+    assert compose(["task=lm"]).trainer.monitor == "val/loss"
+
+
 def test_every_config_file_starts_with_a_comment():
     """Each file says what it is (and the primary configs the command that runs them)."""
     for path in CONF.rglob("*.yaml"):

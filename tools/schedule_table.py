@@ -323,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scst_steps < 1 or not args.scst_lr > 0:
         parser.error(f"--scst-steps must be >= 1 and --scst-lr > 0 (got {args.scst_steps}, {args.scst_lr})")
     overrides = [f"data={args.data}", *args.overrides]
-    run_overrides = [f"trainer.max_steps={args.steps}", f"trainer.val_every_n_steps={args.steps // args.validations}", *overrides]
+    run_overrides = [f"trainer.max_steps={args.steps}",
+                     f"trainer.val_every_n_steps={args.steps // args.validations}", *overrides]
     sweep = args.sweep_dir or REPO / "multirun" / "schedule_table" / args.data
     seeds = list(range(args.seeds))
     started = time.perf_counter()
@@ -362,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = build_table(collected["values"])
     name = args.name or f"schedule_table_{args.data}"
     title = (f"data={args.data}, {steps} steps, inverse_sigmoid_k={k:.1f} (epsilon {epsilon(steps, k):.3f} at the "
-             f"end), test split, beam search of 3, best checkpoint by val/CIDEr"
+             f"end), test split, beam search of 3, best checkpoint by {cfg.trainer.monitor}"
              + (f"; self-critical rows: {args.scst_steps} more steps from that checkpoint at lr {args.scst_lr:g}"
                 if any(r in SCST_ROWS for r in args.rows) else ""))
     markdown = format_markdown(table, title)
