@@ -127,8 +127,8 @@ def validate_model(cfg: DictConfig) -> None:
     if attention and cfg.model.encoder.get("pretrain") is None:  # pretraining makes a label head (feed=labels)
         from captioning.models.attention import no_parts
 
-        if no_parts(cfg.model.encoder):
-            raise ConfigError(no_parts(cfg.model.encoder))
+        if problem := no_parts(cfg.model.encoder):
+            raise ConfigError(problem)
     if cfg.model.get("image_input") is not None:  # conf/experiment/image_blind.yaml
         _choice(cfg, "model.image_input", ("image", "constant"))
     _positive_int(cfg, "model.encoder.unfreeze_after_steps", allow_none=True, minimum=0)

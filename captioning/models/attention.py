@@ -57,8 +57,8 @@ def feature_parts(encoder_cfg, feature_dim: int) -> torch.Tensor:
                              f"(slot0_shape, slot1_shape, ...) with the same labels in every slot; {label_head} has "
                              f"{found}")
         return torch.tensor([slots[k] for k in sorted(slots)])  # (K, labels per slot)
-    if no_parts(encoder_cfg):
-        raise ValueError(no_parts(encoder_cfg))
+    if problem := no_parts(encoder_cfg):
+        raise ValueError(problem)
     cells = int(encoder_cfg.get("grid_size", 2)) ** 2
     if feature_dim % cells:
         raise ValueError(f"model.decoder.attention: a {feature_dim}-d feature is not {cells} grid cells")
