@@ -2,11 +2,14 @@
 
     python tools/benchmark_jobs.py main                 # `captioning-train`, no arguments, from an empty cache
     python tools/benchmark_jobs.py table                # `python tools/schedule_table.py` (its runs, then the table)
+    python tools/benchmark_jobs.py main_fp32            # the main job as a CPU without native bf16 runs it
     python tools/benchmark_jobs.py main table --out tools/results/benchmark_jobs_cpu_2cores.json
 
 `main` runs the console script exactly as the README's Quick start does, with CAPTIONING_CACHE pointed at a new
 folder, so the data generation and the scene-label pretraining are paid for as on a fresh machine; it records the
-wall time, the pretraining's own seconds (its pretrain.json), and the run's test figures. `table` runs the table
+wall time, the pretraining's own seconds (its pretrain.json), and the run's test figures. `main_fp32` is the same
+with `model.encoder.pretrain.precision=fp32`: what `precision: auto` resolves to on a CPU without AVX-512 BF16 or
+AMX, so a machine with bf16 can measure the slower case too. `table` runs the table
 command with the cache given by --cache (default: the main job's fresh cache when both run, else the user's), in
 a new sweep folder, and records its wall time and the table's own time split. Each job is timed as a whole
 process (python start-up included). The machine's load average is recorded before and after each job: the
@@ -63,10 +66,13 @@ def timed(command: list[str], env: dict, log: Path, cwd: Path) -> dict:
             "quiet": load_before <= QUIET_LOAD, "log": str(log)}
 
 
-def main_job(work: Path, cache: Path, env: dict) -> dict:
-    run = work / "main_run"
-    record = timed(["captioning-train", f"hydra.run.dir={run}"], {**env, "CAPTIONING_CACHE": str(cache)},
-                   work / "main.log", work)
+MAIN_OVERRIDES = {"main": [], "main_fp32": ["model.encoder.pretrain.precision=fp32"]}
+
+
+def main_job(job: str, work: Path, cache: Path, env: dict) -> dict:
+    run = work / f"{job}_run"
+    record = timed(["captioning-train", *MAIN_OVERRIDES[job], f"hydra.run.dir={run}"],
+                   {**env, "CAPTIONING_CACHE": str(cache)}, work / f"{job}.log", work)
     if record["returncode"] == 0:
         metrics = json.loads((run / "test_metrics.json").read_text())
         record["test"] = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float)) and
@@ -96,7 +102,7 @@ def table_job(work: Path, cache: Path | None, env: dict, extra: list[str]) -> di
 
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("jobs", nargs="+", choices=["main", "table"])
+    parser.add_argument("jobs", nargs="+", choices=[*MAIN_OVERRIDES, "table"])
     parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "benchmark_jobs_cpu_2cores.json")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where runs and logs go (default: a new temp folder)")
@@ -112,9 +118,9 @@ def cli(argv=None) -> int:
     cache = args.cache
     for job in args.jobs:
         print(f"{job}: 1-minute load before {os.getloadavg()[0]:.2f} (work dir {work})", flush=True)
-        if job == "main":
-            fresh = work / "cache"
-            record = main_job(work, fresh, env)
+        if job in MAIN_OVERRIDES:
+            fresh = work / f"{job}_cache"
+            record = main_job(job, work, fresh, env)
             cache = cache or fresh
         else:
             record = table_job(work, cache, env, args.table_args)
