@@ -11,7 +11,11 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # no test ever talks to the network
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(2)
+# pyproject's addopts run the suite in two pytest-xdist workers: one thread each, in the worker and in the processes
+# its tests start, shares the two cores without oversubscribing them; a single process (-n 0) uses two.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"num_train": 60, "num_val": 10, "num_test": 10, "image_size": 32, "seed": 0}
