@@ -283,8 +283,9 @@ def test_embedded_text_is_the_synthetic_captions_and_beats_nothing_by_itself():
 def test_the_image_blind_captioner_ignores_its_image():
     from captioning.models.captioner import build_captioner
 
-    cfg = compose(["experiment=image_blind", "model.encoder.name=shufflenet_v2_x0_5", "model.encoder.pool=avg",
-                   "model.decoder.attention=false", "model.decoder.embed_dim=16", "model.decoder.hidden_dim=16"])
+    small = ["model.encoder.name=shufflenet_v2_x0_5", "model.encoder.pool=avg", "model.decoder.attention=false",
+             "model.decoder.embed_dim=16", "model.decoder.hidden_dim=16"]
+    cfg = compose(["experiment=image_blind", *small])
     torch.manual_seed(0)
     blind = build_captioner(cfg.model, 20).eval()
     assert blind.image_input == "constant" and not any(p.requires_grad for p in blind.encoder.parameters())
@@ -296,9 +297,7 @@ def test_the_image_blind_captioner_ignores_its_image():
     torch.testing.assert_close(other, log_probs, rtol=0, atol=0)
     torch.manual_seed(0)
     # batch statistics: O(1) features
-    seeing = build_captioner(compose(["model.encoder.name=shufflenet_v2_x0_5", "model.encoder.pool=avg",
-                                      "model.decoder.attention=false", "model.decoder.embed_dim=16",
-                                      "model.decoder.hidden_dim=16"]).model, 20)
+    seeing = build_captioner(compose(small).model, 20)
     seen, _ = seeing.step(tokens, seeing.init_state(images))
     assert (seen[0] - seen[1]).abs().max() > 1e-3  # not vacuous: the same model with its image does see it
 

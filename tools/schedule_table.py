@@ -19,11 +19,10 @@
    epsilon = k / (k + exp(i / k)) crosses 0.5 at i = k ln k = `--half-at` x T (0.5 by default; epsilon is then
    about 0.01 at the end for T = 1,000).
 5. Reads every run's test metrics (the best checkpoint by trainer.monitor, val/scene/correct on synthetic data;
-   beam search of 3: what the run's final test
-   evaluated, the oracle exposure figures included) and writes the table: per row mean +- sample standard
-   deviation over seeds, and per row its difference from the baseline with a 95% Welch t confidence interval over
-   seeds (unequal variances; significant when the interval excludes 0; no correction for the several rows and
-   metrics compared).
+   beam search of 3: what the run's final test evaluated, the oracle exposure figures included) and writes the
+   table: per row mean +- sample standard deviation over seeds, and per row its difference from the baseline with
+   a 95% Welch t confidence interval over seeds (unequal variances; significant when the interval excludes 0; no
+   correction for the several rows and metrics compared).
 
 Outputs: OUT_DIR/schedule_table_<data>.json and .md (default OUT_DIR: tools/results). Extra Hydra overrides for
 every run go after `--`: `python tools/schedule_table.py -- model.decoder.hidden_dim=512`.
