@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         references = load_references(args.annotations, image_ids)
         metrics = score_captions(references, predictions, spice=args.spice)
         if args.synthetic_root:
-            from captioning.data.synthetic import load_scenes
+            from captioning.scenes.generator import load_scenes
             from captioning.evaluation.evaluate import scene_truth
 
             metrics.update(scene_truth(predictions, load_scenes(args.synthetic_root)))

@@ -28,7 +28,7 @@ def requires_java():
 
 @pytest.fixture(scope="session")
 def tiny_data_root(tmp_path_factory) -> Path:
-    from captioning.data.synthetic import ensure_synthetic
+    from captioning.scenes.generator import ensure_synthetic
 
     return ensure_synthetic(tmp_path_factory.mktemp("synthetic") / "tiny", **TINY)
 

@@ -103,7 +103,7 @@ def torchrun(args: list[str], timeout: float = 300, env: dict | None = None) -> 
 @pytest.fixture(scope="module")
 def ddp_data_root(tmp_path_factory) -> Path:
     """A data set of its own: regenerating the session's tiny_data_root with num_test=11 would change it in place."""
-    from captioning.data.synthetic import ensure_synthetic
+    from captioning.scenes.generator import ensure_synthetic
 
     return ensure_synthetic(tmp_path_factory.mktemp("ddp_synthetic") / "tiny", **DDP_DATA)
 

@@ -1,5 +1,5 @@
-"""Scene truth checker and prefix oracle (captioning.data.scene_grammar), scene metrics (captioning.metrics.scene)
-and exposure bias against the oracle (captioning.metrics.oracle_exposure)."""
+"""Scene truth checker and prefix oracle (captioning.scenes.grammar), scene metrics (captioning.scenes.truth)
+and exposure bias against the oracle (captioning.scenes.oracle_exposure)."""
 from __future__ import annotations
 
 import json
@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioning.data import scene_grammar as grammar
-from captioning.data.scene_grammar import (COLORS, RELATION_TO_IT, RELATION_WORDS, SHAPE_WORDS, SIZE_WORDS,
+from captioning.scenes import grammar
+from captioning.scenes.grammar import (COLORS, RELATION_TO_IT, RELATION_WORDS, SHAPE_WORDS, SIZE_WORDS,
                                            SceneOracle, check_caption, tokenize)
-from captioning.data.synthetic import (Scene, SceneObject, caption_scene, generate_synthetic, is_synthetic_root,
+from captioning.scenes.generator import (Scene, SceneObject, caption_scene, generate_synthetic, is_synthetic_root,
                                        load_scenes, sample_scene)
 from captioning.data.vocab import SPECIALS, Vocabulary
-from captioning.metrics.oracle_exposure import PER_POSITION_KEYS, SWAP_KEYS, oracle_exposure
-from captioning.metrics.scene import check_captions, scene_metrics
+from captioning.scenes.oracle_exposure import PER_POSITION_KEYS, SWAP_KEYS, oracle_exposure
+from captioning.scenes.truth import check_captions, scene_metrics
 
 NAN = math.nan
 

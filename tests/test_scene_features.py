@@ -1,4 +1,4 @@
-"""The scene-label pretrained encoder and its feature cache (captioning.data.scene_features), and the statistics of
+"""The scene-label pretrained encoder and its feature cache (captioning.scenes.pretraining), and the statistics of
 tools/schedule_table.py on hand-made numbers."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from captioning.config import ConfigError
-from captioning.data import scene_features
+from captioning.scenes import pretraining as scene_features
 from captioning.data.features import FeatureStore
-from captioning.data.synthetic import Scene, SceneObject
+from captioning.scenes.generator import Scene, SceneObject
 from conftest import compose, tiny_overrides
 
 spec = importlib.util.spec_from_file_location("schedule_table",

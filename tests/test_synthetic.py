@@ -1,4 +1,4 @@
-"""Tests for the synthetic COCO-format data set (captioning.data.synthetic) and tools/check_coco.py."""
+"""Tests for the synthetic COCO-format data set (captioning.scenes.generator) and tools/check_coco.py."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from captioning.data import scene_grammar, synthetic
-from captioning.data.synthetic import (COLORS, caption_scene, draw_scene, ensure_synthetic, generate_synthetic,
+from captioning.scenes import generator as synthetic, grammar as scene_grammar
+from captioning.scenes.generator import (COLORS, caption_scene, draw_scene, ensure_synthetic, generate_synthetic,
                                        is_synthetic_root, load_scenes, sample_scene, tokenize)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -517,7 +517,7 @@ def test_ensure_synthetic_reuses_and_regenerates(tmp_path, count_generations):
 
 def test_ensure_synthetic_concurrent_processes_generate_once(tmp_path):
     root = tmp_path / "coco"
-    code = ("import sys; from captioning.data import synthetic as s; real = s.generate_synthetic\n"
+    code = ("import sys; from captioning.scenes import generator as s; real = s.generate_synthetic\n"
             "def g(*a, **k):\n    print('GENERATED', flush=True); return real(*a, **k)\n"
             "s.generate_synthetic = g\n"
             f"s.ensure_synthetic(sys.argv[1], **{SMALL!r}); print('DONE')")

@@ -54,8 +54,8 @@ def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
     assert written["test/CIDEr"] == test["test/CIDEr"]
 
     # Synthetic data: every evaluation judges the captions against the exact scenes, the reference row too.
-    from captioning.data.synthetic import load_scenes
-    from captioning.metrics.scene import scene_metrics
+    from captioning.scenes.generator import load_scenes
+    from captioning.scenes.truth import scene_metrics
 
     scenes = load_scenes(tiny_data_root)
     truth = scene_metrics({r["image_id"]: r["caption"] for r in results}, scenes)

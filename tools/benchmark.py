@@ -111,7 +111,7 @@ def end_to_end(device: torch.device, amp_dtype, backbone: str, image_size: int, 
 
     from captioning.data.build import build_vocab, encoded_train_items, make_loader, train_dataset
     from captioning.data.coco import read_coco_karpathy
-    from captioning.data.synthetic import ensure_synthetic
+    from captioning.scenes.generator import ensure_synthetic
     from captioning.models.encoder import ImageEncoder
 
     root = ensure_synthetic(Path(tempfile.gettempdir()) / f"captioning_bench_{image_size}px", num_train=IMAGES * (steps + 4),

@@ -3,7 +3,7 @@
     python tools/check_coco.py ROOT [--karpathy PATH]
 
 Expected layout (a real COCO 2014 download plus Karpathy's dataset_coco.json, or the synthetic
-data set written by captioning.data.synthetic):
+data set written by captioning.scenes.generator):
 
     ROOT/train2014/COCO_train2014_%012d.jpg
     ROOT/val2014/COCO_val2014_%012d.jpg

@@ -545,7 +545,7 @@ class Reference:
 class Campaign:
     def __init__(self, work: Path, plan: RunPlan, kills: int, seed: int, timeout: float,
                  log: Callable[[str], None] = print, wandb_init_timeout: float = 10.0):
-        from captioning.data.synthetic import ensure_synthetic
+        from captioning.scenes.generator import ensure_synthetic
 
         self.work, self.plan, self.kills, self.seed, self.log = work, plan, kills, seed, log
         self.wandb_init_timeout = wandb_init_timeout

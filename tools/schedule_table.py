@@ -4,7 +4,7 @@
     python tools/schedule_table.py --data synthetic_hard
     python tools/schedule_table.py --table-only                     # re-print from the finished runs
 
-1. Prepares the inputs once (the pretrained scene encoder's cached features, captioning.data.scene_features), so
+1. Prepares the inputs once (the pretrained scene encoder's cached features, captioning.scenes.pretraining), so
    the runs only read them.
 2. Trains every (row, seed) of the six rows of the paper's table as its own `python -m captioning.train
    experiment=ROW seed=S ...` process, `--jobs` at a time with `--threads` torch threads each (2 x 1 on a 2-core

@@ -23,7 +23,7 @@ def cache_dir() -> Path:
 def resolve_root(cfg_data) -> Path:
     """The data folder; for synthetic data, generated on first use (and reused after)."""
     if cfg_data.name == "synthetic":
-        from captioning.data.synthetic import ensure_synthetic
+        from captioning.scenes.generator import ensure_synthetic
 
         s = cfg_data.synthetic
         root = Path(str(cfg_data.root)).expanduser() if cfg_data.root else cache_dir() / (
@@ -36,10 +36,10 @@ def resolve_root(cfg_data) -> Path:
 def prepare_inputs(cfg):
     """The run's config with its model inputs ready, before the data and the model are built. With
     `model.encoder.pretrain` set on synthetic data (the default), the CNN pretrained on the scene labels and its
-    cached features (built on first use, reused after: captioning.data.scene_features): the config returned reads
+    cached features (built on first use, reused after: captioning.scenes.pretraining): the config returned reads
     `data.features` with the frozen encoder `model.encoder.weights`. Otherwise (`model.encoder.pretrain=null`,
     `data=coco`, or a `data.features` folder given) the config as it is."""
-    from captioning.data.scene_features import prepare
+    from captioning.scenes.pretraining import prepare
 
     return prepare(cfg)
 
@@ -142,7 +142,7 @@ def load_scene_truth(cfg_data) -> dict | None:
     None for COCO or any folder that is not a synthetic generation."""
     if cfg_data.get("name") != "synthetic":
         return None
-    from captioning.data.synthetic import is_synthetic_root, load_scenes
+    from captioning.scenes.generator import is_synthetic_root, load_scenes
 
     root = resolve_root(cfg_data)
     return load_scenes(root) if is_synthetic_root(root) else None

@@ -66,7 +66,7 @@ def read_text_file(path: str | Path) -> str:
 def embedded_text(num_train: int = 4000, num_val: int = 250, num_test: int = 250, seed: int = 0) -> str:
     """The captions of the synthetic data set (the project's default data) one per line, in the order of its
     images (train, val, test), drawn by the same grammar and seeds as `data=synthetic` without drawing images."""
-    from captioning.data.synthetic import FORMAT_VERSION, caption_scene, sample_scene
+    from captioning.scenes.generator import FORMAT_VERSION, caption_scene, sample_scene
 
     lines = []
     for split_code, count in ((0, num_train), (1, num_val), (2, num_test)):

@@ -10,7 +10,7 @@ import torch
 from captioning.data import build as data_build
 from captioning.data.coco import ImageRecord
 from captioning.evaluation.captions import decode_records, references_of, score_with_baseline
-from captioning.metrics.oracle_exposure import OracleExposureReport, oracle_exposure
+from captioning.scenes.oracle_exposure import OracleExposureReport, oracle_exposure
 from captioning.metrics.reference_likelihood import ReferenceLikelihoodReport, reference_likelihood_probe
 from captioning.models.loading import load_model
 from captioning.runtime.distributed import DistInfo
@@ -156,7 +156,7 @@ def scene_truth(predictions: dict[int, str], scenes: dict) -> dict[str, float]:
     to count is left out)."""
     import math
 
-    from captioning.metrics.scene import scene_metrics
+    from captioning.scenes.truth import scene_metrics
 
     return {k: v for k, v in scene_metrics(predictions, scenes).items() if not math.isnan(v)}
 

@@ -1,7 +1,7 @@
 """Reference-likelihood probe: how much worse the decoder predicts the REFERENCE word once its own choices are
 in the prefix. Not a measure of derailing: once the model has chosen another valid wording, the reference word is
 no longer the right continuation, so a paraphrase counts as an error here (He et al. 2019). On synthetic data the
-oracle measure (captioning.metrics.oracle_exposure) judges the model's words against the scene instead.
+oracle measure (captioning.scenes.oracle_exposure) judges the model's words against the scene instead.
 
 For every reference caption w_1..w_n <eos> of every image (all references, not one), and every word
 position t = 1..n+1 (1-based; the <eos> position included, padding ignored):

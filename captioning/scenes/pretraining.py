@@ -66,7 +66,7 @@ DEFAULTS = {"task": "scene_labels", "extra_images": 16000, "epochs": 4, "batch_s
             "weight_decay": 1e-4, "hflip": 0.5, "seed": 0, "feed": "labels", "precision": "auto"}
 NOT_IN_KEY = ("feed",)  # settings that pick among the entry's files instead of changing them
 EXTRA_SCENES_STREAM = "scene-pretrain-v1"  # the extra scenes' random streams (the same across format versions)
-JPEG_QUALITY = 90  # as captioning.data.synthetic.generate_synthetic writes its images
+JPEG_QUALITY = 90  # as captioning.scenes.generator.generate_synthetic writes its images
 POSITIONS = ("center", "left", "right", "top", "bottom")
 LAYOUTS = ("single", "horizontal", "vertical")
 MAX_OBJECTS = 3
@@ -74,7 +74,7 @@ COMPLETE_FILE = "pretrain.json"
 
 
 def _heads() -> dict[str, int]:
-    from captioning.data.scene_grammar import COLORS, SHAPES
+    from captioning.scenes.grammar import COLORS, SHAPES
 
     heads = {"count": MAX_OBJECTS, "layout": len(LAYOUTS), "position": len(POSITIONS)}
     for slot in range(MAX_OBJECTS):
@@ -177,7 +177,7 @@ def _device(cfg) -> torch.device:
 # -- the cache entry -------------------------------------------------------------------------------------------
 def data_fingerprint(root: Path) -> dict:
     """What identifies a synthetic generation: its generation arguments, format version and generator hash."""
-    from captioning.data.synthetic import META_FILE
+    from captioning.scenes.generator import META_FILE
 
     return json.loads((Path(root) / META_FILE).read_text())
 
@@ -236,7 +236,7 @@ def ensure_scene_features(cfg_data, encoder_cfg, settings: dict, device: torch.d
 
 def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, encoder_cfg, settings: dict,
                 device: torch.device) -> dict:
-    from captioning.data.synthetic import load_scenes
+    from captioning.scenes.generator import load_scenes
 
     started = time.perf_counter()
     unique = {r.image_id: r for split in records.values() for r in split}
@@ -284,7 +284,7 @@ def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, enc
 # -- labels -----------------------------------------------------------------------------------------------------
 def scene_labels(scenes) -> torch.Tensor:
     """(N, len(heads)) class indices, -1 where a label does not apply (absent slot, position of a row...)."""
-    from captioning.data.scene_grammar import COLORS, SHAPES
+    from captioning.scenes.grammar import COLORS, SHAPES
 
     names = list(_heads())
     colours = list(COLORS)
@@ -330,7 +330,7 @@ def generated_scenes(count: int, drawn_size: int, cfg_data, seed: int) -> tuple[
     from PIL import Image
 
     from captioning.data.images import build_transform
-    from captioning.data.synthetic import draw_scene, sample_scene
+    from captioning.scenes.generator import draw_scene, sample_scene
 
     geometric = build_transform(cfg_data.image_size, cfg_data.resize_size).transforms[:3]
     size = cfg_data.image_size

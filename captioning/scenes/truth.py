@@ -1,6 +1,6 @@
 """Scene truth metrics for the synthetic data set: is each generated caption a true sentence about its image?
 
-The grammar and the per-caption check live in captioning.data.scene_grammar (shared with the generator);
+The grammar and the per-caption check live in captioning.scenes.grammar (shared with the generator);
 this module scores a set of captions, one per image. Keys have no split prefix (callers add "test/").
 
 Per caption (check_caption): grammatical (a sentence of the caption grammar, for any number of objects),
@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from captioning.data.scene_grammar import CLAIM_KINDS, CaptionCheck, SceneOracle, check_caption
+from captioning.scenes.grammar import CLAIM_KINDS, CaptionCheck, SceneOracle, check_caption
 
 __all__ = ["check_captions", "scene_metrics", "summarize_checks", "CaptionCheck", "SceneOracle", "check_caption"]
 

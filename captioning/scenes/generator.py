@@ -5,7 +5,7 @@ very same reading code as real COCO (image folders, `captions_*2014.json` loadab
 Karpathy's `dataset_coco.json`). Each image shows 1 to 3 shapes on a plain grey-ish background; each
 shape has a shape (circle, square, triangle, star, cross, diamond), a named colour, a size class
 (small / large) and a position relative to the others. Five reference captions per image come from a
-small grammar with synonyms and varied word order (captioning.data.scene_grammar, which also checks captions
+small grammar with synonyms and varied word order (captioning.scenes.grammar, which also checks captions
 and prefixes against a scene); every caption is true of its image, and multi-object
 scenes always get at least one long caption (12-16 words) so that one early wrong word derails the rest,
 which is exactly where teacher forcing and scheduled sampling differ.
@@ -40,8 +40,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from captioning.data import scene_grammar
-from captioning.data.scene_grammar import (  # noqa: F401  (re-exported: the module's public names since v1)
+from captioning.scenes import grammar as scene_grammar
+from captioning.scenes.grammar import (  # noqa: F401  (re-exported: the module's public names since v1)
     COLORS, GREY, PICTURE, POSITION_WORDS, RELATION_TO_IT, RELATION_WORDS, SHAPE_WORDS, SHAPES, SIZE_WORDS,
     TEMPLATES, THINGS, VERBS, tokenize)
 
@@ -182,7 +182,7 @@ def draw_scene(scene: Scene, image_size: int) -> Image.Image:
 
 # ---------------------------------------------------------------------------------------------------
 # Captions. The grammar (phrase tables and templates) is data in scene_grammar.py, shared with the truth checker
-# (captioning.metrics.scene) so the two cannot drift apart; here: the length window, the raw COCO look, and the
+# (captioning.scenes.truth) so the two cannot drift apart; here: the length window, the raw COCO look, and the
 # draw of five distinct captions per image.
 
 MIN_WORDS, MAX_WORDS, LONG_MIN_WORDS = 5, 16, 12
