@@ -54,19 +54,21 @@ def _obj(shape, color, size="small", cx=0.5, cy=0.5):
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_pretraining_precision_is_the_forward_pass_dtype(precision, dtype):
-    from omegaconf import OmegaConf
+    from captioning.models.encoder import headless_backbone
 
     torch.manual_seed(0)
-    backbone, feature_dim = scene_features.build_backbone(OmegaConf.create({"name": "resnet18", "pool": "grid"}))
+    backbone, feature_dim = headless_backbone("resnet18", None, "grid")
     seen = []
-    backbone.conv1.register_forward_hook(lambda module, args, output: seen.append((module.training, output.dtype)))
+    backbone.conv1.register_forward_hook(lambda module, args, output: seen.append(
+        (module.training, output.dtype, output.is_contiguous(memory_format=torch.channels_last))))
     labels = torch.full((8, len(scene_features._heads())), -1)
     labels[:, 0] = torch.arange(8) % 3  # the count head only
     settings = {**scene_features.DEFAULTS, "epochs": 1, "batch_size": 4, "precision": precision}
     pixels = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
     history, head = scene_features.pretrain(backbone, feature_dim, pixels, labels, list(range(8)), [], settings,
                                             torch.device("cpu"))
-    assert [d for training, d in seen if training] == [dtype, dtype]  # two training steps
+    assert [d for training, d, _ in seen if training] == [dtype, dtype]  # two training steps
+    assert all(channels_last for training, _, channels_last in seen if training)  # the layout the encoders had
     assert head.weight.dtype == torch.float32 and math.isfinite(history[0]["loss"])
 
 
@@ -186,6 +188,37 @@ def test_the_same_settings_build_the_same_encoder_whatever_the_run_did_before(ti
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
     assert (features[0] == features[1]).all()
+
+
+def test_the_encoder_starts_from_torchvisions_initialisation_under_the_pretraining_seed(tiny_data_root, cache,
+                                                                                       monkeypatch):
+    """The pretraining builds its backbone with models/' builder, first thing after seeding: the weights it starts
+    from are torchvision's for that seed (classifier removed), and the head then draws next from the same stream,
+    so the same settings give the same encoder across releases (a change of builder or of draw order shows here)."""
+    import copy
+
+    import torchvision
+
+    seen = {}
+    original = scene_features.pretrain
+
+    def spy(backbone, feature_dim, *args, **kwargs):
+        seen["weights"], seen["rng"] = copy.deepcopy(backbone.state_dict()), torch.random.get_rng_state()
+        seen["feature_dim"] = feature_dim
+        return original(backbone, feature_dim, *args, **kwargs)
+
+    monkeypatch.setattr(scene_features, "pretrain", spy)
+    cfg = compose(pretraining(tiny_data_root))
+    scene_features.prepare(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.model.encoder.pretrain.seed)
+        reference = torchvision.models.get_model(cfg.model.encoder.name, weights=None).state_dict()
+        assert torch.equal(torch.random.get_rng_state(), seen["rng"])  # the head draws what it drew before
+    classifier = [k for k in reference if k not in seen["weights"]]
+    assert classifier and all(k.startswith(("fc.", "classifier.")) for k in classifier)
+    for name, tensor in seen["weights"].items():
+        assert torch.equal(tensor, reference[name]), name
+    assert seen["feature_dim"] == 1024
 
 
 def test_nothing_changes_without_pretraining_or_with_own_features(tiny_data_root, cache, tmp_path):

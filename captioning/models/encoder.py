@@ -61,6 +61,34 @@ def build_backbone(name: str, weights: str | None) -> nn.Module:
     return torchvision.models.get_model(name, weights=resolved)
 
 
+def headless_backbone(name: str, weights: str | None, pool: str = "avg", grid_size: int = 2) -> tuple[nn.Module, int]:
+    """(backbone, feature size): the torchvision classifier `name` (build_backbone) with its last linear layer made
+    the identity and, with pool=grid, its global average pool made a `grid_size` x `grid_size` grid whose cells are
+    concatenated. ImageEncoder's backbone, and the scene-label pretraining's (captioning.scenes.pretraining), so a
+    state dict saved there loads here as model.encoder.weights."""
+    backbone = build_backbone(name, weights)
+    if pool not in ("avg", "grid"):
+        raise ValueError(f"model.encoder.pool must be avg or grid (got {pool!r})")
+    cells = 1
+    if pool == "grid":
+        if not isinstance(getattr(backbone, "avgpool", None), nn.AdaptiveAvgPool2d):
+            raise ValueError(f"model.encoder.pool=grid needs a backbone with a global average pool "
+                             f"(resnet, regnet, efficientnet, mobilenet...); {name} has none")
+        backbone.avgpool = nn.AdaptiveAvgPool2d(grid_size)
+        cells = grid_size * grid_size
+    linears = [(parent, child_name, child) for parent in backbone.modules()
+               for child_name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    if not linears:
+        raise ValueError(f"model.encoder.name: {name} has no linear classifier to remove; "
+                         "pick a backbone ending in a linear layer (resnet, efficientnet, convnext, vgg...)")
+    if pool == "grid" and len(linears) > 1:  # the grid's cells would reach a hidden layer sized for one average
+        raise ValueError(f"model.encoder.pool=grid needs a classifier of one linear layer on the pooled feature "
+                         f"(resnet, regnet, efficientnet...); {name}'s has {len(linears)}")
+    parent, child_name, linear = linears[-1]
+    setattr(parent, child_name, nn.Identity())
+    return backbone, linear.in_features * cells
+
+
 def read_label_head(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
     """(weight, bias, [(label name, size), ...]) of a label head file (LabelProbabilities)."""
     path = Path(str(path)).expanduser()
@@ -106,27 +134,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, name: str = "resnet18", weights: str | None = None, trainable: bool = True,
                  pool: str = "avg", grid_size: int = 2, label_head: str | None = None):
         super().__init__()
-        self.backbone = build_backbone(name, weights)
-        if pool not in ("avg", "grid"):
-            raise ValueError(f"model.encoder.pool must be avg or grid (got {pool!r})")
-        cells = 1
-        if pool == "grid":
-            if not isinstance(getattr(self.backbone, "avgpool", None), nn.AdaptiveAvgPool2d):
-                raise ValueError(f"model.encoder.pool=grid needs a backbone with a global average pool "
-                                 f"(resnet, regnet, efficientnet, mobilenet...); {name} has none")
-            self.backbone.avgpool = nn.AdaptiveAvgPool2d(grid_size)
-            cells = grid_size * grid_size
-        linears = [(parent, child_name, child) for parent in self.backbone.modules()
-                   for child_name, child in parent.named_children() if isinstance(child, nn.Linear)]
-        if not linears:
-            raise ValueError(f"model.encoder.name: {name} has no linear classifier to remove; "
-                             "pick a backbone ending in a linear layer (resnet, efficientnet, convnext, vgg...)")
-        if pool == "grid" and len(linears) > 1:  # the grid's cells would reach a hidden layer sized for one average
-            raise ValueError(f"model.encoder.pool=grid needs a classifier of one linear layer on the pooled feature "
-                             f"(resnet, regnet, efficientnet...); {name}'s has {len(linears)}")
-        parent, child_name, linear = linears[-1]
-        setattr(parent, child_name, nn.Identity())
-        self.feature_dim = linear.in_features * cells
+        self.backbone, self.feature_dim = headless_backbone(name, weights, pool, grid_size)
         self.label_head = None
         if label_head is not None:
             self.label_head = LabelProbabilities(label_head, self.feature_dim)

@@ -56,6 +56,8 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
+from captioning.models.encoder import LabelProbabilities, headless_backbone
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # bump when the labels, the training or the files change: older cache entries are not reused
@@ -254,7 +256,8 @@ def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, enc
              "cached in %s)", encoder_cfg.name, len(usable("train")), len(extra_pixels), settings["epochs"], entry)
     with torch.random.fork_rng(devices=[]):  # the calling run's random stream is left as it was
         torch.manual_seed(settings["seed"])  # the backbone's initialisation, then the head's: one encoder per seed
-        backbone, feature_dim = build_backbone(encoder_cfg)
+        backbone, feature_dim = headless_backbone(encoder_cfg.name, None, encoder_cfg.get("pool", "avg"),
+                                                  encoder_cfg.get("grid_size", 2))
         history, head = pretrain(backbone, feature_dim, torch.cat([pixels, extra_pixels]),
                                  torch.cat([labels, extra_labels]), train_rows, usable("val"), settings, device)
     trained = time.perf_counter()
@@ -267,7 +270,8 @@ def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, enc
             "grid_size": encoder_cfg.get("grid_size", 2), "label_head": None, "image_size": cfg_data.image_size,
             "resize_size": cfg_data.resize_size, "images": len(image_ids), "feature_dim": feature_dim}
     write_store(entry / "features", image_ids, features.astype(np.float16), bad, meta)
-    label_probs = label_probabilities(head, torch.from_numpy(features), list(_heads().values()))
+    with torch.no_grad():  # the saved head read as the encoder reads it (model.encoder.label_head)
+        label_probs = LabelProbabilities(entry / "head.pth", feature_dim)(torch.from_numpy(features)).numpy()
     write_store(entry / "labels", image_ids, label_probs.astype(np.float16), bad, {
         **meta, "label_head": str(entry / "head.pth"), "feature_dim": label_probs.shape[1]})
     done = time.perf_counter()
@@ -379,32 +383,7 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToDtype(torch.float32, scale=True)(pixels))
 
 
-# -- the backbone -----------------------------------------------------------------------------------------------
-def build_backbone(encoder_cfg) -> tuple[nn.Module, int]:
-    """The torchvision classifier named by model.encoder.name, randomly initialised, its last linear layer made the
-    identity and (pool=grid) its global pool a grid: the module captioning.models.encoder.ImageEncoder builds,
-    so that the saved state dict loads there as model.encoder.weights (a test checks the features agree)."""
-    import torchvision
-
-    name, pool, grid = encoder_cfg.name, encoder_cfg.get("pool", "avg"), encoder_cfg.get("grid_size", 2)
-    backbone = torchvision.models.get_model(name, weights=None)
-    cells = 1
-    if pool == "grid":
-        if not isinstance(getattr(backbone, "avgpool", None), nn.AdaptiveAvgPool2d):
-            raise ValueError(f"model.encoder.pool=grid needs a backbone with a global average pool; {name} has none")
-        backbone.avgpool = nn.AdaptiveAvgPool2d(grid)
-        cells = grid * grid
-    linears = [(parent, child_name, child) for parent in backbone.modules()
-               for child_name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    if not linears:
-        raise ValueError(f"model.encoder.name: {name} has no linear classifier to remove")
-    if pool == "grid" and len(linears) > 1:
-        raise ValueError(f"model.encoder.pool=grid needs a classifier of one linear layer on the pooled feature; "
-                         f"{name}'s has {len(linears)}")
-    setattr(linears[-1][0], linears[-1][1], nn.Identity())
-    return backbone, linears[-1][2].in_features * cells
-
-
+# -- the training -----------------------------------------------------------------------------------------------
 def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels: torch.Tensor, train_rows: list[int],
              val_rows: list[int], settings: dict, device: torch.device) -> tuple[list[dict], nn.Linear]:
     """AdamW with a cosine learning rate (one warm-up epoch's first 5%), summed cross-entropy over the heads. The head
@@ -492,13 +471,6 @@ def encode(backbone: nn.Module, pixels: torch.Tensor, device: torch.device, batc
     for start in range(0, len(pixels), batch):
         out.append(backbone(normalise(pixels[start:start + batch]).to(device)).float().cpu().numpy())
     return np.concatenate(out)
-
-
-@torch.no_grad()
-def label_probabilities(head: nn.Linear, features: torch.Tensor, groups: list[int]) -> np.ndarray:
-    """The heads' softmax per label, concatenated: what model.encoder.label_head (captioning.models.encoder.
-    LabelProbabilities, which the data layer does not import) computes from an image; a test checks they agree."""
-    return torch.cat([p.softmax(-1) for p in head(features).split(groups, dim=1)], dim=1).numpy()
 
 
 def write_store(out: Path, image_ids: list[int], features: np.ndarray, bad: dict[int, str], meta: dict) -> None:
