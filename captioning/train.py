@@ -1,13 +1,16 @@
 """`captioning-train` (= `python -m captioning.train`): Hydra around the plain `train(cfg, run_dir)` of
-captioning.training.recipe. Nothing imports this module."""
+captioning.training.tasks (task=caption: the recipe; task=lm: the language model). Nothing imports this
+module."""
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
 from captioning.cli import exit_on_user_error
-from captioning.config import config_dir
-from captioning.training.recipe import train
+from captioning.config import config_dir, register_resolvers
+from captioning.training.tasks import train
+
+register_resolvers()  # ${run_folder:} in hydra.run.dir (also where a launcher unpickles _hydra_main)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

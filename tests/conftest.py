@@ -50,8 +50,9 @@ def tiny_overrides(root: Path) -> list[str]:
 def compose(overrides: list[str] = (), config_name: str = "config", return_hydra_config: bool = False):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from captioning.config import config_dir
+    from captioning.config import config_dir, register_resolvers
 
+    register_resolvers()  # ${run_folder:} in hydra.run.dir, as the entry point registers it
     with initialize_config_dir(config_dir(), version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 

@@ -10,15 +10,16 @@ import torch
 
 from captioning.config import ConfigError, validate_train_config
 from captioning.data.dataset import BadInputError
-from captioning.data.text_corpus import (TokenStreams, build_corpus, embedded_text, read_text_file, tokenize,
+from captioning.data.text_corpus import (TokenStreams, build_corpus, read_text_file, tokenize,
                                          unigram_entropy_bits)
 from captioning.loggers.jsonl import read_jsonl
 from captioning.models.decoder import RNNDecoder
 from captioning.models.language_model import LanguageModel, load_language_model
 from captioning.runtime.checkpoint import load_checkpoint
 from captioning.runtime.preemption import PREEMPTION_EXIT_CODE
+from captioning.scenes.generator import embedded_text
 from captioning.training import language_model as lm
-from captioning.training.recipe import train
+from captioning.training.tasks import train
 from conftest import compose, requires_java, tiny_overrides
 
 TEXT = "the cat sat on the mat.\nA dog ran to the red box!\n" * 5  # 245 characters

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.config import ConfigError
+from captioning.errors import ConfigError
 from captioning.scenes import pretraining as scene_features
 from captioning.data.features import FeatureStore
 from captioning.scenes.generator import Scene, SceneObject
@@ -42,7 +42,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def pretrained(tiny_data_root, cache):
     """(config before, config after prepare_inputs) for the tiny data set, pretraining built in a fresh cache."""
-    from captioning.data.build import prepare_inputs
+    from captioning.scenes.pretraining import prepare_inputs
 
     cfg = compose(pretraining(tiny_data_root))
     return cfg, prepare_inputs(cfg)
@@ -96,7 +96,8 @@ def test_scene_labels_and_their_mirror_image():
 def test_pretraining_makes_valid_feature_stores_of_the_encoder_it_saves(pretrained, tiny_data_root, cache):
     """The default feed=labels store holds the heads' probabilities; the features store the backbone's features; the
     encoder rebuilt from the saved files (as captioning-predict does) computes both again from the JPEGs."""
-    from captioning.data.build import eval_dataset, load_records, prepare_inputs
+    from captioning.data.build import eval_dataset, load_records
+    from captioning.scenes.pretraining import prepare_inputs
     from captioning.models.captioner import build_image_encoder
 
     cfg, prepared = pretrained
@@ -143,7 +144,7 @@ def test_a_label_head_of_another_encoder_names_the_mismatch(pretrained, tmp_path
 
 
 def test_the_cache_is_reused_and_keyed_by_the_settings(pretrained, tiny_data_root, monkeypatch):
-    from captioning.data.build import prepare_inputs
+    from captioning.scenes.pretraining import prepare_inputs
 
     cfg, prepared = pretrained
 
@@ -172,7 +173,7 @@ def test_the_cache_is_reused_and_keyed_by_the_settings(pretrained, tiny_data_roo
 def test_the_same_settings_build_the_same_encoder_whatever_the_run_did_before(tiny_data_root, tmp_path, monkeypatch):
     """The backbone's initialisation comes from the pretraining seed, not from the calling process's random stream
     (it did once, and three fresh caches gave three encoders), and the caller's stream is left as it was."""
-    from captioning.data.build import prepare_inputs
+    from captioning.scenes.pretraining import prepare_inputs
 
     cfg = compose(pretraining(tiny_data_root))
     weights, features = [], []
@@ -209,7 +210,7 @@ def test_the_encoder_starts_from_torchvisions_initialisation_under_the_pretraini
 
     monkeypatch.setattr(scene_features, "pretrain", spy)
     cfg = compose(pretraining(tiny_data_root))
-    scene_features.prepare(cfg)
+    scene_features.prepare_inputs(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.model.encoder.pretrain.seed)
         reference = torchvision.models.get_model(cfg.model.encoder.name, weights=None).state_dict()
@@ -222,7 +223,7 @@ def test_the_encoder_starts_from_torchvisions_initialisation_under_the_pretraini
 
 
 def test_nothing_changes_without_pretraining_or_with_own_features(tiny_data_root, cache, tmp_path):
-    from captioning.data.build import prepare_inputs
+    from captioning.scenes.pretraining import prepare_inputs
 
     for extra in (["model.encoder.pretrain=null"], [f"data.features={tmp_path}", "model.encoder.trainable=false"]):
         cfg = compose(tiny_overrides(tiny_data_root) + extra)
@@ -244,7 +245,7 @@ def test_nothing_changes_without_pretraining_or_with_own_features(tiny_data_root
     (["model.encoder.label_head=/x/head.pth"], "model.encoder.label_head cannot be used with model.encoder.pretrain"),
 ])
 def test_contradicting_settings_name_the_key(tiny_data_root, cache, extra, message):
-    from captioning.data.build import prepare_inputs
+    from captioning.scenes.pretraining import prepare_inputs
 
     with pytest.raises(ConfigError, match=message):
         prepare_inputs(compose(pretraining(tiny_data_root) + extra))

@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     started = time.perf_counter()
 
-    from captioning.data.build import prepare_inputs
+    from captioning.scenes.pretraining import prepare_inputs
 
     cfg = compose(run_overrides)
     steps = int(cfg.trainer.max_steps)

@@ -24,13 +24,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from captioning.data.build import load_records, load_scene_truth
+from captioning.data.build import load_records
 from captioning.evaluation.captions import references_of, score, score_with_baseline
 from captioning.evaluation.evaluate import scene_truth
 from captioning.loggers.base import MultiLogger
 from captioning.loggers.jsonl import JsonlLogger, read_jsonl
 from captioning.loggers.wandb_logger import WandbLogger, saved_run_info
 from captioning.metrics import check_java, load_results
+from captioning.scenes.generator import load_scene_truth
 
 
 def run_folders(paths: list[Path]) -> list[Path]:

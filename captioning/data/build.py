@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from captioning.checks import resolve_target
 from captioning.data.coco import ImageRecord, read_coco_karpathy
 from captioning.data.dataset import AllReferencesDataset, EvalImageDataset, TrainCaptionDataset, encode_captions
 from captioning.data.text import training_tokens
@@ -20,28 +21,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CAPTIONING_CACHE", "~/.cache/captioning")).expanduser()
 
 
+# Configs saved before `data.generator` existed name no generator; theirs was the synthetic scenes' (by name only:
+# data/ imports nothing from the scenes package, which is above it).
+GENERATOR_OF_OLD_CONFIGS = {"synthetic": "captioning.scenes.generator.ensure_data"}
+
+
 def resolve_root(cfg_data) -> Path:
-    """The data folder; for synthetic data, generated on first use (and reused after)."""
-    if cfg_data.name == "synthetic":
-        from captioning.scenes.generator import ensure_synthetic
-
-        s = cfg_data.synthetic
-        root = Path(str(cfg_data.root)).expanduser() if cfg_data.root else cache_dir() / (
-            f"synthetic_{s.num_train}_{s.num_val}_{s.num_test}_{s.image_size}px_seed{s.seed}")
-        return ensure_synthetic(root, num_train=s.num_train, num_val=s.num_val, num_test=s.num_test,
-                                image_size=s.image_size, seed=s.seed)
+    """The data folder. A data config that names a `generator` (data=synthetic: captioning.scenes.generator.ensure_data,
+    the synthetic scenes, generated on first use and reused after) gets its folder from it; others read `data.root`."""
+    generator = cfg_data.get("generator", GENERATOR_OF_OLD_CONFIGS.get(cfg_data.get("name")))
+    if generator:
+        return Path(resolve_target(generator, "data.generator")(cfg_data))
     return Path(str(cfg_data.root)).expanduser()
-
-
-def prepare_inputs(cfg):
-    """The run's config with its model inputs ready, before the data and the model are built. With
-    `model.encoder.pretrain` set on synthetic data (the default), the CNN pretrained on the scene labels and its
-    cached features (built on first use, reused after: captioning.scenes.pretraining): the config returned reads
-    `data.features` with the frozen encoder `model.encoder.weights`. Otherwise (`model.encoder.pretrain=null`,
-    `data=coco`, or a `data.features` folder given) the config as it is."""
-    from captioning.scenes.pretraining import prepare
-
-    return prepare(cfg)
 
 
 def load_records(cfg_data) -> dict[str, list[ImageRecord]]:
@@ -135,14 +126,3 @@ def reference_loader(records, vocab, cfg_data, batch_size: int | None = None) ->
                                    cfg_data.max_len, cfg_data.max_image_pixels, seed=0,
                                    features=open_feature_store(cfg_data))
     return make_loader(dataset, batch_size or cfg_data.eval_batch_size, num_workers=min(cfg_data.num_workers, 4))
-
-
-def load_scene_truth(cfg_data) -> dict | None:
-    """image_id -> Scene for synthetic data (the exact truth the scene checker judges captions against);
-    None for COCO or any folder that is not a synthetic generation."""
-    if cfg_data.get("name") != "synthetic":
-        return None
-    from captioning.scenes.generator import is_synthetic_root, load_scenes
-
-    root = resolve_root(cfg_data)
-    return load_scenes(root) if is_synthetic_root(root) else None

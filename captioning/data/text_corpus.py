@@ -16,7 +16,6 @@ stream.
 from __future__ import annotations
 
 import math
-import random
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from captioning.checks import resolve_target
 from captioning.data.dataset import BadInputError
 from captioning.data.vocab import SPECIALS, Vocabulary
 
@@ -63,17 +63,9 @@ def read_text_file(path: str | Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def embedded_text(num_train: int = 4000, num_val: int = 250, num_test: int = 250, seed: int = 0) -> str:
-    """The captions of the synthetic data set (the project's default data) one per line, in the order of its
-    images (train, val, test), drawn by the same grammar and seeds as `data=synthetic` without drawing images."""
-    from captioning.scenes.generator import FORMAT_VERSION, caption_scene, sample_scene
-
-    lines = []
-    for split_code, count in ((0, num_train), (1, num_val), (2, num_test)):
-        for index in range(count):
-            rng = random.Random(f"synthetic-v{FORMAT_VERSION}:{seed}:{split_code}:{index}")
-            lines += caption_scene(sample_scene(rng), rng)
-    return "\n".join(lines) + "\n"
+# Configs saved before `data.embedded.generator` existed name none; theirs was the synthetic captions (by name only:
+# data/ imports nothing from the scenes package, which is above it).
+EMBEDDED_GENERATOR_OF_OLD_CONFIGS = "captioning.scenes.generator.embedded_text"
 
 
 def load_text(cfg_data) -> tuple[str, str]:
@@ -81,6 +73,7 @@ def load_text(cfg_data) -> tuple[str, str]:
     if cfg_data.get("path"):
         return read_text_file(cfg_data.path), str(Path(str(cfg_data.path)).expanduser())
     e = cfg_data.embedded
+    embedded_text = resolve_target(e.get("generator", EMBEDDED_GENERATOR_OF_OLD_CONFIGS), "data.embedded.generator")
     return (embedded_text(e.num_train, e.num_val, e.num_test, e.seed),
             f"embedded synthetic captions (num_train={e.num_train}, num_val={e.num_val}, "
             f"num_test={e.num_test}, seed={e.seed})")

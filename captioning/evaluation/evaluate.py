@@ -10,6 +10,7 @@ import torch
 from captioning.data import build as data_build
 from captioning.data.coco import ImageRecord
 from captioning.evaluation.captions import decode_records, references_of, score_with_baseline
+from captioning.scenes.generator import load_scene_truth
 from captioning.scenes.oracle_exposure import OracleExposureReport, oracle_exposure
 from captioning.metrics.reference_likelihood import ReferenceLikelihoodReport, reference_likelihood_probe
 from captioning.models.loading import load_model
@@ -113,7 +114,7 @@ def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: s
     training caption (`records["train"]`). Under DDP every rank decodes its shard; rank 0 alone scores and gets
     the Evaluation (the others None). `exposure`: the probes already run on this model and split (they do not
     depend on the decoder)."""
-    from captioning.config import decode_kwargs
+    from captioning.decoding.checks import decode_kwargs
 
     if split not in records:
         raise ValueError(f"split must be one of {sorted(records)} (got {split!r})")
@@ -123,7 +124,7 @@ def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: s
                               batch_size=batch_size)
     if not info.is_main:
         return None
-    scenes = data_build.load_scene_truth(cfg_data)  # synthetic data: the exact truth (None elsewhere)
+    scenes = load_scene_truth(cfg_data)  # synthetic data: the exact truth (None elsewhere)
     if exposure is None:
         loader = data_build.reference_loader(split_records, vocab, cfg_data, batch_size)
         exposure = run_exposure_probes(model, vocab, loader, cfg_data.max_len, device, scenes, split_records)

@@ -424,3 +424,40 @@ def load_scenes(root: str | Path, split: str | None = None) -> dict[int, Scene]:
                    for o in info["objects"]]
         scenes[int(cocoid)] = Scene(tuple(info["background"]), info["layout"], info["position"], objects)
     return scenes
+
+
+# -- the data config's generator (data.generator) -------------------------------------------------------------
+def ensure_data(cfg_data) -> Path:
+    """`data.generator` of data=synthetic (captioning.data.build.resolve_root calls it): the folder of the data set
+    `data.synthetic` describes, generated on first use and reused after; `data.root` null puts it in the cache
+    folder ($CAPTIONING_CACHE/synthetic_<sizes>)."""
+    from captioning.data.build import cache_dir
+
+    s = cfg_data.synthetic
+    root = Path(str(cfg_data.root)).expanduser() if cfg_data.root else cache_dir() / (
+        f"synthetic_{s.num_train}_{s.num_val}_{s.num_test}_{s.image_size}px_seed{s.seed}")
+    return ensure_synthetic(root, num_train=s.num_train, num_val=s.num_val, num_test=s.num_test,
+                            image_size=s.image_size, seed=s.seed)
+
+
+def load_scene_truth(cfg_data) -> dict | None:
+    """image_id -> Scene for synthetic data (the exact truth the scene checker judges captions against);
+    None for COCO or any folder that is not a synthetic generation."""
+    if cfg_data.get("name") != "synthetic":
+        return None
+    from captioning.data.build import resolve_root
+
+    root = resolve_root(cfg_data)
+    return load_scenes(root) if is_synthetic_root(root) else None
+
+
+def embedded_text(num_train: int = 4000, num_val: int = 250, num_test: int = 250, seed: int = 0) -> str:
+    """`data.embedded.generator` of data=text (captioning.data.text_corpus.load_text calls it): the captions of the
+    synthetic data set one per line, in the order of its images (train, val, test), drawn by the same grammar and
+    seeds as `data=synthetic` without drawing images."""
+    lines = []
+    for split_code, count in ((0, num_train), (1, num_val), (2, num_test)):
+        for index in range(count):
+            rng = random.Random(f"synthetic-v{FORMAT_VERSION}:{seed}:{split_code}:{index}")
+            lines += caption_scene(sample_scene(rng), rng)
+    return "\n".join(lines) + "\n"

@@ -4,8 +4,8 @@ and shape.
 
     model.encoder.pretrain: {task: scene_labels, epochs: ..., ...}   (conf/model/show_tell.yaml, the default)
 
-`prepare(cfg)` (called by data.build.prepare_inputs at the start of every training run) does, for synthetic
-data without `data.features` set:
+`prepare_inputs(cfg)` (called by the training set-up, captioning.training.recipe, at the start of every run) does,
+for synthetic data without `data.features` set:
 
 1. Look up the cache entry keyed by the data set's fingerprint (its synthetic_meta.json: generator hash and
    sizes), the encoder (name, pool, grid size), the image transform (image_size, resize_size) and the
@@ -56,6 +56,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
+from captioning.errors import ConfigError
 from captioning.models.encoder import LabelProbabilities, headless_backbone
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,6 @@ def _heads() -> dict[str, int]:
 # -- config ----------------------------------------------------------------------------------------------------
 def settings_of(cfg) -> dict | None:
     """The validated `model.encoder.pretrain` node (defaults filled in), or None when pretraining is off."""
-    from captioning.config import ConfigError
-
     node = cfg.model.encoder.get("pretrain")
     if node is None:
         return None
@@ -126,11 +125,9 @@ def settings_of(cfg) -> dict | None:
     return settings
 
 
-def prepare(cfg):
+def prepare_inputs(cfg):
     """`cfg` itself when pretraining does not apply; else a copy reading the pretrained encoder's cached features
     (built first if missing). Raises ConfigError for settings that contradict pretraining."""
-    from captioning.config import ConfigError
-
     settings = settings_of(cfg)
     if settings is None or cfg.data.name != "synthetic" or cfg.data.get("features"):
         return cfg  # off, no scene labels (COCO), or the user's own feature store: nothing changes

@@ -41,6 +41,8 @@ from captioning.runtime.checkpoint import (capture_rng_state, load_newest_usable
                                           restore_rng_state, save_checkpoint)
 from captioning.runtime.precision import autocast, autocast_dtype
 from captioning.runtime.preemption import PREEMPTION_EXIT_CODE, PreemptionFlag
+from captioning.scenes.generator import load_scene_truth
+from captioning.scenes.pretraining import prepare_inputs
 from captioning.training.objectives import build_objective
 from captioning.training.optim import build_optimizer_and_scheduler
 from captioning.training.run_logging import open_run_logger
@@ -164,7 +166,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> TrainingState:
         from captioning.metrics import check_java
 
         check_java()  # before any heavy work: validation and evaluation need pycocoevalcap's Java tools
-    cfg = data_build.prepare_inputs(cfg)  # on synthetic data: the pretrained encoder's features (built once)
+    cfg = prepare_inputs(cfg)  # on synthetic data: the pretrained encoder's features (built once)
     info = dist_utils.init_distributed(device=str(cfg.trainer.device), timeout_minutes=cfg.trainer.dist_timeout_minutes)
     run_dir = Path(dist_utils.broadcast_object(str(run_dir), info))  # rank 0's: ${now} in a path may differ by rank
     device = dist_utils.pick_device(str(cfg.trainer.device), info)
@@ -322,7 +324,7 @@ def start_logging(state: TrainingState) -> None:
     state.bar = tqdm(total=state.total_steps, initial=state.progress.step, dynamic_ncols=True, desc="train",
                      disable=not (state.info.is_main and show_progress_bar(cfg.trainer.progress_bar)))
     state.window = TrainingWindow()
-    state.scenes = data_build.load_scene_truth(cfg.data)
+    state.scenes = load_scene_truth(cfg.data)
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
@@ -662,11 +664,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train, validate every `trainer.val_every_n_steps`, keep last/best checkpoints; then (optionally)
     evaluate the best checkpoint on the test split. Returns a summary dict (`exit_code` 124 after a
     preemption signal: requeue me)."""
-    if OmegaConf.select(cfg, "task.name", default="caption") == "lm":  # the decoder as a language model over text
-        from captioning.training.language_model import train_language_model
-
-        return train_language_model(cfg, run_dir)
-    state = setup(cfg, run_dir)
+    state = setup(cfg, run_dir)  # task=lm is captioning.training.language_model's (training.tasks.train picks)
     resume(state)
     start_logging(state)
     stopped_by_signal = run_steps(state, training_batches(state), train_step, validate_and_save)
