@@ -85,6 +85,9 @@ def test_eval_config_composes_for_every_decoder():
     ("trainer.cuda_graphs=sometimes", "trainer.cuda_graphs"),
     ("logger=wandb logger.wandb.mode=sometimes", "logger.wandb.mode"),
     ("seed=-3", "seed"),
+    ("data.generator=captioning.scenes.generator.no_such_function", "data.generator"),
+    ("data.generator=captioning.scenes.generator.FORMAT_VERSION", "data.generator"),
+    ("task=lm data=text data.embedded.generator=nowhere.embedded_text", "data.embedded.generator"),
 ])
 def test_bad_values_name_their_key(override, key):
     cfg = compose(override.split())
@@ -122,3 +125,17 @@ def test_every_config_file_starts_with_a_comment():
     for path in CONF.rglob("*.yaml"):
         first = path.read_text().lstrip().splitlines()[0]
         assert first.startswith("#"), path
+
+
+def test_importing_the_config_registers_no_resolver_the_entry_point_does():
+    """`${run_folder:}` (hydra.run.dir) is registered by an explicit call: importing the orchestrator or the training
+    code has no such side effect; the entry point captioning.train calls register_resolvers()."""
+    import subprocess
+    import sys
+
+    code = ("from omegaconf import OmegaConf; import captioning.config, captioning.training.recipe\n"
+            "assert not OmegaConf.has_resolver('run_folder'), 'registered on import'\n"
+            "import captioning.train\n"
+            "assert OmegaConf.has_resolver('run_folder'), 'the entry point did not register it'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -183,3 +183,33 @@ def test_wrong_paths_fail_fast_naming_the_path(tmp_path, data_copy):
     (data_copy / "dataset_coco.json").unlink()
     with pytest.raises(FileNotFoundError, match="dataset_coco.json"):
         read_coco_karpathy(data_copy)
+
+
+FOLDERS_MADE = []
+
+
+def folder_made_here(cfg_data) -> Path:
+    """A data generator of this test (data.generator names it): records the call, returns data.root."""
+    FOLDERS_MADE.append(cfg_data.root)
+    return Path(cfg_data.root)
+
+
+def test_the_data_config_names_what_makes_its_folder(tiny_data_root, tmp_path):
+    """data/ reaches the synthetic scenes only through the function `data.generator` names (it imports nothing of
+    captioning.scenes): another function named there makes the folder instead; a config saved before the key
+    existed still gets the scenes' folder; COCO reads data.root."""
+    from omegaconf import open_dict
+
+    from captioning.data.build import resolve_root
+
+    cfg = compose(tiny_overrides(tiny_data_root)).data
+    assert cfg.generator == "captioning.scenes.generator.ensure_data" and resolve_root(cfg) == tiny_data_root
+    with open_dict(cfg):
+        cfg.generator, cfg.root = f"{__name__}.folder_made_here", str(tmp_path)
+    assert resolve_root(cfg) == tmp_path and FOLDERS_MADE == [str(tmp_path)]
+    old = compose(tiny_overrides(tiny_data_root)).data
+    with open_dict(old):
+        del old["generator"]
+    assert resolve_root(old) == tiny_data_root
+    coco = compose(["data=coco", f"data.root={tmp_path}"]).data
+    assert "generator" not in coco and resolve_root(coco) == tmp_path
