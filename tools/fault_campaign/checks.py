@@ -127,13 +127,17 @@ def compare_runs(reference: str | Path, other: str | Path) -> list[str]:
     ours, _, problems = comparable_records(reference / "metrics.jsonl")
     theirs, _, their_problems = comparable_records(other / "metrics.jsonl")
     differences += [f"reference {p}" for p in problems] + their_problems
-    if losses(ours) != losses(theirs):
-        a, b = losses(ours), losses(theirs)
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    our_losses, their_losses = losses(ours), losses(theirs)
+    if our_losses != their_losses:
+        first = next(
+            (i for i, (x, y) in enumerate(zip(our_losses, their_losses)) if x != y),
+            min(len(our_losses), len(their_losses)),
+        )
         differences.append(
             f"metrics.jsonl: train/loss records differ from record {first} on "
-            f"({a[first] if first < len(a) else 'none'} against "
-            f"{b[first] if first < len(b) else 'none'}; {len(a)} against {len(b)} records)"
+            f"({our_losses[first] if first < len(our_losses) else 'none'} against "
+            f"{their_losses[first] if first < len(their_losses) else 'none'}; {len(our_losses)} against "
+            f"{len(their_losses)} records)"
         )
     elif ours != theirs:
         first = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
@@ -190,7 +194,7 @@ class ScenarioResult:
 class Check:
     """Collects named conditions; the scenario passes when all hold."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.failed: list[str] = []
 
     def __call__(self, condition: bool, what: str) -> bool:

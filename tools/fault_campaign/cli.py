@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,7 +43,7 @@ def run_campaign(
     steps: int = 160,
     seed: int = 0,
     scenarios: list[str] | None = None,
-    extra_overrides: list[str] = (),
+    extra_overrides: Sequence[str] = (),
     work_dir: str | Path | None = None,
     keep: bool = False,
     timeout: float = 600.0,
@@ -74,7 +74,7 @@ def run_campaign(
         raise CampaignError(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
     plan = RunPlan.for_steps(steps, check_overrides(list(extra_overrides)))
     temporary = work_dir is None
-    work = Path(tempfile.mkdtemp(prefix="fault_campaign_") if temporary else work_dir).resolve()
+    work = Path(tempfile.mkdtemp(prefix="fault_campaign_") if work_dir is None else work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if wandb_init_timeout <= 0:

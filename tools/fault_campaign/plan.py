@@ -3,6 +3,7 @@ launch."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class RunPlan:
     extra: list[str] = field(default_factory=list)
 
     @classmethod
-    def for_steps(cls, steps: int, extra: list[str] = ()) -> RunPlan:
+    def for_steps(cls, steps: int, extra: Sequence[str] = ()) -> RunPlan:
         if steps < 20:
             raise CampaignError(f"--steps must be at least 20 (got {steps}): the scenarios need several validations")
         val_every = steps // 4
@@ -74,11 +75,12 @@ def merge_overrides(*groups: list[str]) -> list[str]:
 
 def model_settings() -> tuple[bool, bool]:
     """Whether the installed configs have model.encoder.pretrain and model.decoder.attention (older ones do not)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from captioning.config import config_dir
 
     model = OmegaConf.load(Path(config_dir()) / "model" / "show_tell.yaml")
+    assert isinstance(model, DictConfig)
     return "pretrain" in model.get("encoder", {}), "attention" in model.get("decoder", {})
 
 

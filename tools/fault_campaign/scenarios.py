@@ -7,9 +7,10 @@ import json
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .checks import (
     Check,
@@ -61,7 +62,7 @@ class Campaign:
 
     # -- the straight run
 
-    def straight_run(self, name: str = "reference", more: list[str] = ()) -> Reference:
+    def straight_run(self, name: str = "reference", more: Sequence[str] = ()) -> Reference:
         run_dir = self.work / name
         spec = self.spec(name)
         launch = self.runner.run(name, merge_overrides(self.overrides, list(more)), run_dir, spec)
@@ -132,7 +133,7 @@ class Campaign:
         run_dir, spec = self.work / name, self.spec(name)
         trace_path = Path(spec["trace"])
         total = reference.config["trainer"]["max_steps"]
-        check, kills, launches, timeline = Check(), 0, 0, []
+        check, kills, launches, timeline = Check(), 0, 0, list[dict[str, Any]]()
         # Where each kill lands: a quarter in start-up (imports, config, data, resume: checkpoint read, log
         # rewrite), a quarter as a checkpoint is being written, the rest anywhere in training; the order and the
         # moments are drawn from the seeded generator.
@@ -208,7 +209,7 @@ class Campaign:
         kinds = self.cadence_kinds(trace_path)
         temporary = temporary_files(run_dir)
         resumed_steps = [e["step"] - 1 for e in read_trace(trace_path) if e["event"] == "training"]
-        details = {
+        details: dict[str, Any] = {
             "kills": kills,
             "launches": launches,
             "restarts": launches - 1,
@@ -266,7 +267,7 @@ class Campaign:
         self.ensure_reference()
         name = "sigterm_save"
         run_dir, spec = self.work / name, self.spec(name, sigterm_on_write=3)
-        check, details = Check(), {}
+        check, details = Check(), dict[str, Any]()
         first = self.runner.run(name, self.overrides, run_dir, spec)
         events = read_trace(Path(spec["trace"]))
         interrupted = next((e for e in events if e["event"] == "sigterm_during_write"), None)
@@ -327,7 +328,7 @@ class Campaign:
         name = "truncated"
         run_dir = self.work / name
         folder = run_dir / "checkpoints"
-        check, details = Check(), {}
+        check, details = Check(), dict[str, Any]()
         first = self.runner.run(name, self.overrides, run_dir, self.spec(name, sigterm_at_step=first_stop))
         check(first.rc == PREEMPTION_EXIT_CODE, f"the first part stops at step {first_stop} (exit {first.rc})")
         before, _ = checkpoint_problems(run_dir)
@@ -389,7 +390,7 @@ class Campaign:
         bad = plan.val_every + 3
         name = "nonfinite_injected"
         run_dir = self.work / name
-        check, details = Check(), {"nan_at_step": bad}
+        check, details = Check(), dict[str, Any](nan_at_step=bad)
         launch = self.runner.run(
             name,
             merge_overrides(self.overrides, ["trainer.on_nonfinite=stop"]),
@@ -413,7 +414,7 @@ class Campaign:
     def nonfinite_diverging(self) -> ScenarioResult:
         name = "nonfinite_diverging"
         run_dir = self.work / name
-        check, details = Check(), {}
+        check, details = Check(), dict[str, Any]()
         more = ["optim.optimizer.lr=1e20", "optim.grad_clip_norm=null"]  # the README's diverging command
         launch = self.runner.run(name, merge_overrides(self.overrides, more), run_dir, self.spec(name))
         records, message = self.nonfinite_checks(check, launch, run_dir, details)
@@ -446,7 +447,7 @@ class Campaign:
         name = "full_disk"
         run_dir = self.work / name
         spec = self.spec(name, enospc={"name": "last.pt", "min_step": self.plan.val_every + 1})
-        check, details = Check(), {}
+        check, details = Check(), dict[str, Any]()
         launch = self.runner.run(name, self.overrides, run_dir, spec)
         events = read_trace(Path(spec["trace"]))
         good = [e["step"] for e in events if e["event"] == "saved" and e["name"] == "last.pt"]
@@ -507,7 +508,7 @@ class Campaign:
             "WANDB_DATA_DIR": str(wandb_home / "data"),
         }
         more = ["logger=wandb", f"trainer.max_steps={steps}"]
-        check, details = Check(), {"server": env["WANDB_BASE_URL"]}
+        check, details = Check(), dict[str, Any](server=env["WANDB_BASE_URL"])
         launch = self.runner.run(name, merge_overrides(self.overrides, more), run_dir, self.spec(name), env)
         log_file = run_dir / "train.log"
         lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
