@@ -51,11 +51,12 @@ def test_invalid_config_value_names_the_key(tmp_path):
 
 
 def test_missing_java_is_reported_before_any_work(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    os.symlink(sys.executable, bin_dir / "python")
-    result = run([str(bin_dir / "python"), "-m", "captioning.train", f"hydra.run.dir={tmp_path}/run"], tmp_path,
-                 env={"PATH": str(bin_dir), "CAPTIONING_CACHE": str(tmp_path / "cache")})
+    # PATH is an empty folder, so no java; the interpreter is started by its own path (a symlink to it elsewhere
+    # would leave a virtual environment: Python finds pyvenv.cfg beside the path it was started by)
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    result = run([sys.executable, "-m", "captioning.train", f"hydra.run.dir={tmp_path}/run"], tmp_path,
+                 env={"PATH": str(empty_bin), "CAPTIONING_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 2
     assert "Java runtime not found" in result.stderr
     assert not (tmp_path / "cache").exists()  # no data generated, no model built

@@ -1,15 +1,20 @@
-"""The fault campaign of tools/fault_campaign.py in a reduced form (4 SIGKILLs, a shorter run, three of its seven
-scenarios): every scenario gives its stated outcome, and the comparison it relies on does see a difference."""
+"""The fault campaign of tools/fault_campaign/ in a reduced form (4 SIGKILLs, a shorter run, three of its seven
+scenarios): every scenario gives its stated outcome, and the comparison it relies on does see a difference. And its
+entry points and the launcher's start-up check of its hook points."""
+
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tools import fault_campaign as tool
+from tools.fault_campaign import launcher
 
 REPO = Path(__file__).resolve().parent.parent
 # The suite runs the scenarios the unit tests (test_reliability.py) do not cover as whole runs; the tool's full
@@ -17,29 +22,19 @@ REPO = Path(__file__).resolve().parent.parent
 REDUCED = ("sigkill_random", "truncated_last", "nonfinite_diverging")
 
 
-def load_tool():
-    if "fault_campaign" in sys.modules:
-        return sys.modules["fault_campaign"]
-    spec = importlib.util.spec_from_file_location("fault_campaign", REPO / "tools" / "fault_campaign.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fault_campaign"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory):
-    tool = load_tool()
     work = tmp_path_factory.mktemp("fault_campaign")
-    report = tool.run_campaign(kills=4, steps=40, seed=0, work_dir=work, log=lambda line: None, wandb_init_timeout=5,
-                               scenarios=list(REDUCED))
-    return tool, report, work
+    report = tool.run_campaign(
+        kills=4, steps=40, seed=0, work_dir=work, log=lambda line: None, wandb_init_timeout=5, scenarios=list(REDUCED)
+    )
+    return report, work
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_every_scenario_of_the_reduced_campaign_passes(campaign):
-    tool, report, work = campaign
+    report, work = campaign
     assert [s["name"] for s in report["scenarios"]] == list(REDUCED) and set(REDUCED) <= set(tool.SCENARIOS)
     failed = {s["name"]: s["outcome"] for s in report["scenarios"] if not s["passed"]}
     assert not failed, json.dumps(failed, indent=1) + f"\n(runs and logs in {work})"
@@ -53,12 +48,13 @@ def test_every_scenario_of_the_reduced_campaign_passes(campaign):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_comparison_sees_another_seed_and_a_one_ulp_change(campaign, tmp_path):
-    tool, _, work = campaign
+    _, work = campaign
     reference = work / "reference"
     assert tool.compare_runs(reference, reference) == []
 
-    other = tool.Campaign(work, tool.RunPlan.for_steps(40), kills=1, seed=0, timeout=600,
-                          log=lambda line: None).straight_run("seed1", ["seed=1"])
+    other = tool.Campaign(
+        work, tool.RunPlan.for_steps(40), kills=1, seed=0, timeout=600, log=lambda line: None
+    ).straight_run("seed1", ["seed=1"])
     differences = tool.compare_runs(reference, other.run_dir)
     assert any(d.startswith("last.pt:model") for d in differences), differences
     assert any("train/loss records differ" in d for d in differences), differences
@@ -80,12 +76,64 @@ def test_the_comparison_sees_another_seed_and_a_one_ulp_change(campaign, tmp_pat
 
 
 def test_bad_arguments_are_named(tmp_path):
-    tool = load_tool()
-    for kwargs, message in (({"kills": 0}, "--kills"), ({"steps": 5}, "--steps"),
-                            ({"scenarios": ["sigkill"]}, "unknown scenario"),
-                            ({"extra_overrides": ["trainer.max_steps"]}, "not a Hydra override"),
-                            ({"extra_overrides": ["hydra.run.dir=x"]}, "chooses the run folders")):
+    for kwargs, message in (
+        ({"kills": 0}, "--kills"),
+        ({"steps": 5}, "--steps"),
+        ({"scenarios": ["sigkill"]}, "unknown scenario"),
+        ({"extra_overrides": ["trainer.max_steps"]}, "not a Hydra override"),
+        ({"extra_overrides": ["hydra.run.dir=x"]}, "chooses the run folders"),
+    ):
         with pytest.raises(tool.CampaignError, match=message):
             tool.run_campaign(work_dir=tmp_path, log=lambda line: None, **kwargs)
     assert tool.main(["--kills", "0"]) == 2
     assert tool.merge_overrides(["a=1", "b=2"], ["+a=3"]) == ["b=2", "+a=3"]
+
+
+@pytest.mark.parametrize("how", ["by path", "as a module"])
+def test_the_command_line_starts_by_path_and_as_a_module(how, tmp_path):
+    """`python tools/fault_campaign` from anywhere, `python -m tools.fault_campaign` from the checkout."""
+    command, cwd = (
+        ([str(REPO / "tools" / "fault_campaign")], tmp_path)
+        if how == "by path"
+        else (["-m", "tools.fault_campaign"], REPO)
+    )
+    result = subprocess.run(
+        [sys.executable, *command, "--kills", "0"], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: --kills must be at least 1 (got 0)"
+
+
+def test_every_hook_point_of_the_launcher_exists_and_a_stale_one_is_named(monkeypatch):
+    assert launcher.missing_hooks() == []
+    stale = (
+        ("captioning.training.recipe", "train_step_v0", "x"),
+        ("captioning.training.recipe", "TrainingState.nope", "x"),
+        ("torch", "save", "x"),
+    )
+    assert launcher.missing_hooks(stale) == [
+        "captioning.training.recipe.train_step_v0",
+        "captioning.training.recipe.TrainingState.nope",
+    ]
+    monkeypatch.setattr(launcher, "HOOKS", launcher.HOOKS + stale[:1])
+    with pytest.raises(RuntimeError, match=r"missing hook point\(s\) captioning.training.recipe.train_step_v0: update"):
+        tool.run_campaign(kills=1, log=lambda line: None)
+
+
+def test_the_launcher_exits_at_start_up_naming_a_missing_hook_point(tmp_path):
+    """A copy of launcher.py whose table names a function the library does not have: one line, its own exit code,
+    before any training."""
+    source = (REPO / "tools" / "fault_campaign" / "launcher.py").read_text()
+    entry = '("captioning.training.recipe", "train_step", '
+    assert source.count(entry) == 1
+    copy = tmp_path / "launcher.py"
+    copy.write_text(source.replace(entry, '("captioning.training.recipe", "train_step_renamed", '))
+    result = subprocess.run(
+        [sys.executable, str(copy), f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == launcher.HOOK_MISSING_EXIT_CODE, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "fault launcher: missing hook point(s) captioning.training.recipe.train_step_renamed: update HOOKS in "
+        "tools/fault_campaign/launcher.py"
+    ]
+    assert not (tmp_path / "run").exists()

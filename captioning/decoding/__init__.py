@@ -7,6 +7,8 @@ and do not change the model's train/eval mode (call model.eval() first).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from captioning.decoding.beam import beam_search
@@ -16,7 +18,9 @@ from captioning.decoding.ensemble import EnsembleModel
 from captioning.decoding.greedy import greedy
 from captioning.decoding.sampling import sample, sampling_distribution
 
-DECODERS = {"greedy": greedy, "sample": sample, "beam": beam_search, "diverse_beam": diverse_beam_search}
+DECODERS: dict[str, Callable[..., list[list[Hypothesis]]]] = {
+    "greedy": greedy, "sample": sample, "beam": beam_search, "diverse_beam": diverse_beam_search,
+}
 
 
 def decode(model, images: torch.Tensor, strategy: str, **params) -> list[list[Hypothesis]]:

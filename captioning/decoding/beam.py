@@ -76,6 +76,7 @@ def grouped_beam_search(
     done = torch.zeros((B, G), dtype=torch.bool, device=device)
     row_base = (torch.arange(B * G, device=device) * K).view(B, G, 1)  # (B, G, 1) first row of each group
 
+    tokens = expand.new_empty(0)  # (B*G*K,) the words chosen at the previous step: set at the end of each step
     for t in range(1, L + 1):
         if t > 1:
             log_probs, state = model.step(tokens, state)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ def _check_real(name: str, value: object) -> float:
     return float(value)
 
 
-def validate_decode_params(strategy: str, **params: object) -> dict[str, object]:
+def validate_decode_params(strategy: str, **params: object) -> dict[str, Any]:
     """Check `params` for `strategy` before any work; return them completed with the defaults.
 
     Raises ValueError naming the offending parameter (or the strategy) when anything is wrong.
@@ -72,7 +73,7 @@ def validate_decode_params(strategy: str, **params: object) -> dict[str, object]
     missing = [name for name, default in spec.items() if default is _REQUIRED and name not in params]
     if missing:
         raise ValueError(f"missing required parameter(s) {missing} for strategy {strategy!r}")
-    full = {name: params.get(name, default) for name, default in spec.items()}
+    full: dict[str, Any] = {name: params.get(name, default) for name, default in spec.items()}
 
     _check_int("max_len", full["max_len"], 1)
     if strategy == "sample":
@@ -115,10 +116,10 @@ def to_hypotheses(words: torch.Tensor, num_words: torch.Tensor, scores: torch.Te
     Entries with score -inf (empty pool slots) are dropped. One host transfer for the whole batch.
     """
     order = scores.argsort(dim=1, descending=True, stable=True)  # (B, H)
-    words = words.gather(1, order.unsqueeze(-1).expand_as(words)).tolist()
-    num_words = num_words.gather(1, order).tolist()
-    scores = scores.gather(1, order).tolist()
+    word_rows = words.gather(1, order.unsqueeze(-1).expand_as(words)).tolist()
+    word_counts = num_words.gather(1, order).tolist()
+    score_rows = scores.gather(1, order).tolist()
     return [
         [(w[:n], s) for w, n, s in zip(ws, ns, ss) if s != float("-inf")]
-        for ws, ns, ss in zip(words, num_words, scores)
+        for ws, ns, ss in zip(word_rows, word_counts, score_rows)
     ]

@@ -35,4 +35,5 @@ def greedy(model, images: torch.Tensor, max_len: int) -> list[list[Hypothesis]]:
         tokens = torch.where(finished, model.eos_id, best)  # rows already done feed eos; their output is ignored
         if bool(finished.all()):  # the one host sync per step
             break
+    assert scores is not None  # max_len >= 1 (validated): at least one step ran
     return to_hypotheses(words.unsqueeze(1), num_words.unsqueeze(1), scores.unsqueeze(1))

@@ -130,6 +130,8 @@ class MeteorProcess:
         cmd = [java, "-jar", "-Xmx2G", str(METEOR_JAR), "-", "-", "-stdio", "-l", "en", "-norm"]
         self.proc = subprocess.Popen(cmd, cwd=METEOR_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._stderr)
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPE
+        self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
 
     def compute_score(self, gts: dict[int, list[str]], res: dict[int, str]) -> tuple[float, list[float]]:
         """gts: tokenized references per image, res: one tokenized hypothesis per image (same keys)."""
@@ -152,22 +154,22 @@ class MeteorProcess:
         if os.getpid() != self.owner_pid:
             return
         with contextlib.suppress(OSError):
-            self.proc.stdin.close()
+            self._stdin.close()
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        self.proc.stdout.close()
+        self._stdout.close()
         self._stderr.close()
 
     def _write(self, line: str) -> None:
         try:
-            self.proc.stdin.write(line.encode("utf-8") + b"\n")
-            self.proc.stdin.flush()
+            self._stdin.write(line.encode("utf-8") + b"\n")
+            self._stdin.flush()
         except OSError as e:
             raise RuntimeError(f"METEOR process is gone ({e}); stderr: {self._stderr_tail()}") from e
 
     def _readline(self) -> str:
-        line = self.proc.stdout.readline()
+        line = self._stdout.readline()
         if not line:
             raise RuntimeError(f"METEOR process exited unexpectedly (exit code {self.proc.poll()}); "
                                f"stderr: {self._stderr_tail()}")

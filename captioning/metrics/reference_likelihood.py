@@ -58,6 +58,7 @@ def probe_captions(model, images: torch.Tensor, captions: torch.Tensor, image_in
     state = model.reorder_state(state, torch.arange(n, device=captions.device).repeat(2))
     reference = captions.repeat(2, 1)  # (2N, L)
     nll, correct, greedy_tokens = [], [], []
+    greedy = reference.new_empty(0)  # (2N,) the previous step's argmax: set at the end of each step
     for i in range(length):  # i = t - 1
         if i > 0:
             fed = torch.cat([captions[:, i - 1], greedy[n:]])  # (2N,): reference word | own previous argmax

@@ -68,6 +68,8 @@ def feature_parts(encoder_cfg, feature_dim: int) -> torch.Tensor:
 
 
 class PartAttention(nn.Module):
+    parts: torch.Tensor  # a buffer (K, D)
+
     def __init__(self, parts: torch.Tensor, hidden_dim: int):
         super().__init__()
         self.register_buffer("parts", parts, persistent=False)  # (K, D): from the config, not the checkpoint

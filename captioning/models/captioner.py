@@ -37,8 +37,9 @@ class Captioner(nn.Module):
     image feature is replaced by zeros, so the decoder's first input is image_proj's bias, a learned vector that is
     the same for every image, and the encoder is neither run nor trained."""
 
-    def __init__(self, encoder: ImageEncoder, decoder: RNNDecoder, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2,
-                 image_input: str = "image", image_feed: str = "first", attention_parts: torch.Tensor | None = None):
+    def __init__(self, encoder: ImageEncoder | PrecomputedFeatures, decoder: RNNDecoder, pad_id: int = 0,
+                 bos_id: int = 1, eos_id: int = 2, image_input: str = "image", image_feed: str = "first",
+                 attention_parts: torch.Tensor | None = None):
         """`attention_parts`: (K, D) indices of the feature's entries that make each part (feature_parts); None: no
         attention."""
         super().__init__()
@@ -88,7 +89,7 @@ class Captioner(nn.Module):
         """tokens (N,) -> the decoder's output (N, H) after dropout, new state. `masks`: the dropout of this step's
         input (N, E) and output (N, H), drawn beforehand (see `draw_dropout_masks`), instead of the decoder's own."""
         words = self.decoder.embed(tokens)  # (N, E)
-        extra = ()  # the state's tensors after the RNN's: the image projection, the attended parts
+        extra: State = ()  # the state's tensors after the RNN's: the image projection, the attended parts
         if self.attention is not None:
             state, extra = state[:-1], (state[-1],)
         if self.image_feed == "every_step":
@@ -181,6 +182,7 @@ def build_image_encoder(cfg_encoder, trainable: bool) -> ImageEncoder:
 def build_captioner(cfg_model, vocab_size: int, cached_feature_dim: int | None = None) -> Captioner:
     """With `cached_feature_dim`, the model reads cached features (data.features) instead of images."""
     enc, dec = cfg_model.encoder, cfg_model.decoder
+    encoder: ImageEncoder | PrecomputedFeatures
     if cached_feature_dim is not None:
         encoder = PrecomputedFeatures(cached_feature_dim)
     else:

@@ -28,9 +28,8 @@ class RNNDecoder(nn.Module):
 
     def run(self, inputs: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         """inputs (N, T, E) -> hidden outputs (N, T, H), new state."""
-        if state is not None and self.cell != "lstm":
-            state = state[0]
-        outputs, new_state = self.rnn(inputs, state)
+        rnn_state = state[0] if state is not None and self.cell != "lstm" else state  # GRU/RNN: a bare tensor
+        outputs, new_state = self.rnn(inputs, rnn_state)
         return outputs, (new_state if self.cell == "lstm" else (new_state,))
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:

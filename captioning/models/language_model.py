@@ -72,10 +72,10 @@ class LanguageModel(nn.Module):
         token instead of the decoders' <bos>."""
         *rnn_state, pending = state
         tokens = torch.where(pending[0] >= 0, pending[0], tokens)  # (N,)
-        hidden, rnn_state = self.step_hidden(tokens, tuple(rnn_state))
+        hidden, new_rnn_state = self.step_hidden(tokens, tuple(rnn_state))
         log_probs = torch.log_softmax(self.project(hidden).float(), dim=-1)  # (N, V)
         log_probs[:, self.eos_id] = float("-inf")
-        return log_probs, (*rnn_state, torch.full_like(pending, -1))
+        return log_probs, (*new_rnn_state, torch.full_like(pending, -1))
 
     @staticmethod
     def reorder_state(state: State, index: torch.Tensor) -> State:
