@@ -148,6 +148,8 @@ EXCEPTIONS = {
     "srun": "needs a SLURM cluster (a captioning-train inside is composed)",
     "mkdir": "creates the folders a container run binds",
 }
+# Commands cheap enough to run for real, verbatim (with these arguments added so that they write nothing).
+RUN_FOR_REAL = {"python tools/results_page.py": ["--check"]}
 ENTRY_POINTS = {"captioning-train": "config", "captioning.train": "config", "captioning-eval": "eval",
                 "captioning-predict": "predict", "captioning-sample": "sample"}
 
@@ -277,6 +279,10 @@ def test_every_documented_command_runs_or_composes(where, command, conf_with_loc
     if any(command.startswith(prefix) for prefix in EXCEPTIONS):
         return
     check_argparse_tool(words, conf_with_local)
+    if command in RUN_FOR_REAL:
+        done = subprocess.run([sys.executable, *words[1:], *RUN_FOR_REAL[command]], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_the_commands_are_found():
@@ -285,6 +291,8 @@ def test_the_commands_are_found():
     assert "captioning-train" in commands and "python -m pytest" in commands
     assert any(c.startswith("captioning-train -m hydra/launcher=slurm preset=coco") for c in commands)
     assert {w.split(":")[0] for w, _ in ALL_COMMANDS} >= {"README.md", "coco.md", "cluster.md", "decoding.md"}
+    unused = [prefix for prefix in EXCEPTIONS if not any(c.startswith(prefix) for c in commands)]
+    assert not unused, f"exceptions no documented command needs any more: {unused}"
 
 
 def test_the_quick_start_keeps_its_two_commands(tmp_path):
