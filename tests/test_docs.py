@@ -66,6 +66,25 @@ def test_every_record_belongs_to_an_entry_and_every_entry_has_its_record():
     assert listed - on_disk == set(), "entries whose record is missing"
 
 
+def test_records_kept_in_git_history_are_there():
+    results_page = load_tool("results_page")
+    refs = [ref for e in yaml_entries(results_page) for ref in e.get("records_in_git", [])]
+    assert refs
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for ref in refs:
+        found = subprocess.run(["git", "cat-file", "-e", ref], cwd=REPO, capture_output=True)
+        if found.returncode and b"Not a valid object name" in found.stderr and (REPO / ".git" / "shallow").exists():
+            pytest.skip("a shallow clone lacks the history")
+        assert found.returncode == 0, f"{ref}: not in git history"
+
+
+def yaml_entries(results_page) -> list[dict]:
+    import yaml
+
+    return yaml.safe_load(results_page.INDEX.read_text())["entries"]
+
+
 def test_the_page_follows_a_changed_record(tmp_path, monkeypatch):
     """Not a snapshot: change one figure in a record and the generated page shows the new one."""
     results_page = load_tool("results_page")

@@ -4,7 +4,8 @@
     python tools/results_page.py --check    # exit 1 if docs/results.md is not what the records give
 
 tools/results/index.yaml lists the entries: what was measured, its status (current or superseded, and by what),
-where its date, commit, machine and command come from, the record file, and the tables to draw from it. A value
+where its date, commit, machine and command come from, the record file (or, for a result whose record was
+replaced by a rerun, `records_in_git`: COMMIT:PATH), and the tables to draw from it. A value
 written "@a.b.c" is read from the entry's record at that key path; "@other.json:a.b.c" from another record in
 tools/results/. A table cell is such a path (without the "@"). tests/test_docs.py fails when the page and the
 records disagree, or when a file in tools/results/ belongs to no entry.
@@ -171,7 +172,8 @@ def entry_lines(entry: dict) -> list[str]:
     files = [record] + list(entry.get("also", [])) if record else list(entry.get("also", []))
     lines += ["", f"- date: {field(entry, 'date')}", f"- commit: {field(entry, 'commit')}",
               f"- machine: {field(entry, 'machine')}", f"- command: `{field(entry, 'command')}`",
-              "- record: " + ", ".join(f"`tools/results/{f}`" for f in files)]
+              "- record: " + ", ".join(f"`tools/results/{f}`" for f in files) if files else
+              "- record: in git history, " + ", ".join(f"`git show {ref}`" for ref in entry["records_in_git"])]
     if entry.get("note"):
         lines += ["", entry["note"].strip()]
     for table in entry.get("tables", []):
