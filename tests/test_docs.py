@@ -38,6 +38,11 @@ def test_the_site_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     for page in DOCS.glob("*.md"):
         assert (tmp_path / "site" / page.with_suffix(".html").name).is_file(), page.name
+    # the README is not part of the site: its links into docs/ are checked against the built pages
+    for target, anchor in re.findall(r"\]\(docs/([\w.-]+\.md)(?:#([\w-]+))?\)", (REPO / "README.md").read_text()):
+        html = tmp_path / "site" / target.replace(".md", ".html")
+        assert html.is_file(), f"README links to docs/{target}, which is not a page"
+        assert not anchor or f'id="{anchor}"' in html.read_text(), f"README: docs/{target}#{anchor} has no anchor"
 
 
 def test_a_broken_link_fails_the_build(tmp_path):
