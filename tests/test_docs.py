@@ -137,6 +137,21 @@ def test_the_stale_figures_are_gone():
     assert "0.772" in superseded and "0.168" in superseded  # kept, as superseded
 
 
+# -- the complete table of config groups ------------------------------------------------------------------------------
+@pytest.mark.parametrize("page", ["README.md", "docs/configuration.md"])
+def test_the_groups_table_lists_every_group_and_option(page):
+    text = (REPO / page).read_text()
+    rows = dict(re.findall(r"^\| `([\w/]+)` \| (.*) \|$", text, flags=re.M))
+    conf = REPO / "conf"
+    groups = {d.name: d for d in conf.iterdir() if d.is_dir() and d.name != "hydra"}
+    groups.update({f"hydra/{d.name}": d for d in (conf / "hydra").iterdir() if d.is_dir()})
+    for group, folder in sorted(groups.items()):
+        assert group in rows, f"{page}: no row for the config group {group}"
+        options = {f.name.split(".")[0] for f in folder.iterdir() if f.name.endswith((".yaml", ".yaml.example"))}
+        missing = sorted(o for o in options if f"`{o}`" not in rows[group])
+        assert not missing, f"{page}: group {group} misses options {missing}"
+
+
 # -- one rule for inverse_sigmoid_k -----------------------------------------------------------------------------------
 def test_the_inverse_sigmoid_k_table_is_what_the_configs_compose():
     from conftest import compose
