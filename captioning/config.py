@@ -86,7 +86,8 @@ def validate_data(cfg: DictConfig) -> None:
     _choice(cfg, "data.name", ("synthetic", "coco"))
     if cfg.data.name == "coco":
         _require(OmegaConf.select(cfg, "data.root", throw_on_missing=False) not in (None, "???"), "data.root",
-                 "must be set for data=coco (the COCO folder; check it with tools/check_coco.py)", None)
+                 "must be set for data=coco (the COCO folder: data.root=PATH, or coco_root in conf/local/default.yaml; "
+                 "check it with tools/check_coco.py)", None)
     for key in ("image_size", "captions_per_image", "max_len", "batch_size", "eval_batch_size"):
         _positive_int(cfg, f"data.{key}")
     _positive_int(cfg, "data.resize_size", allow_none=True)
