@@ -182,7 +182,7 @@ EXCEPTIONS = {
     "pip install": "installs packages from the network; the extras it names are checked against pyproject.toml",
     "python -m pytest": "the test suite itself",
     "mkdocs build": "run by test_the_site_builds_strictly",
-    "docker": "needs a Docker engine; tests/test_docker.py lints the Dockerfile (a captioning-train inside is composed)",
+    "docker": "needs a Docker engine; tests/test_docker.py lints the Dockerfile (a captioning-train in it is composed)",
     "apptainer": "needs Apptainer and a built image (a captioning-train inside is composed)",
     "srun": "needs a SLURM cluster (a captioning-train inside is composed)",
     "mkdir": "creates the folders a container run binds",
