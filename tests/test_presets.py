@@ -1,5 +1,5 @@
-"""Every COCO command of the README, composed as Hydra would: the COCO preset's lengths, and a schedule that
-really decays (epsilon at the last step below 0.9)."""
+"""Every COCO command of the README and the docs pages, composed as Hydra would: the COCO preset's lengths, and a
+schedule that really decays (epsilon at the last step below 0.9)."""
 from __future__ import annotations
 
 import itertools
@@ -12,14 +12,17 @@ import pytest
 from captioning.schedules import build_schedule_from_config
 from conftest import compose
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REPO = Path(__file__).resolve().parent.parent
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval
 
 
 def readme_coco_commands() -> list[str]:
-    text = README.read_text().replace("\\\n", " ")
-    return [line.strip() for line in text.splitlines()
-            if re.search(r"(captioning-train|captioning\.train)\b", line) and "coco" in line]
+    """The COCO training commands of README.md and docs/*.md."""
+    text = "\n".join(page.read_text() for page in PAGES).replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()
+             if re.search(r"(captioning-train|captioning\.train)\b", line) and "coco" in line]
+    return list(dict.fromkeys(lines))  # a command shown on two pages is composed once
 
 
 def runs_of(command: str) -> list[list[str]]:

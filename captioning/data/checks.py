@@ -19,7 +19,8 @@ def validate_data(cfg: DictConfig) -> None:
                 "must name a function of the data config that returns the data folder", cfg.data.generator)
     if cfg.data.name == "coco":
         require(OmegaConf.select(cfg, "data.root", throw_on_missing=False) not in (None, "???"), "data.root",
-                "must be set for data=coco (the COCO folder; check it with tools/check_coco.py)", None)
+                "must be set for data=coco (the COCO folder: data.root=PATH, or coco_root in conf/local/default.yaml; "
+                "check it with tools/check_coco.py)", None)
     for key in ("image_size", "captions_per_image", "max_len", "batch_size", "eval_batch_size"):
         positive_int(cfg, f"data.{key}")
     positive_int(cfg, "data.resize_size", allow_none=True)
