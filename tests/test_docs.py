@@ -290,8 +290,12 @@ def check_argparse_tool(words: list[str], conf: Path) -> None:
     else:
         assert words[0] == "python" and words[1].startswith("tools/"), f"not a documented kind of command: {words}"
         source, args = REPO / words[1], words[2:]
-    assert source.is_file(), source
-    text = source.read_text()
+    if source.is_dir():  # a tool package run by its folder (tools/fault_campaign): its __main__ and modules
+        assert (source / "__main__.py").is_file(), source
+        text = "\n".join(path.read_text() for path in sorted(source.glob("*.py")))
+    else:
+        assert source.is_file(), source
+        text = source.read_text()
     for option in (a.split("=")[0] for a in args if a.startswith("--") and a != "--"):
         assert f'"{option}"' in text, f"{source.name} has no option {option}"
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
