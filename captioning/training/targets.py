@@ -130,7 +130,7 @@ class ReferenceTable:
                 self.lengths[i, r] = len(caption)
 
     @classmethod
-    def from_records(cls, records, vocab, max_len: int) -> "ReferenceTable":
+    def from_records(cls, records, vocab, max_len: int) -> ReferenceTable:
         table: dict[int, list[list[int]]] = {}
         for record in records:
             for caption in record.captions:
