@@ -19,7 +19,7 @@ from captioning.schedules import build_schedule, build_schedule_from_config
 from captioning.training.objectives import CrossEntropyObjective, shift_right
 from captioning.training.targets import (INVALID_SHARE, ReferenceTable, SceneTargets, TrainingTargets,
                                          after_model_token, optimal_completion_sets, prefix_on_reference)
-from conftest import compose
+from conftest import compose, tiny_overrides
 
 EOS = 2
 
@@ -286,6 +286,26 @@ def test_the_invalid_share_by_the_scene_oracle():
     logits = torch.zeros(2, steps, len(vocab))
     _, stats = option(logits, targets, inputs, fed, use_truth, torch.tensor([image_id, image_id]))
     assert stats[INVALID_SHARE].item() == pytest.approx(expected_invalid / model_fed)
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("targets", [["schedule.targets=optimal_completion"],
+                                     ["schedule.targets=oracle", "schedule.oracle_untrue=mask"]])
+def test_a_tiny_run_trains_with_the_targets_and_logs_the_invalid_share(tiny_data_root, tmp_path, targets):
+    """On-policy after a teacher-forced warm-up (always_sampling, warmup_steps=2): the share is 0 during the warm-up
+    and logged after it, on the scenes by the oracle."""
+    from captioning.loggers.jsonl import read_jsonl
+    from captioning.training.recipe import train
+
+    overrides = tiny_overrides(tiny_data_root) + ["schedule=always_sampling", "schedule.warmup_steps=2", *targets,
+                                                  "trainer.max_steps=6", "trainer.log_every_n_steps=1",
+                                                  "trainer.scoring=deferred", "trainer.evaluate_after_training=false"]
+    train(compose(overrides), tmp_path)
+    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    shares = {r["step"]: r["train/reference_target_invalid_share"] for r in records}
+    assert sorted(shares) == list(range(1, 7))
+    assert shares[1] == shares[2] == 0.0 and all(0.0 < shares[s] <= 1.0 for s in range(3, 7))
+    assert all(r["train/loss"] == r["train/loss"] for r in records)  # finite, not NaN
 
 
 # -- the config --------------------------------------------------------------------------------------------
