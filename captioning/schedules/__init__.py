@@ -1,11 +1,15 @@
 """Teacher-forcing probability schedules (scheduled sampling, Bengio et al. 2015)."""
 
 from captioning.schedules.schedules import (
+    DECAYING,
     GRANULARITIES,
     MODES,
+    ORACLE_UNTRUE,
     SAMPLING_OPTION_KEYS,
     SCHEDULE_NAMES,
     SCHEDULE_PARAM_KEYS,
+    TARGET_OPTION_KEYS,
+    TARGETS,
     TOKEN_SOURCES,
     UNITS,
     TeacherForcingSchedule,
@@ -14,16 +18,21 @@ from captioning.schedules.schedules import (
     config_keys,
     sampling_options_from_config,
     schedule_values,
+    target_options_from_config,
     validate_sampling_options,
     validate_schedule_params,
 )
 
 __all__ = [
+    "DECAYING",
     "GRANULARITIES",
     "MODES",
+    "ORACLE_UNTRUE",
     "SAMPLING_OPTION_KEYS",
     "SCHEDULE_NAMES",
     "SCHEDULE_PARAM_KEYS",
+    "TARGET_OPTION_KEYS",
+    "TARGETS",
     "TOKEN_SOURCES",
     "UNITS",
     "TeacherForcingSchedule",
@@ -32,6 +41,7 @@ __all__ = [
     "config_keys",
     "sampling_options_from_config",
     "schedule_values",
+    "target_options_from_config",
     "validate_sampling_options",
     "validate_schedule_params",
 ]

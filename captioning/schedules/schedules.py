@@ -14,6 +14,12 @@ Kinds (config key `schedule.name`), with i the schedule index defined below:
     linear            eps_i = max(eps_min, k - c * i)   0 < k <= 1 (default 1), c > 0, 0 <= eps_min <= k
     exponential       eps_i = max(eps_min, k ** i)      0 < k < 1, 0 <= eps_min <= 1 (default 0)
 
+Floor: the decaying kinds (inverse_sigmoid, linear, exponential) also take `min_teacher_forcing_prob`
+(default 0), applied after the decay: eps_i = max(min_teacher_forcing_prob, the kind's eps_i). The published
+recipes keep epsilon high (the most used captioning repository caps the model-token share at 0.25, i.e.
+eps >= 0.75); `eps_min` is the same idea inside the linear and exponential formulas, the floor gives every
+decaying kind one name for it.
+
 The schedule index i counts optimizer steps (mini-batches), as in the paper, when `unit="step"`,
 or epochs (0-based epoch index) when `unit="epoch"`.
 
@@ -23,7 +29,13 @@ from its own beginning: i = max(0, position - N). So a warmed-up inverse_sigmoid
 k / (k + 1) at position N, exactly as an un-warmed one does at position 0, rather than jumping to
 whatever value it would have reached at position N. (Note that inverse_sigmoid starts at
 k / (k + 1) < 1, so there is a small drop from 1 at the end of warm-up.) With always_sampling a
-warm-up gives "teacher forcing for N units, then always sample".
+warm-up gives "teacher forcing for N units, then always sample". The floor applies after the warm-up.
+
+Targets (`schedule.targets`, validated here beside the schedule; computed in captioning.training.targets):
+what the loss asks for after the prefix that was fed. `reference` (the paper): the reference's next word;
+`optimal_completion` (Sabour et al. 2019, over all of an image's references); `oracle` (synthetic scenes:
+the scene oracle's true next words; `schedule.oracle_untrue` = repair | mask says what it asks once the
+fed prefix is untrue).
 """
 
 from __future__ import annotations
@@ -50,12 +62,16 @@ _SHAPE_PARAMS: dict[str, tuple[str, ...]] = {
     "linear": ("k", "c", "eps_min"),
     "exponential": ("k", "eps_min"),
 }
-SCHEDULE_PARAM_KEYS = ("k", "c", "eps_min", "p", "unit", "warmup_steps")
+SCHEDULE_PARAM_KEYS = ("k", "c", "eps_min", "p", "unit", "warmup_steps", "min_teacher_forcing_prob")
+DECAYING = ("inverse_sigmoid", "linear", "exponential")  # the kinds that take min_teacher_forcing_prob
 
 TOKEN_SOURCES = ("sample", "argmax", "uniform")
 GRANULARITIES = ("token", "sequence")
 MODES = ("exact", "parallel")
 SAMPLING_OPTION_KEYS = ("token_source", "granularity", "temperature", "mode")
+TARGETS = ("reference", "optimal_completion", "oracle")
+ORACLE_UNTRUE = ("repair", "mask")
+TARGET_OPTION_KEYS = ("targets", "oracle_untrue")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -91,8 +107,11 @@ def _resolve_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
             )
         if key in ("unit", "warmup_steps") or key in _SHAPE_PARAMS[name]:
             continue
+        if key == "min_teacher_forcing_prob" and name in DECAYING:
+            continue
         if value is not None:
-            used = ", ".join(_SHAPE_PARAMS[name]) or "none"
+            used = ", ".join(_SHAPE_PARAMS[name] + (("min_teacher_forcing_prob",) if name in DECAYING else ()))
+            used = used or "none"
             raise ValueError(
                 f"schedule.{key} is not used by {name} and must be null "
                 f"(got {value!r}; {name} uses: {used})"
@@ -108,7 +127,13 @@ def _resolve_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"schedule.warmup_steps must be an integer >= 0 (got {warmup!r})")
 
     out: dict[str, Any] = {"k": None, "c": None, "eps_min": None, "p": None,
-                           "unit": unit, "warmup_steps": warmup}
+                           "unit": unit, "warmup_steps": warmup, "min_teacher_forcing_prob": None}
+    if name in DECAYING:
+        floor = params.get("min_teacher_forcing_prob")
+        floor = 0.0 if floor is None else _number("min_teacher_forcing_prob", floor, name)
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"schedule.min_teacher_forcing_prob must be in [0, 1] (got {floor})")
+        out["min_teacher_forcing_prob"] = floor
     k, c, eps_min, p = (params.get(key) for key in ("k", "c", "eps_min", "p"))
 
     if name == "constant":
@@ -201,6 +226,7 @@ class TeacherForcingSchedule:
     p: float | None = None
     unit: str = "step"
     warmup_steps: int = 0
+    min_teacher_forcing_prob: float | None = None
 
     def __post_init__(self) -> None:
         # Validate here too so that direct construction cannot bypass the checks; store defaults.
@@ -209,7 +235,12 @@ class TeacherForcingSchedule:
             object.__setattr__(self, key, value)
 
     def prob_at(self, i: int) -> float:
-        """eps_i at schedule index i (after warm-up has been removed)."""
+        """eps_i at schedule index i (after warm-up has been removed), floored at min_teacher_forcing_prob."""
+        if self.name in DECAYING:
+            return max(self.min_teacher_forcing_prob, self._decay_at(i))
+        return self._decay_at(i)
+
+    def _decay_at(self, i: int) -> float:
         if self.name == "teacher_forcing":
             return 1.0
         if self.name == "always_sampling":
@@ -259,12 +290,14 @@ class TeacherForcingSchedule:
         else:
             formula = (f"teacher_forcing_prob = max(eps_min, k ** i), k = {self.k:g}, "
                        f"eps_min = {self.eps_min:g}")
+        if self.min_teacher_forcing_prob:
+            formula += f", floored at min_teacher_forcing_prob = {self.min_teacher_forcing_prob:g}"
         return f"{self.name}: {formula}; {index}"
 
 
 def build_schedule(name: str, **params: Any) -> TeacherForcingSchedule:
-    """Validate and build a schedule. params: k, c, eps_min, p, unit ("step"|"epoch"), warmup_steps;
-    keys the kind does not use may be passed as None."""
+    """Validate and build a schedule. params: k, c, eps_min, p, unit ("step"|"epoch"), warmup_steps,
+    min_teacher_forcing_prob (decaying kinds); keys the kind does not use may be passed as None."""
     return TeacherForcingSchedule(name=name, **_resolve_params(name, params))
 
 
@@ -272,11 +305,25 @@ SAMPLING_DEFAULTS = {"token_source": "sample", "granularity": "token", "temperat
 
 
 def config_keys(name: str) -> tuple[str, ...]:
-    """The keys a `schedule` config of kind `name` may hold: its shape parameters and, unless it is plain
-    teacher forcing (which never feeds the model's tokens), unit, warm-up and the sampling options."""
+    """The keys a `schedule` config of kind `name` may hold: its shape parameters, `targets` and, unless it is
+    plain teacher forcing (which never feeds the model's tokens), the floor (decaying kinds), unit, warm-up, the
+    sampling options and `oracle_untrue`."""
     if name == "teacher_forcing":
-        return ("name",)
-    return ("name", *_SHAPE_PARAMS[name], "unit", "warmup_steps", *SAMPLING_OPTION_KEYS)
+        return ("name", "targets")
+    floor = ("min_teacher_forcing_prob",) if name in DECAYING else ()
+    return ("name", *_SHAPE_PARAMS[name], *floor, "unit", "warmup_steps", *SAMPLING_OPTION_KEYS,
+            *TARGET_OPTION_KEYS)
+
+
+def target_options_from_config(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """targets, oracle_untrue of a `schedule` config (reference, repair where it has none), validated: one-line
+    errors naming the key."""
+    targets, untrue = cfg.get("targets", "reference"), cfg.get("oracle_untrue", "repair")
+    if targets not in TARGETS:
+        raise ValueError(f"schedule.targets must be one of {', '.join(TARGETS)} (got {targets!r})")
+    if untrue not in ORACLE_UNTRUE:
+        raise ValueError(f"schedule.oracle_untrue must be one of {', '.join(ORACLE_UNTRUE)} (got {untrue!r})")
+    return {"targets": targets, "oracle_untrue": untrue}
 
 
 def sampling_options_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,6 +345,7 @@ def build_schedule_from_config(cfg: Mapping[str, Any]) -> TeacherForcingSchedule
         raise ValueError(f"{', '.join('schedule.' + k for k in unknown)}: not a key of schedule {name} "
                          f"(its keys: {', '.join(config_keys(name))})")
     sampling_options_from_config(cfg)
+    target_options_from_config(cfg)
     return build_schedule(name, **{key: cfg[key] for key in SCHEDULE_PARAM_KEYS if key in cfg})
 
 

@@ -194,7 +194,7 @@ class SelfCriticalObjective(nn.Module):
         """images (B, 3, H, W) or features (B, F), targets (B, C, T) (used before start_step only), image_ids (B,)
         -> loss, stats."""
         if not self_critical:
-            return self.warm_up(images, targets, teacher_forcing_prob=teacher_forcing_prob)
+            return self.warm_up(images, targets, teacher_forcing_prob=teacher_forcing_prob, image_ids=image_ids)
         if image_ids is None:
             raise ValueError("objective=self_critical needs the batch's image_ids (its references give the reward)")
         model, s = self.model, self.samples_per_image
