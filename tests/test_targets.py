@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from captioning.config import ConfigError, validate_train_config
-from captioning.data.scene_grammar import SceneOracle, tokenize
-from captioning.data.synthetic import caption_scene, sample_scene
+from captioning.scenes.grammar import SceneOracle, tokenize
+from captioning.scenes.generator import caption_scene, sample_scene
 from captioning.data.vocab import SPECIALS, Vocabulary
 from captioning.models.captioner import Captioner
 from captioning.models.decoder import RNNDecoder

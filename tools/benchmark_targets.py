@@ -5,7 +5,7 @@
 A benchmark, not a test: run it on a quiet machine. Sizes default to the synthetic defaults (conf/model/show_tell,
 conf/data/synthetic): embedding and hidden 256, one LSTM layer, batches of 25 images x 5 captions of up to 16 words
 (+ <eos>), cached image features of --feature-dim (the CNN is not timed). The scenes, their 5 true captions and the
-vocabulary are generated in memory by the scene generator (captioning.data.synthetic), so the oracle judges real
+vocabulary are generated in memory by the scene generator (captioning.scenes.generator), so the oracle judges real
 scene grammar. Entries (one optimizer step each: forward, targets, backward, Adam):
 
     teacher_forcing          teacher_forcing_prob 1 (the plain fused pass)
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from captioning.data.scene_grammar import tokenize
-from captioning.data.synthetic import caption_scene, sample_scene
+from captioning.scenes.grammar import tokenize
+from captioning.scenes.generator import caption_scene, sample_scene
 from captioning.data.vocab import Vocabulary
 from captioning.models.captioner import Captioner
 from captioning.models.decoder import RNNDecoder

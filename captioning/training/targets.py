@@ -282,7 +282,7 @@ def build_training_targets(cfg, records, vocab) -> TrainingTargets | None:
     training records and vocabulary, where only reference targets are possible)."""
     from omegaconf import OmegaConf
 
-    from captioning.data import build as data_build
+    from captioning.scenes.generator import load_scene_truth
     from captioning.schedules import target_options_from_config
 
     schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
@@ -294,7 +294,7 @@ def build_training_targets(cfg, records, vocab) -> TrainingTargets | None:
             raise ValueError(f"schedule.targets={options['targets']}: needs the training records and vocabulary")
         return None
     data = OmegaConf.select(cfg, "data")
-    scenes = data_build.load_scene_truth(data) if data is not None else None
+    scenes = load_scene_truth(data) if data is not None else None
     scene_targets = SceneTargets(scenes, vocab) if scenes is not None else None
     needs_references = (options["targets"] == "optimal_completion" or scene_targets is None
                         or (options["targets"] == "oracle" and options["oracle_untrue"] == "repair"))
