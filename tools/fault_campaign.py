@@ -92,21 +92,22 @@ def install(spec):
 
     import torch
 
-    from captioning.training import recipe
+    from captioning.training import engine
+    from captioning.training.caption_task import CaptionTask
 
     def trace(**event):
         if spec.get("trace"):
             with open(spec["trace"], "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "time": time.time(), **event}) + "\n")
 
-    real_save_checkpoint = recipe.save_checkpoint
+    real_save_checkpoint = engine.save_checkpoint
 
     def traced_save_checkpoint(checkpoint, path, keep_previous=False):
         written = real_save_checkpoint(checkpoint, path, keep_previous=keep_previous)
         trace(event="saved", name=os.path.basename(str(path)), step=int(checkpoint["step"]))
         return written
 
-    recipe.save_checkpoint = traced_save_checkpoint
+    engine.save_checkpoint = traced_save_checkpoint
 
     class SignalHalfway:
         """A file that sends SIGTERM to this process once about half of `expected` bytes went through it."""
@@ -158,31 +159,31 @@ def install(spec):
 
     torch.save = torch_save
 
-    real_train_step = recipe.train_step
+    real_train_step = CaptionTask.step
     started = {"done": False}
 
-    def train_step(state, batch):
-        step = state.progress.step + 1
+    def train_step(task, run, batch):
+        step = run.progress.step + 1
         if not started["done"]:
             started["done"] = True
             trace(event="training", step=step)
         if step == spec.get("sigterm_at_step"):
             os.kill(os.getpid(), signal.SIGTERM)
         if step != spec.get("nan_at_step"):
-            return real_train_step(state, batch)
-        forward = state.train_forward
+            return real_train_step(task, run, batch)
+        forward = task.train_forward
 
         def nan_forward(*args, **kwargs):
             loss, stats = forward(*args, **kwargs)
             return loss * float("nan"), stats
 
-        state.train_forward = nan_forward
+        task.train_forward = nan_forward
         try:
-            return real_train_step(state, batch)
+            return real_train_step(task, run, batch)
         finally:
-            state.train_forward = forward
+            task.train_forward = forward
 
-    recipe.train_step = train_step
+    CaptionTask.step = train_step
 
 
 if SPEC:
