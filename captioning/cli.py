@@ -15,7 +15,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     run folder that cannot take a checkpoint and a diverged run end the same way (exit 2, one message)."""
     from captioning.metrics.java import JavaMissingError
     from captioning.runtime.checkpoint import CheckpointWriteError
-    from captioning.training.recipe import NonFiniteLossError
+    from captioning.training.engine import NonFiniteLossError
 
     return (ValueError, FileNotFoundError, JavaMissingError, CheckpointWriteError, NonFiniteLossError)
 

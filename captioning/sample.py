@@ -33,9 +33,9 @@ def decoder_params(cfg: DictConfig) -> tuple[str, dict]:
 def sample_text(cfg: DictConfig) -> list[dict]:
     import torch
 
+    from captioning.evaluation.text import generate_text
     from captioning.models.language_model import load_language_model
     from captioning.runtime.distributed import pick_device
-    from captioning.training.language_model import generate_text
 
     missing = OmegaConf.missing_keys(cfg)
     if missing:

@@ -1,6 +1,5 @@
 """`captioning-train` (= `python -m captioning.train`): Hydra around the plain `train(cfg, run_dir)` of
-captioning.training.tasks (task=caption: the recipe; task=lm: the language model). Nothing imports this
-module."""
+captioning.training.recipe (which runs the configured task). Nothing imports this module."""
 from __future__ import annotations
 
 import hydra
@@ -8,7 +7,7 @@ from omegaconf import DictConfig
 
 from captioning.cli import exit_on_user_error
 from captioning.config import config_dir, register_resolvers
-from captioning.training.tasks import train
+from captioning.training.recipe import train
 
 register_resolvers()  # ${run_folder:} in hydra.run.dir (also where a launcher unpickles _hydra_main)
 

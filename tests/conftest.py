@@ -60,16 +60,16 @@ def compose(overrides: list[str] = (), config_name: str = "config", return_hydra
 def signal_during_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
     """The process receives `signum` during optimizer step `step` (1-based), as SLURM would send it: the run
     finishes that step, then saves and stops. Undone by monkeypatch at the end of the test."""
-    from captioning.training import recipe
+    from captioning.training.caption_task import CaptionTask
 
-    original = recipe.train_step
+    original = CaptionTask.step
 
-    def step_with_signal(state, batch):
-        if state.progress.step + 1 == step:
+    def step_with_signal(task, run, batch):
+        if run.progress.step + 1 == step:
             os.kill(os.getpid(), signum)
-        return original(state, batch)
+        return original(task, run, batch)
 
-    monkeypatch.setattr(recipe, "train_step", step_with_signal)
+    monkeypatch.setattr(CaptionTask, "step", step_with_signal)
 
 
 def preempt_run_during_step(monkeypatch, cfg, run_dir: Path, step: int) -> dict:

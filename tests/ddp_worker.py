@@ -70,7 +70,7 @@ def run_training(out_dir: Path, overrides: list[str]) -> tuple[dict, int]:
     import captioning.evaluation.captions as inference
     from captioning.data.dataset import TrainCaptionDataset
     from captioning.runtime import distributed as dist_utils
-    from captioning.training import recipe
+    from captioning.training import caption_task, recipe
 
     rank = int(os.environ["RANK"])
     report = {"rank": rank, "train_keys": [], "reduced": [], "decoded_shards": []}
@@ -96,25 +96,25 @@ def run_training(out_dir: Path, overrides: list[str]) -> tuple[dict, int]:
         return eval_dataset(shard, cfg_data)
 
     models = []
-    build_captioner = recipe.build_captioner
+    build_captioner = caption_task.build_captioner
 
     def spy_build_captioner(*args, **kwargs):
         models.append(build_captioner(*args, **kwargs))
         return models[-1]
 
-    train_step = recipe.train_step
+    train_step = caption_task.CaptionTask.step
     signal_rank, signal_at = (int(v) for v in os.environ.get("DDP_WORKER_SIGTERM", "-1:-1").split(":"))
 
-    def step_maybe_signal(state, batch):
-        if rank == signal_rank and state.progress.step + 1 == signal_at:
+    def step_maybe_signal(task, run, batch):
+        if rank == signal_rank and run.progress.step + 1 == signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(state, batch)
+        return train_step(task, run, batch)
 
     TrainCaptionDataset.__getitem__ = spy_get_item
     dist_utils.all_reduce_mean = spy_all_reduce_mean
     inference.eval_dataset = spy_eval_dataset
-    recipe.build_captioner = spy_build_captioner
-    recipe.train_step = step_maybe_signal
+    caption_task.build_captioner = spy_build_captioner
+    caption_task.CaptionTask.step = step_maybe_signal
 
     summary = recipe.train(compose(overrides), out_dir / f"run_rank{rank}")
     report["summary"] = {k: v for k, v in summary.items() if k != "test"}

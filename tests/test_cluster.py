@@ -45,7 +45,7 @@ def test_an_sbatch_shell_of_several_tasks_says_to_use_srun_instead_of_hanging():
 
 
 def test_the_training_entry_point_reports_it(tiny_data_root, tmp_path, monkeypatch):
-    from captioning.training.recipe import setup
+    from captioning.training.caption_task import setup
     from conftest import compose, tiny_overrides
 
     for key, value in SBATCH_SHELL.items():

@@ -124,16 +124,16 @@ def test_the_launcher_exits_at_start_up_naming_a_missing_hook_point(tmp_path):
     """A copy of launcher.py whose table names a function the library does not have: one line, its own exit code,
     before any training."""
     source = (REPO / "tools" / "fault_campaign" / "launcher.py").read_text()
-    entry = '("captioning.training.recipe", "train_step", '
+    entry = '("captioning.training.caption_task", "CaptionTask.step", '
     assert source.count(entry) == 1
     copy = tmp_path / "launcher.py"
-    copy.write_text(source.replace(entry, '("captioning.training.recipe", "train_step_renamed", '))
+    copy.write_text(source.replace(entry, '("captioning.training.caption_task", "CaptionTask.step_renamed", '))
     result = subprocess.run(
         [sys.executable, str(copy), f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == launcher.HOOK_MISSING_EXIT_CODE, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "fault launcher: missing hook point(s) captioning.training.recipe.train_step_renamed: update HOOKS in "
-        "tools/fault_campaign/launcher.py"
+        "fault launcher: missing hook point(s) captioning.training.caption_task.CaptionTask.step_renamed: update HOOKS "
+        "in tools/fault_campaign/launcher.py"
     ]
     assert not (tmp_path / "run").exists()

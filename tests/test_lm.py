@@ -12,6 +12,7 @@ from captioning.config import ConfigError, validate_train_config
 from captioning.data.dataset import BadInputError
 from captioning.data.text_corpus import (TokenStreams, build_corpus, read_text_file, tokenize,
                                          unigram_entropy_bits)
+from captioning.evaluation.text import evaluate_text, generate_text
 from captioning.loggers.jsonl import read_jsonl
 from captioning.models.decoder import RNNDecoder
 from captioning.models.language_model import LanguageModel, load_language_model
@@ -19,7 +20,7 @@ from captioning.runtime.checkpoint import load_checkpoint
 from captioning.runtime.preemption import PREEMPTION_EXIT_CODE
 from captioning.scenes.generator import embedded_text
 from captioning.training import language_model as lm
-from captioning.training.tasks import train
+from captioning.training.recipe import train
 from conftest import compose, requires_java, tiny_overrides
 
 TEXT = "the cat sat on the mat.\nA dog ran to the red box!\n" * 5  # 245 characters
@@ -58,8 +59,8 @@ def test_carrying_the_state_over_chunks_equals_one_pass_over_the_stream(cell, nu
     torch.testing.assert_close(torch.cat(pieces, 1), whole)
     # The evaluation reads streams the same way: its figures do not depend on the chunk length either.
     text = torch.randint(4, 12, (150,))
-    covering = lm.evaluate_text(model, text, "char", 3, 150, torch.device("cpu"))
-    chunked = lm.evaluate_text(model, text, "char", 3, 7, torch.device("cpu"))
+    covering = evaluate_text(model, text, "char", 3, 150, torch.device("cpu"))
+    chunked = evaluate_text(model, text, "char", 3, 7, torch.device("cpu"))
     assert chunked["bpc"] == pytest.approx(covering["bpc"], rel=1e-6)
 
 
@@ -110,25 +111,25 @@ def test_sampling_at_temperature_to_zero_equals_greedy_and_beam_of_one():
     corpus = build_corpus(TEXT, _text_cfg(), "TEXT")
     torch.manual_seed(0)
     model = LanguageModel(RNNDecoder(len(corpus.vocab), 8, 16)).eval()
-    greedy, _ = lm.generate_text(model, corpus.vocab, "char", "the ", 30, "greedy")
+    greedy, _ = generate_text(model, corpus.vocab, "char", "the ", 30, "greedy")
     for seed in range(3):
-        cold, _ = lm.generate_text(model, corpus.vocab, "char", "the ", 30, "sample", seed=seed, temperature=1e-4)
+        cold, _ = generate_text(model, corpus.vocab, "char", "the ", 30, "sample", seed=seed, temperature=1e-4)
         assert cold == greedy
-    beam, _ = lm.generate_text(model, corpus.vocab, "char", "the ", 30, "beam", beam_size=1)
+    beam, _ = generate_text(model, corpus.vocab, "char", "the ", 30, "beam", beam_size=1)
     assert beam == greedy and greedy[0].startswith("the ") and len(greedy[0]) == 34
-    hot = {lm.generate_text(model, corpus.vocab, "char", "the ", 30, "sample", seed=s, temperature=1.5)[0][0]
+    hot = {generate_text(model, corpus.vocab, "char", "the ", 30, "sample", seed=s, temperature=1.5)[0][0]
            for s in range(3)}
     assert len(hot) > 1  # not vacuous: a warm sample does vary
-    _, unknown = lm.generate_text(model, corpus.vocab, "char", "the ~", 5, "greedy")
+    _, unknown = generate_text(model, corpus.vocab, "char", "the ~", 5, "greedy")
     assert unknown == ["~"]
 
 
 # -- end to end: train, validate, resume, sample -------------------------------------------------------------------
 def test_char_run_trains_logs_bpc_and_samples(text_file, tmp_path, monkeypatch):
     seen = []
-    original = lm.lm_train_step
-    monkeypatch.setattr(lm, "lm_train_step", lambda state, batch: (seen.append(batch["targets"]),
-                                                                   original(state, batch)))
+    original = lm.LanguageModelTask.step
+    monkeypatch.setattr(lm.LanguageModelTask, "step", lambda task, run, batch: (seen.append(batch["targets"]),
+                                                                                original(task, run, batch)))
     cfg = compose(lm_overrides(text_file, "trainer.max_steps=null", "trainer.max_epochs=1", "model.decoder.cell=gru"))
     summary = train(cfg, tmp_path / "run")
     corpus = build_corpus(TEXT, cfg.data, "TEXT")
@@ -158,7 +159,7 @@ def test_word_run_reports_perplexity(text_file, tmp_path):
     summary = train(cfg, tmp_path)
     assert summary["test"]["test/perplexity"] == pytest.approx(math.exp(summary["test"]["test/loss"]))
     model, vocab, _, _ = load_language_model(tmp_path / "checkpoints" / "best.pt", torch.device("cpu"))
-    texts, _ = lm.generate_text(model, vocab, "word", "the cat", 5, "beam", beam_size=3, num_samples=2)
+    texts, _ = generate_text(model, vocab, "word", "the cat", 5, "beam", beam_size=3, num_samples=2)
     assert len(texts) == 2 and all(t.startswith("the cat") for t in texts)
 
 
@@ -182,26 +183,26 @@ def test_resume_after_preemption_or_a_kill_equals_a_straight_run(text_file, tmp_
     import os
     import signal
 
-    original = lm.lm_train_step
+    original = lm.LanguageModelTask.step
 
     def interrupted(signum=None, crash_at=None):
-        def step(state, batch):
-            if state.progress.step + 1 == crash_at:
+        def step(task, run, batch):
+            if run.progress.step + 1 == crash_at:
                 raise RuntimeError("killed")
-            if signum and state.progress.step + 1 == 4:
+            if signum and run.progress.step + 1 == 4:
                 os.kill(os.getpid(), signum)
-            return original(state, batch)
+            return original(task, run, batch)
         return step
 
     with monkeypatch.context() as patch:  # a SIGTERM during step 4: saves after it, exits for the requeue
-        patch.setattr(lm, "lm_train_step", interrupted(signum=signal.SIGTERM))
+        patch.setattr(lm.LanguageModelTask, "step", interrupted(signum=signal.SIGTERM))
         first = train(compose(overrides), tmp_path / "preempted")
     assert first["preempted"] and first["exit_code"] == PREEMPTION_EXIT_CODE and first["steps"] == 4
     assert load_checkpoint(tmp_path / "preempted" / "checkpoints" / "last.pt")["lm_carry"] is not None
     assert train(compose(overrides), tmp_path / "preempted")["steps"] == 10
 
     with monkeypatch.context() as patch:  # a crash at step 8: last.pt is from step 7 (checkpoint_every_n_steps)
-        patch.setattr(lm, "lm_train_step", interrupted(crash_at=8))
+        patch.setattr(lm.LanguageModelTask, "step", interrupted(crash_at=8))
         with pytest.raises(RuntimeError, match="killed"):
             train(compose(overrides + ["trainer.checkpoint_every_n_steps=7"]), tmp_path / "killed")
     assert load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["step"] == 7

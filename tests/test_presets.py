@@ -59,15 +59,15 @@ def test_each_readme_coco_command_trains_at_coco_length_with_a_decaying_schedule
 def test_a_schedule_that_ends_near_one_warns_at_start_up(tiny_data_root, tmp_path, caplog):
     import logging
 
-    from captioning.training.recipe import setup
+    from captioning.training.caption_task import setup
     from conftest import tiny_overrides
 
     with caplog.at_level(logging.WARNING):
         setup(compose(tiny_overrides(tiny_data_root) + ["trainer.scoring=deferred", "experiment=scheduled_sampling"]),
-              tmp_path)
+              tmp_path).close()
     assert any("almost pure teacher forcing" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         setup(compose(tiny_overrides(tiny_data_root) + ["trainer.scoring=deferred", "experiment=scheduled_sampling",
-                                                          "inverse_sigmoid_k=2"]), tmp_path)
+                                                          "inverse_sigmoid_k=2"]), tmp_path).close()
     assert not any("almost pure teacher forcing" in r.getMessage() for r in caplog.records)

@@ -10,10 +10,12 @@ import math
 import pytest
 import torch
 
+from captioning.evaluation import validation
 from captioning.runtime.checkpoint import CheckpointWriteError, load_checkpoint, previous_path
-from captioning.training import recipe
+from captioning.training import engine
+from captioning.training.engine import NonFiniteLossError
 from captioning.training.objectives import CrossEntropyObjective
-from captioning.training.recipe import NonFiniteLossError, train
+from captioning.training.recipe import train
 from conftest import compose, preempt_run_during_step, tiny_overrides
 
 DEFERRED = ["trainer.scoring=deferred", "trainer.evaluate_after_training=false", "trainer.log_every_n_steps=1"]
@@ -94,14 +96,14 @@ def test_one_nonfinite_step_is_skipped_and_counted(tiny_data_root, tmp_path, mon
 
     monkeypatch.setattr(CrossEntropyObjective, "forward", nan_at_third)
     weights = {}
-    original_step = recipe.apply_update_if
+    original_step = engine.apply_update_if
 
-    def spy(state, finite):
-        before = [p.detach().clone() for p in state.model.parameters()]
-        original_step(state, finite)
-        weights[state.progress.step + 1] = all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
+    def spy(run, finite):
+        before = [p.detach().clone() for p in run.model.parameters()]
+        original_step(run, finite)
+        weights[run.progress.step + 1] = all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
 
-    monkeypatch.setattr(recipe, "apply_update_if", spy)
+    monkeypatch.setattr(engine, "apply_update_if", spy)
     summary = train(compose(overrides(tiny_data_root, "trainer.max_steps=5", "trainer.val_every_n_steps=5")), tmp_path)
     assert summary["steps"] == 5
     assert weights == {1: False, 2: False, 3: True, 4: False, 5: False}  # only step 3 changed nothing
@@ -151,7 +153,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_data_root, 
 @pytest.mark.java
 def test_a_scorer_that_dies_is_restarted_once_then_the_validation_is_recorded_as_failed(tiny_data_root, tmp_path,
                                                                                        monkeypatch):
-    real_score, calls = recipe.score, {"n": 0}
+    real_score, calls = validation.score, {"n": 0}
 
     def flaky(references, predictions):  # the 1st validation: dies once; the 2nd: dies twice
         calls["n"] += 1
@@ -159,7 +161,7 @@ def test_a_scorer_that_dies_is_restarted_once_then_the_validation_is_recorded_as
             raise RuntimeError("METEOR process exited unexpectedly (exit code 137)")
         return real_score(references, predictions)
 
-    monkeypatch.setattr(recipe, "score", flaky)
+    monkeypatch.setattr(validation, "score", flaky)
     cfg = compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=4", "trainer.val_every_n_steps=2",
                                                     "trainer.evaluate_after_training=false"])
     summary = train(cfg, tmp_path)
@@ -182,3 +184,53 @@ def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_data_root, t
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
     assert all(r["train/loss"] != 9.0 for r in records if "train/loss" in r)
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+TIMING = ("train/captions_per_s", "train/images_per_s", "train/tokens_per_s", "train/data_wait_fraction")
+
+
+def test_a_run_resumed_between_two_records_logs_the_uninterrupted_records(tiny_data_root, tmp_path, monkeypatch):
+    """Records every 3 steps, checkpoints every 4: the run killed during step 7 resumes from step 4, in the middle
+    of a logging window (steps 4-6). The checkpoint carries the window (and the non-finite count: step 2 is NaN),
+    so every record is the uninterrupted run's, apart from the wall-clock rates."""
+    from captioning.training.caption_task import CaptionTask
+
+    real_step = CaptionTask.step
+
+    def step(task, run, batch, kill_at=None):
+        if run.progress.step + 1 == kill_at:
+            raise RuntimeError("killed")
+        if run.progress.step + 1 != 2:
+            return real_step(task, run, batch)
+        forward = task.train_forward
+
+        def nan_forward(*args, **kwargs):
+            loss, stats = forward(*args, **kwargs)
+            return loss * float("nan"), stats
+
+        task.train_forward = nan_forward
+        try:
+            return real_step(task, run, batch)
+        finally:
+            task.train_forward = forward
+
+    cfg = compose(overrides(tiny_data_root, "trainer.max_steps=9", "trainer.val_every_n_steps=9",
+                            "trainer.log_every_n_steps=3", "trainer.checkpoint_every_n_steps=4"))
+    with monkeypatch.context() as patch:
+        patch.setattr(CaptionTask, "step", step)
+        train(cfg, tmp_path / "straight")
+        patch.setattr(CaptionTask, "step", lambda task, run, batch: step(task, run, batch, kill_at=7))
+        with pytest.raises(RuntimeError, match="killed"):
+            train(cfg, tmp_path / "resumed")
+        assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 4
+        patch.setattr(CaptionTask, "step", step)
+        train(cfg, tmp_path / "resumed")
+
+    def records(run):
+        return [{k: v for k, v in r.items() if k not in TIMING}
+                for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+
+    straight = records("straight")
+    assert [r["step"] for r in straight if "train/lr" in r] == [3, 6, 9]
+    assert [r["train/nonfinite_steps"] for r in straight if "train/lr" in r] == [1, 1, 1]
+    assert records("resumed") == straight

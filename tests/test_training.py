@@ -198,7 +198,7 @@ def test_compiled_training_matches_eager(tiny_data_root):
     from captioning.models.encoder import PrecomputedFeatures
     from captioning.runtime.distributed import DistInfo
     from captioning.training.objectives import CrossEntropyObjective
-    from captioning.training.recipe import wrap_for_training
+    from captioning.training.engine import wrap_for_training
 
     cfg = compose(tiny_overrides(tiny_data_root) + ["trainer.compile=true"])
     losses = {}

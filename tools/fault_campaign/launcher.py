@@ -34,10 +34,10 @@ from typing import Any
 
 # The hook points: (module, attribute, what the faults do there). "Class.field" names a field of that class.
 HOOKS = (
-    ("captioning.training.recipe", "save_checkpoint", "wrapped: trace a 'saved' event once a checkpoint is in place"),
-    ("captioning.training.recipe", "train_step", "wrapped: trace 'training', sigterm_at_step, nan_at_step"),
-    ("captioning.training.recipe", "TrainingState.progress", "read by the train_step wrapper: .step is the step done"),
-    ("captioning.training.recipe", "TrainingState.train_forward", "swapped for one step by nan_at_step"),
+    ("captioning.training.engine", "save_checkpoint", "wrapped: trace a 'saved' event once a checkpoint is in place"),
+    ("captioning.training.caption_task", "CaptionTask.step", "wrapped: trace 'training', sigterm_at_step, nan_at_step"),
+    ("captioning.training.engine", "Progress.step", "read by the step wrapper: run.progress.step is the step done"),
+    ("captioning.training.caption_task", "CaptionTask.train_forward", "swapped for one step by nan_at_step"),
     ("captioning.runtime.checkpoint", "save_checkpoint", "the checkpoint writer: only its torch.save calls count"),
     ("torch", "save", "wrapped: trace 'writing', sigterm_on_write, enospc (checkpoint writes only)"),
 )
@@ -71,23 +71,24 @@ def install(spec: dict) -> None:
     import torch
 
     from captioning.runtime import checkpoint as checkpoint_module
-    from captioning.training import recipe
+    from captioning.training import engine
+    from captioning.training.caption_task import CaptionTask
 
     def trace(**event: Any) -> None:
         if spec.get("trace"):
             with open(spec["trace"], "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "time": time.time(), **event}) + "\n")
 
-    real_save_checkpoint = recipe.save_checkpoint
+    real_save_checkpoint = engine.save_checkpoint
 
     def traced_save_checkpoint(checkpoint: dict, path: str | Path, keep_previous: bool = False) -> Path:
         written = real_save_checkpoint(checkpoint, path, keep_previous=keep_previous)
         trace(event="saved", name=os.path.basename(str(path)), step=int(checkpoint["step"]))
         return written
 
-    recipe.save_checkpoint = traced_save_checkpoint
+    engine.save_checkpoint = traced_save_checkpoint
     torch.save = checkpoint_write_faults(torch.save, checkpoint_module.save_checkpoint.__code__, spec, trace)
-    recipe.train_step = train_step_faults(recipe.train_step, spec, trace)
+    CaptionTask.step = train_step_faults(CaptionTask.step, spec, trace)
 
 
 class SignalHalfway:
@@ -147,32 +148,32 @@ def checkpoint_write_faults(real_torch_save: Any, writer_code: Any, spec: dict, 
     return torch_save
 
 
-def train_step_faults(real_train_step: Any, spec: dict, trace: Any) -> Any:
-    """train_step with the step faults: trace 'training' at the first step, sigterm_at_step, nan_at_step."""
+def train_step_faults(real_step: Any, spec: dict, trace: Any) -> Any:
+    """CaptionTask.step with the step faults: trace 'training' at the first step, sigterm_at_step, nan_at_step."""
     started = {"done": False}
 
-    def train_step(state: Any, batch: dict) -> Any:
-        step = state.progress.step + 1
+    def step(task: Any, run: Any, batch: dict) -> Any:
+        number = run.progress.step + 1
         if not started["done"]:
             started["done"] = True
-            trace(event="training", step=step)
-        if step == spec.get("sigterm_at_step"):
+            trace(event="training", step=number)
+        if number == spec.get("sigterm_at_step"):
             os.kill(os.getpid(), signal.SIGTERM)
-        if step != spec.get("nan_at_step"):
-            return real_train_step(state, batch)
-        forward = state.train_forward
+        if number != spec.get("nan_at_step"):
+            return real_step(task, run, batch)
+        forward = task.train_forward
 
         def nan_forward(*args: Any, **kwargs: Any) -> Any:
             loss, stats = forward(*args, **kwargs)
             return loss * float("nan"), stats
 
-        state.train_forward = nan_forward
+        task.train_forward = nan_forward
         try:
-            return real_train_step(state, batch)
+            return real_step(task, run, batch)
         finally:
-            state.train_forward = forward
+            task.train_forward = forward
 
-    return train_step
+    return step
 
 
 def main() -> None:
