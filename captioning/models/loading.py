@@ -34,6 +34,10 @@ def load_model(checkpoint_path, device: torch.device, for_images: bool = False):
         model_cfg = cfg.model.copy()
         if not cached:
             model_cfg.encoder.weights = None
+        else:  # the files on this machine: beside the checkpoint first (the label head also shapes attention)
+            for field in ("weights", "label_head"):
+                if model_cfg.encoder.get(field) is not None:
+                    model_cfg.encoder[field] = encoder_file(state, checkpoint_path, field)
         feature_dim = state["model"]["image_proj.weight"].shape[1] if cached else None
         model = build_captioner(model_cfg, len(vocab), feature_dim)
     except (KeyError, AttributeError, TypeError) as e:
@@ -49,11 +53,7 @@ def load_model(checkpoint_path, device: torch.device, for_images: bool = False):
         if cfg.model.encoder.weights is None:
             raise ValueError(f"{checkpoint_path} was trained on cached features of a randomly initialised encoder "
                              "(model.encoder.weights=null): images cannot be encoded the same way again")
-        encoder_cfg = cfg.model.encoder.copy()
-        for field in ("weights", "label_head"):
-            if encoder_cfg.get(field) is not None:
-                encoder_cfg[field] = encoder_file(state, checkpoint_path, field)
-        model.encoder = build_image_encoder(encoder_cfg, trainable=False)
+        model.encoder = build_image_encoder(model_cfg.encoder, trainable=False)
     return model.to(device).eval(), vocab, cfg, state
 
 
