@@ -86,10 +86,14 @@ def _encoder_config(checkpoint: dict) -> dict:
 
 
 def attach_encoder_files(checkpoint: dict, folder: Path) -> dict:
-    """`checkpoint` plus `encoder_files` ({field: path relative to `folder`}) for each of model.encoder.weights and
-    model.encoder.label_head that names a local file: the file is copied into folder/encoder/ (once: a copy of the
-    same size is kept), so the checkpoint does not depend on a cache path. Returns a shallow copy."""
+    """For a model trained on cached features (data.features): `checkpoint` plus `encoder_files` ({field: path
+    relative to `folder`}) for each of model.encoder.weights and model.encoder.label_head that names a local file:
+    the file is copied into folder/encoder/ (once: a copy of the same size is kept), so the checkpoint does not
+    depend on a cache path. Returns a shallow copy."""
     encoder, attached = _encoder_config(checkpoint), {}
+    data = checkpoint["config"].get("data") if isinstance(checkpoint.get("config"), dict) else None
+    if not (isinstance(data, dict) and data.get("features")):
+        return checkpoint  # a model that reads images holds its whole encoder in its weights
     for field in ("weights", "label_head"):
         source = encoder.get(field)
         if not isinstance(source, str) or not Path(source).expanduser().is_file():
