@@ -39,7 +39,7 @@ def _numpy_state_to_plain(state: tuple) -> tuple:
 
 def _numpy_state_from_plain(state) -> tuple:
     name, key, *rest = state
-    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    key = key.cpu().numpy() if isinstance(key, torch.Tensor) else np.asarray(key)  # map_location=cuda moves it
     return (name, key.astype(np.uint32), *rest)
 
 
