@@ -36,16 +36,24 @@ def in_multirun() -> bool:
 
 
 def exit_on_user_error(fn):
-    """Inside a @hydra.main task: a user error exits with status 2 and its message (Hydra would otherwise
+    """Inside a @hydra.main task: a `+`-added key that no config group declares is a user error
+    (captioning.strict_keys); a user error exits with status 2 and its message (Hydra would otherwise
     print a traceback); an integer return value becomes the exit status. Other exceptions propagate. In a
     multirun the job fails instead (JobFailed, one line) and the sweep goes on with its other jobs."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from omegaconf import DictConfig
+
+        from captioning.strict_keys import check_added_keys
+
         try:
+            if args and isinstance(args[0], DictConfig):
+                check_added_keys(args[0])  # a typo'd key added with + is an error, not ignored
             code = fn(*args, **kwargs)
         except user_errors() as e:
-            log.error("%s", e)
+            if log.hasHandlers():  # the run's log file; with logging off (captioning-predict) only the line below
+                log.error("%s", e)
             print(f"error: {e}", file=sys.stderr)
             if in_multirun():
                 raise JobFailed(str(e)) from None

@@ -33,6 +33,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
                           "(e.g. captioning-eval checkpoint=outputs/DATE/TIME/checkpoints/best.pt)")
     validate_decode(OmegaConf.create({"decode": cfg.decode}))
     for path in [cfg.checkpoint, *(cfg.ensemble or [])]:
+        if Path(str(path)).expanduser().is_dir():
+            raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. {path}/checkpoints/best.pt)")
         if not Path(str(path)).expanduser().is_file():
             raise FileNotFoundError(f"checkpoint: file not found: {path}")
     if cfg.ensemble and cfg.compare_decoders:

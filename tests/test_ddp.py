@@ -240,7 +240,7 @@ def test_ranks_split_the_data_reduce_the_loss_and_end_identical(straight_run, dd
     assert logged == pytest.approx([(a + b) / 2 for a, b in zip(*local)], rel=1e-12)
 
     # Identical models on both ranks at the end, BatchNorm running statistics included, = rank 0's checkpoint.
-    params = [torch.load(out_dir / f"params_rank{r}.pt") for r in range(WORLD)]
+    params = [torch.load(out_dir / f"params_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert params[0].keys() == params[1].keys()
     assert [k for k in params[0] if not torch.equal(params[0][k], params[1][k])] == []
     from captioning.runtime.checkpoint import load_checkpoint
@@ -283,8 +283,8 @@ def test_sigterm_on_one_rank_stops_all_and_the_resumed_run_matches(straight_run,
                 if "train/loss" in r}
 
     assert losses(out_dir) == losses(straight_dir)
-    resumed = torch.load(out_dir / "params_rank0.pt")
-    straight = torch.load(straight_dir / "params_rank0.pt")
+    resumed = torch.load(out_dir / "params_rank0.pt", weights_only=True)
+    straight = torch.load(straight_dir / "params_rank0.pt", weights_only=True)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert Counter(r["step"] for r in read_jsonl(out_dir / "run_rank0" / "metrics.jsonl")
                    if "train/loss" in r) == {s: 1 for s in range(1, TRAIN_STEPS + 1)}

@@ -61,7 +61,7 @@ def test_the_comparison_sees_another_seed_and_a_one_ulp_change(campaign, tmp_pat
 
     copy = tmp_path / "copy"  # the same run with one weight moved by one ulp
     shutil.copytree(reference, copy)
-    checkpoint = torch.load(copy / "checkpoints" / "best.pt", weights_only=False)
+    checkpoint = torch.load(copy / "checkpoints" / "best.pt", weights_only=True)
     name, weight = next((k, v) for k, v in checkpoint["model"].items() if v.is_floating_point())
     weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(float("inf")))
     torch.save(checkpoint, copy / "checkpoints" / "best.pt")

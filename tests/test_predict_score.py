@@ -55,8 +55,9 @@ def test_score_command_on_our_own_results(checkpoint, tiny_data_root, tmp_path):
     write_evaluation(evaluation, tmp_path)
     metrics = evaluation.keyed()
     out = tmp_path / "scores.json"
+    split = ["--split-file", str(tiny_data_root / "dataset_coco.json"), "--split", "test"]  # val+test annotated
     code = score_main([str(tiny_data_root / "annotations" / "captions_val2014.json"),
-                       str(tmp_path / "results_test_greedy.json"), "--out", str(out)])
+                       str(tmp_path / "results_test_greedy.json"), "--out", str(out), *split])
     assert code == 0
     scored = json.loads(out.read_text())["metrics"]
     for name in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
@@ -64,7 +65,7 @@ def test_score_command_on_our_own_results(checkpoint, tiny_data_root, tmp_path):
     assert "scene/correct" not in scored  # only with the synthetic data folder:
     assert score_main([str(tiny_data_root / "annotations" / "captions_val2014.json"),
                        str(tmp_path / "results_test_greedy.json"), "--out", str(out),
-                       "--synthetic-root", str(tiny_data_root)]) == 0
+                       "--synthetic-root", str(tiny_data_root), *split]) == 0
     scored = json.loads(out.read_text())["metrics"]
     assert scored["scene/correct"] == metrics["test/scene/correct"]
     assert scored["scene/grammatical"] == metrics["test/scene/grammatical"]

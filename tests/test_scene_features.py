@@ -183,7 +183,7 @@ def test_the_same_settings_build_the_same_encoder_whatever_the_run_did_before(ti
         expected_next = torch.rand(1, generator=torch.Generator().manual_seed(seed))
         prepared = prepare_inputs(cfg)
         assert torch.equal(torch.rand(1), expected_next)  # the run's own stream: untouched by the pretraining
-        weights.append(torch.load(prepared.model.encoder.weights))
+        weights.append(torch.load(prepared.model.encoder.weights, weights_only=True))
         features.append(np.array(FeatureStore(prepared.data.features).array))
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
@@ -262,7 +262,7 @@ def test_a_run_trains_on_the_cached_features_and_predicts_from_images(tiny_data_
     summary = train(compose(overrides), tmp_path / "run")
     assert summary["steps"] == 4
     checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
-    config = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]
+    config = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
     assert config["data"]["features"] and config["model"]["encoder"]["weights"].endswith("encoder.pth")
     evaluation = evaluate_checkpoint(checkpoint, "test", compose([], config_name="eval").decode,
                                      device=torch.device("cpu"), score_now=False)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from captioning.data.build import eval_dataset, load_records, make_loader
+from captioning.data.images import IMAGE_READER
 from captioning.models.captioner import build_image_encoder
 
 
@@ -39,7 +40,7 @@ def extract(out: Path, cfg, batch_size: int, device: torch.device, flush_every: 
     e = cfg.model.encoder
     meta = {"name": e.name, "weights": e.weights, "pool": e.get("pool", "avg"), "grid_size": e.get("grid_size", 2),
             "label_head": e.get("label_head"), "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size,
-            "images": len(image_ids)}
+            "images": len(image_ids), "image_reader": IMAGE_READER}
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # weights=null: a reproducible random encoder
     encoder = build_image_encoder(e, trainable=False).to(device).eval()

@@ -23,8 +23,10 @@ class FeatureStore:
     def __init__(self, path: str | Path):
         self.path = Path(str(path)).expanduser()
         if not (self.path / "meta.json").is_file():
-            raise FileNotFoundError(f"data.features: no feature store at {self.path} "
-                                    "(make one with tools/extract_features.py)")
+            made_by = ("the scene-label pretraining, in the cache (CAPTIONING_CACHE): run captioning-train again "
+                       "to rebuild it, or caption images with captioning-predict, which needs no cache"
+                       if "scene_encoders" in self.path.parts else "tools/extract_features.py")
+            raise FileNotFoundError(f"data.features: no feature store at {self.path} (made by {made_by})")
         self.meta = json.loads((self.path / "meta.json").read_text())
         ids = json.loads((self.path / "index.json").read_text())["image_ids"]
         self.row_of = {int(i): r for r, i in enumerate(ids)}

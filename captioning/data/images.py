@@ -1,6 +1,7 @@
 """Image loading that turns every odd file into a defined outcome.
 
-Grayscale, palette, RGBA, CMYK, 16-bit: converted to RGB. Huge images: decoded at reduced size
+Every image is turned the way a viewer shows it (its EXIF orientation tag applied: phones store portrait photos
+sideways with tag 6), then grayscale, palette, RGBA, CMYK, 16-bit: converted to RGB. Huge images: decoded at reduced size
 (JPEG draft mode) and resized. Missing, truncated or unreadable files: a BadImage result naming
 the file and the reason; the caller skips and counts it, or raises, by `data.on_bad_image`.
 """
@@ -10,11 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2 as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What pixels a file gives: part of a feature store's settings (tools/extract_features.py), so that features
+# extracted before the EXIF orientation was applied are not taken for these.
+IMAGE_READER = "exif_orientation"
 # Pixel limits are checked here (data.max_image_pixels) so that huge JPEGs can still be decoded in draft mode.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -45,6 +49,7 @@ def load_rgb(path: Path, target_size: int, max_pixels: int) -> Image.Image | Bad
                                        f"data.max_image_pixels={max_pixels}")
         if image.format == "JPEG":
             image.draft("RGB", (target_size * 2, target_size * 2))  # DCT-domain downscale of big JPEGs
+        image = ImageOps.exif_transpose(image)  # as a viewer shows it (a no-op without an orientation tag)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGB", image.size, (255, 255, 255))

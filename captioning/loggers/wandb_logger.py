@@ -273,11 +273,11 @@ class WandbLogger:
 
     def _thumbnail(self, path: Path) -> Any:
         """A wandb.Image of at most thumbnail_size pixels a side (the path as text if it cannot be read)."""
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image = ImageOps.exif_transpose(image).convert("RGB")  # as a viewer shows it
                 image.thumbnail((self.thumbnail_size, self.thumbnail_size))
         except (OSError, ValueError) as err:
             log.debug("W&B table: cannot read %s (%s)", path, err)

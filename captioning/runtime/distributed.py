@@ -43,10 +43,16 @@ def read_env() -> DistInfo:
     return DistInfo(world.rank, world.world_size, world.local_rank)
 
 
-def pick_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
-    """`auto` | `cpu` | `cuda` | `cuda:N` -> the device; `cuda` (and `auto` on a GPU node) is this rank's GPU."""
+def pick_device(name: str, info: DistInfo = DistInfo(), key: str = "device") -> torch.device:
+    """`auto` | `cpu` | `cuda` | `cuda:N` -> the device; `cuda` (and `auto` on a GPU node) is this rank's GPU.
+    Any other value, or CUDA asked for where there is none, is a ValueError naming `key` (the config key)."""
+    name = str(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"{key}={name}: must be auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{key}={name} asks for CUDA but no CUDA device is available here ({key}=cpu or auto)")
     if name == "cuda":
         return torch.device("cuda", info.local_rank)
     if name.startswith("cuda:") and info.enabled:
