@@ -68,7 +68,8 @@ def added_value_keys(overrides: list[str], groups_root: Path) -> list[str]:
 def check_added_keys(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     """ConfigError naming the first `+`-added key that no config group declares, with the nearest declared key.
     `overrides` default: the running Hydra job's; outside a job, nothing to check."""
-    from captioning.config import ConfigError, config_dir
+    from captioning.config import config_dir
+    from captioning.errors import ConfigError
 
     overrides = task_overrides() if overrides is None else overrides
     if not overrides:
