@@ -26,10 +26,12 @@ def resolve_root(cfg_data) -> Path:
         from captioning.data.synthetic import ensure_synthetic
 
         s = cfg_data.synthetic
+        kind = s.get("kind", "standard")
         root = Path(str(cfg_data.root)).expanduser() if cfg_data.root else cache_dir() / (
-            f"synthetic_{s.num_train}_{s.num_val}_{s.num_test}_{s.image_size}px_seed{s.seed}")
+            f"synthetic_{s.num_train}_{s.num_val}_{s.num_test}_{s.image_size}px_seed{s.seed}"
+            + ("" if kind == "standard" else f"_{kind}"))
         return ensure_synthetic(root, num_train=s.num_train, num_val=s.num_val, num_test=s.num_test,
-                                image_size=s.image_size, seed=s.seed)
+                                image_size=s.image_size, seed=s.seed, kind=kind)
     return Path(str(cfg_data.root)).expanduser()
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from captioning.data import scene_grammar
+from captioning.data import long_scenes, scene_grammar
 from captioning.data.scene_grammar import (  # noqa: F401  (re-exported: the module's public names since v1)
     COLORS, GREY, PICTURE, POSITION_WORDS, RELATION_TO_IT, RELATION_WORDS, SHAPE_WORDS, SHAPES, SIZE_WORDS,
     TEMPLATES, THINGS, VERBS, tokenize)
@@ -204,18 +204,19 @@ def _surface(text: str, rng: random.Random) -> str:
     return text
 
 
-def caption_scene(scene: Scene, rng: random.Random, num_captions: int = 5) -> list[str]:
-    """Distinct true captions of `scene`, MIN_WORDS..MAX_WORDS words each; for 2-3 object scenes the
-    first caption drawn is long (LONG_MIN_WORDS..MAX_WORDS words). Returned in random order."""
+def caption_scene(scene: Scene, rng: random.Random, num_captions: int = 5,
+                  words: tuple[int, int] = (MIN_WORDS, MAX_WORDS)) -> list[str]:
+    """Distinct true captions of `scene`, words[0]..words[1] words each; for 2-3 object scenes the
+    first caption drawn is long (at least LONG_MIN_WORDS words). Returned in random order."""
     templates, weights = zip(*TEMPLATES[len(scene.objects)])
     captions: list[str] = []
     seen: set[str] = set()
     for k in range(num_captions):
-        low = LONG_MIN_WORDS if (k == 0 and len(scene.objects) > 1) else MIN_WORDS
+        low = max(LONG_MIN_WORDS, words[0]) if (k == 0 and len(scene.objects) > 1) else words[0]
         for _ in range(1000):
             text = scene_grammar.sample_text(rng.choices(templates, weights)[0], scene, rng)
             tokens = tokenize(text)
-            if low <= len(tokens) <= MAX_WORDS and " ".join(tokens) not in seen:
+            if low <= len(tokens) <= words[1] and " ".join(tokens) not in seen:
                 break
         else:  # the grammar always has enough variety; reaching this is a bug in the templates
             raise RuntimeError(f"could not draw caption {k} for scene {scene}")
@@ -289,22 +290,25 @@ def _generator_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def _meta(num_train: int, num_val: int, num_test: int, image_size: int, seed: int) -> dict:
-    return {"format_version": FORMAT_VERSION, "generator": _generator_fingerprint(),
-            "kwargs": {"num_train": num_train, "num_val": num_val, "num_test": num_test,
-                       "image_size": image_size, "seed": seed}}
+def _meta(num_train: int, num_val: int, num_test: int, image_size: int, seed: int, kind: str = "standard") -> dict:
+    kwargs = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "image_size": image_size, "seed": seed}
+    if kind != "standard":  # the standard scenes' metadata stays as it was
+        kwargs["kind"] = kind
+    return {"format_version": FORMAT_VERSION, "generator": _generator_fingerprint(), "kwargs": kwargs}
 
 
 def generate_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250, num_test: int = 250,
-                       image_size: int = 64, seed: int = 0) -> Path:
+                       image_size: int = 64, seed: int = 0, kind: str = "standard") -> Path:
     """Write a synthetic COCO 2014 + Karpathy data set into `root` and return `root` as a Path.
 
     `num_train` counts Karpathy "train" + "restval" images (like the 113,287 of real COCO); every
     tenth of them is "restval" and lives in val2014, the rest in train2014. val and test images live
     in val2014. Overwrites a previous synthetic generation in `root`; refuses any other COCO-like
     content. Not safe to run concurrently on the same folder: use `ensure_synthetic` for that.
+    kind: "standard" (1-3 objects, 5-16 words) or "long" (4-6 objects, 25-40 words: captioning.data.long_scenes).
     """
     _check_args(num_train, num_val, num_test, image_size, seed)
+    sample, words = long_scenes.sampler(kind)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _clear_previous(root)
@@ -326,8 +330,8 @@ def generate_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 2
     sentid = 0
     for imgid, (split, folder, split_code, index) in enumerate(plan):
         rng = random.Random(f"synthetic-v{FORMAT_VERSION}:{seed}:{split_code}:{index}")
-        scene = sample_scene(rng)
-        captions = caption_scene(scene, rng)
+        scene = sample(rng)
+        captions = caption_scene(scene, rng, words=words)
         cocoid = _cocoid(split_code, index, seed)
         filename = f"COCO_{folder}_{cocoid:012d}.jpg"
 
@@ -360,13 +364,13 @@ def generate_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 2
     _write_json(root / KARPATHY_FILE, {"images": karpathy_images, "dataset": "coco"})
     _write_json(root / OBJECTS_FILE, {"format_version": FORMAT_VERSION, "image_size": image_size,
                                       "images": scenes_meta})
-    _write_json(root / META_FILE, _meta(num_train, num_val, num_test, image_size, seed))  # LAST: marks completion
+    _write_json(root / META_FILE, _meta(num_train, num_val, num_test, image_size, seed, kind))  # LAST: marks completion
     (root / INCOMPLETE_MARKER).unlink()
     return root
 
 
 def ensure_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250, num_test: int = 250,
-                     image_size: int = 64, seed: int = 0) -> Path:
+                     image_size: int = 64, seed: int = 0, kind: str = "standard") -> Path:
     """Return `root` holding the synthetic data set for these arguments, generating it only if needed.
 
     Reuses a complete generation with identical arguments and format version; regenerates (in place)
@@ -377,7 +381,8 @@ def ensure_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250
     _check_args(num_train, num_val, num_test, image_size, seed)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    wanted = _meta(num_train, num_val, num_test, image_size, seed)
+    long_scenes.check_kind(kind)
+    wanted = _meta(num_train, num_val, num_test, image_size, seed, kind)
     with open(root / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         try:
@@ -385,7 +390,7 @@ def ensure_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250
         except (FileNotFoundError, json.JSONDecodeError):
             existing = None
         if existing != wanted or (root / INCOMPLETE_MARKER).exists():
-            generate_synthetic(root, num_train, num_val, num_test, image_size, seed)
+            generate_synthetic(root, num_train, num_val, num_test, image_size, seed, kind)
     return root
 
 
