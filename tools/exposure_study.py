@@ -373,7 +373,8 @@ PROTOCOL = ("Learning rate per row from the stored val-tuned grid (or the config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Hydra overrides for every run go after --: ... -- model.decoder.hidden_dim=512")
     parser.add_argument("command", choices=("tune", "table"))
     parser.add_argument("--data", default="synthetic_long", help="a conf/data option: synthetic, synthetic_long, "
                                                                  "synthetic_hard")
@@ -395,8 +396,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep-dir", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=REPO / "tools" / "results")
     parser.add_argument("--table-only", action="store_true", help="no training: the table of the finished runs")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)  # Hydra overrides for every run follow "--"
+    args = parser.parse_args(argv[:split])
+    args.overrides = argv[split + 1:]
     if BASELINE not in args.rows:
         parser.error("--rows must include baseline (every row is compared with it)")
     if not 1 <= args.validations <= args.steps or not 0 <= args.warmup_fraction < 1:
