@@ -107,3 +107,23 @@ def test_true_label_input_is_the_one_hot_scene_labels_with_six_slots(long_root, 
         assert (block[known].sum(1) == 1).all() and (block[~known] == 0).all()
         start += size
     assert prepared.data.features == scene_features.prepare(cfg).data.features  # reused
+
+
+def test_the_pretrained_encoder_learns_six_slots_on_long_scenes(long_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIONING_CACHE", str(tmp_path / "cache"))
+    cfg = compose([f"data.root={long_root}", "data=synthetic_long",
+                   *(f"data.synthetic.{k}={v}" for k, v in LONG.items()), "data.image_size=32",
+                   "model.encoder.pretrain.epochs=1",
+                   "model.encoder.pretrain.batch_size=20", "model.encoder.pretrain.extra_images=20",
+                   "model.encoder.pretrain.precision=fp32", "trainer.device=cpu"])
+    prepared = scene_features.prepare(cfg)
+    heads = scene_features._heads(6)
+    head = torch.load(prepared.model.encoder.label_head, weights_only=True)
+    assert [tuple(g) for g in head["groups"]] == list(heads.items())
+    features = np.load(f"{prepared.data.features}/features.npy")
+    assert features.shape[1] == sum(heads.values())
+    # the extra pretraining scenes are long scenes too (their labels fill slots 3..5)
+    _, labels = scene_features.generated_scenes(5, 32, cfg.data, 0, "long")
+    counts = labels[:, list(heads).index("count")] + 1
+    assert ((counts >= 4) & (counts <= 6)).all()
+    assert (labels[:, list(heads).index("slot3_shape")] >= 0).all()

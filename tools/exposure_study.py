@@ -184,6 +184,9 @@ def tune(args, sweep: Path, lr_file: Path) -> dict:
                 out = sweep / "tune" / row / f"lr_{lr:g}"
                 source = None
                 if row == SELF_CRITICAL:
+                    if BASELINE not in choices["rows"]:
+                        raise SystemExit("tuning self_critical continues the tuned baseline: tune baseline first "
+                                         "(--rows baseline self_critical)")
                     source = sweep / "tune" / BASELINE / f"lr_{choices['rows'][BASELINE]['lr']:g}" / "checkpoints" / "best.pt"
                 steps = args.scst_steps if row == SELF_CRITICAL else args.steps
                 if not tuning_finished(out, steps):
