@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
 
 spec = importlib.util.spec_from_file_location("exposure_study",

@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import compose
 
 from captioning.data import long_scenes, scene_features
 from captioning.data.scene_grammar import COLORS, SceneOracle, check_caption, tokenize
-from captioning.data.synthetic import caption_scene, ensure_synthetic, load_scenes, sample_scene
-from conftest import compose
+from captioning.data.synthetic import (
+    caption_scene,
+    ensure_synthetic,
+    load_scenes,
+    sample_scene,
+)
 
 LONG = {"num_train": 30, "num_val": 6, "num_test": 6, "image_size": 32, "seed": 0}
 
@@ -93,7 +99,7 @@ def test_true_label_input_is_the_one_hot_scene_labels_with_six_slots(long_root, 
     prepared = scene_features.prepare(cfg)
     store = prepared.data.features
     features = np.load(f"{store}/features.npy").astype(np.float32)
-    ids = json.loads(open(f"{store}/index.json").read())["image_ids"]
+    ids = json.loads(Path(f"{store}/index.json").read_text())["image_ids"]
     heads = scene_features._heads(6)
     head = torch.load(prepared.model.encoder.label_head, weights_only=True)
     assert [tuple(g) for g in head["groups"]] == list(heads.items())

@@ -42,11 +42,11 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import schedule_table as st  # noqa: E402  (tools/ is not a package)
+import schedule_table as st
 
 REPO = st.REPO
 BASELINE = "baseline"
@@ -131,7 +131,7 @@ def needs_more_seeds(cell: dict | None) -> bool:
 
 # -- runs -----------------------------------------------------------------------------------------------------------
 def row_overrides(row: str, steps: int, warmup_fraction: float) -> list[str]:
-    warmup = int(round(warmup_fraction * steps))
+    warmup = round(warmup_fraction * steps)
     return [o.format(warmup=warmup) for o in ROWS[row]] + [f"experiment_name={row}"]
 
 
@@ -345,8 +345,8 @@ def _number(value: float | None, signed: bool = False) -> str:
 
 def format_markdown(table: Mapping, record: Mapping) -> str:
     lines = [f"# Exposure-bias study: {record['data']} ({record['input']} input)", "",
-             f"Command: `{record['command']}`; commit {record['commit']}{' (dirty)' if record['dirty'] else ''}; "
-             f"machine: {record['machine']}; {record['date']}; {record['seconds']:.0f} s of training.", "",
+             (f"Command: `{record['command']}`; commit {record['commit']}{' (dirty)' if record['dirty'] else ''}; "
+              f"machine: {record['machine']}; {record['date']}; {record['seconds']:.0f} s of training."), "",
              "Protocol: " + " ".join(record["protocol"]), "",
              "Per row: the mean over seeds [95% t interval]; below it, the difference from the baseline paired by "
              "seed [95% t interval] (Holm-adjusted p). Primary metrics: " +
@@ -361,18 +361,20 @@ def format_markdown(table: Mapping, record: Mapping) -> str:
             + " |")
         if row != BASELINE:
             diffs = [cells[name].get("diff") for name, *_ in METRICS]
-            lines.append(f"| vs baseline | | | " + " | ".join(
+            lines.append("| vs baseline | | | " + " | ".join(
                 "-" if d is None else f"{_number(d['mean'], True)} [{_number(d['low'], True)}, "
                 f"{_number(d['high'], True)}] (p {d.get('p_holm', d['p']):.3g})" for d in diffs) + " |")
-    lines += ["", "Per-position plots: " + ", ".join(f"`{p}`" for p in record.get("plots", [])) or "none", ""]
+    lines += ["", "Per-position plots: " + (", ".join(f"`{p}`" for p in record.get("plots", [])) or "none"), ""]
     return "\n".join(lines)
 
 
-PROTOCOL = ("Learning rate per row from the stored val-tuned grid (or the config's, when untuned, as said in the lr "
-            "column).", "Checkpoint: the best val/scene/correct of the run's validations; test decoded once with it "
-            "(beam search).", "Seeds paired across rows; 10 seeds for rows whose primary-metric interval lies within "
-            "its own width of 0 (up to --max-seeds).", "Holm's correction over rows x primary metrics, and separately "
-            "over rows x secondary metrics.", "Primary metrics declared before the runs: scene/correct and AccErr.")
+PROTOCOL = (
+    "Learning rate per row from the stored val-tuned grid (or the config's, when untuned, as said in the lr column).",
+    "Checkpoint: the best val/scene/correct of the run's validations; test decoded once with it (beam search).",
+    ("Seeds: --seeds per row, paired across rows; up to --max-seeds for rows whose primary-metric interval lies "
+     "within its own width of 0."),
+    "Holm's correction over rows x primary metrics, and separately over rows x secondary metrics.",
+    "Primary metrics declared before the runs: scene/correct and AccErr.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

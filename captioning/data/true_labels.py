@@ -42,7 +42,12 @@ def ensure_true_label_store(cfg_data, encoder_cfg) -> Path:
     """The store folder (features/ and head.pth inside) for this data set, written if missing."""
     from captioning.data.build import cache_dir, load_records, resolve_root
     from captioning.data.long_scenes import max_objects
-    from captioning.data.scene_features import _heads, data_fingerprint, scene_labels, write_store
+    from captioning.data.scene_features import (
+        _heads,
+        data_fingerprint,
+        scene_labels,
+        write_store,
+    )
     from captioning.data.synthetic import load_scenes
 
     root = resolve_root(cfg_data)
