@@ -101,3 +101,19 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
     assert (tmp_path / "sweep" / "baseline" / "seed_0" / "test_metrics.json").stat().st_mtime == stamp
     with pytest.raises(SystemExit):  # no tuning file and not --untuned: a clear stop
         study.main([a for a in arguments if a != "--untuned"])
+
+
+def test_tuning_reads_the_best_validation_and_picks_the_learning_rate(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 2, "train/loss": 1.0}, {"step": 5, "val/scene/correct": 0.4},
+               {"step": 10, "val/scene/correct": 0.7}, {"step": 15, "val/scene/correct": 0.7}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert study.best_validation(run) == (0.7, 10)  # the first of equal bests, as the checkpoint rule keeps it
+    assert study.tuning_finished(run, 15) and not study.tuning_finished(run, 20)
+    assert study.best_validation(tmp_path / "missing") is None
+    grid = {"0.003": {"val/scene/correct": 0.8, "step": 10}, "0.006": {"val/scene/correct": 0.9, "step": 10},
+            "0.012": None}
+    assert study.choose_lr(grid) == 0.006
+    assert study.choose_lr({"0.003": {"val/scene/correct": 0.9}, "0.006": {"val/scene/correct": 0.9}}) == 0.003
+    assert study.choose_lr({"0.003": None}) is None

@@ -163,6 +163,12 @@ def best_validation(out: Path, monitor: str = "val/scene/correct") -> tuple[floa
     return max(scored, key=lambda pair: (pair[0], -pair[1])) if scored else None
 
 
+def choose_lr(grid: Mapping[str, dict | None]) -> float | None:
+    """The learning rate whose run reached the highest best val/scene/correct (ties: the smaller rate)."""
+    scored = {float(lr): cell["val/scene/correct"] for lr, cell in grid.items() if cell}
+    return max(scored, key=lambda lr: (scored[lr], -lr)) if scored else None
+
+
 def tuning_finished(out: Path, steps: int) -> bool:
     path = out / "metrics.jsonl"
     return path.is_file() and any(json.loads(line).get("step") == steps and "val/scene/correct" in line
@@ -198,10 +204,10 @@ def tune(args, sweep: Path, lr_file: Path) -> dict:
             for lr in (args.scst_lrs if row == SELF_CRITICAL else args.lrs):
                 best = best_validation(sweep / "tune" / row / f"lr_{lr:g}")
                 grid[f"{lr:g}"] = None if best is None else {"val/scene/correct": best[0], "step": best[1]}
-            scored = {lr: cell["val/scene/correct"] for lr, cell in grid.items() if cell}
-            if not scored:
+            lr = choose_lr(grid)
+            if lr is None:
                 raise SystemExit(f"tuning {row}: no run of the grid validated; see {sweep / 'tune' / row}")
-            choices["rows"][row] = {"lr": float(max(scored, key=lambda lr: (scored[lr], -float(lr)))), "grid": grid}
+            choices["rows"][row] = {"lr": lr, "grid": grid}
     choices.update({"data": args.data, "input": args.input, "steps": args.steps, "scst_steps": args.scst_steps,
                     "tune_seed": TUNE_SEED, "rule": "highest best val/scene/correct (ties: the smaller lr)",
                     **provenance()})
