@@ -88,7 +88,9 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
     assert set(table) == {"baseline", "ss_paper"}
     assert sorted(table["baseline"]["scene/correct"]["values"]) == ["0", "1"]
     assert table["ss_paper"]["AccErr"]["diff"]["seeds"] == [0, 1]
-    assert {"command", "commit", "dirty", "machine", "date"} <= set(record)
+    assert {"command", "commit", "dirty", "machine", "date"} <= set(record) and record["training_seconds"] > 0
+    run = json.loads((tmp_path / "sweep" / "ss_paper" / "seed_0" / "study_run.json").read_text())
+    assert run["returncode"] == 0 and "experiment=scheduled_sampling" in run["command"]
     assert len(record["plots"]) == 2 and all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in record["plots"])
     markdown = (tmp_path / "out" / "exposure_study_synthetic_encoder.md").read_text()
     assert "Primary metrics: scene/correct, AccErr" in markdown and "| ss_paper | config | 2 |" in markdown

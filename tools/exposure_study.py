@@ -175,8 +175,22 @@ def tuning_finished(out: Path, steps: int) -> bool:
                                   for line in path.read_text().splitlines() if line.strip())
 
 
+RUN_RECORD = "study_run.json"  # per run: its command, exit code and wall time, written when it ends
+
+
 def run_jobs(jobs: list[tuple[str, int, Path, list[str]]], args) -> list[dict]:
-    return st.run_all(jobs, args.jobs, args.threads) if jobs else []
+    done = st.run_all(jobs, args.jobs, args.threads) if jobs else []
+    commands = {str(out): command for _, _, out, command in jobs}
+    for record in done:
+        (Path(record["dir"]) / RUN_RECORD).write_text(json.dumps({**record, "command": commands[record["dir"]],
+                                                                   "jobs": args.jobs, "threads": args.threads}))
+    return done
+
+
+def training_seconds(sweep: Path, rows: Sequence[str], seeds: Sequence[int]) -> float:
+    """The summed wall time of the table's finished runs (as their RUN_RECORDs give it)."""
+    paths = [st.run_dir(sweep, row, seed) / RUN_RECORD for row in rows for seed in seeds]
+    return sum(json.loads(p.read_text())["seconds"] for p in paths if p.is_file())
 
 
 def tune(args, sweep: Path, lr_file: Path) -> dict:
@@ -352,7 +366,8 @@ def _number(value: float | None, signed: bool = False) -> str:
 def format_markdown(table: Mapping, record: Mapping) -> str:
     lines = [f"# Exposure-bias study: {record['data']} ({record['input']} input)", "",
              (f"Command: `{record['command']}`; commit {record['commit']}{' (dirty)' if record['dirty'] else ''}; "
-              f"machine: {record['machine']}; {record['date']}; {record['seconds']:.0f} s of training."), "",
+              f"machine: {record['machine']}; {record['date']}; runs: {record['training_seconds']:.0f} s of wall time in all "
+              f"({record['steps']} steps each, --jobs {record['jobs']} x --threads {record['threads']})."), "",
              "Protocol: " + " ".join(record["protocol"]), "",
              "Per row: the mean over seeds [95% t interval]; below it, the difference from the baseline paired by "
              "seed [95% t interval] (Holm-adjusted p). Primary metrics: " +
@@ -450,9 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = plot_row(curves, row, args.out_dir / f"exposure_study_{name}" / f"{row}.png").resolve()
             plots.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
     record = {"data": args.data, "input": args.input, "steps": args.steps, "validations": args.validations,
+              "jobs": args.jobs, "threads": args.threads,
               "seeds": seeds, "max_seeds": args.max_seeds, "lrs": {r: lrs[r] for r in args.rows},
               "tuned": not args.untuned, "rows": {r: ROWS[r] for r in args.rows}, "protocol": list(PROTOCOL),
-              "seconds": time.perf_counter() - started, "plots": plots, **provenance(), "table": table}
+              "seconds": time.perf_counter() - started,
+              "training_seconds": training_seconds(sweep, args.rows, range(args.max_seeds)), "plots": plots, **provenance(), "table": table}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"exposure_study_{name}.json").write_text(json.dumps(record, indent=2, default=str))
     markdown = format_markdown(table, record)
