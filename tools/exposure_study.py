@@ -38,6 +38,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -355,12 +356,21 @@ def provenance() -> dict:
     except (OSError, StopIteration):
         pass
     return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain")), "machine": cpu,
+            "dirty": bool(git("status", "--porcelain")), "machine": f"{cpu}, {os.cpu_count()} cores",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def _number(value: float | None, signed: bool = False) -> str:
     return "-" if value is None or math.isnan(value) else (f"{value:+.3f}" if signed else f"{value:.3f}")
+
+
+def _own(cell: Mapping) -> str:
+    """mean [interval]; a single seed's value alone; '-' for none."""
+    c = cell["own"]
+    if c is None:
+        values = list(cell["values"].values())
+        return _number(values[0]) if values else "-"
+    return f"{_number(c['mean'])} [{_number(c['low'])}, {_number(c['high'])}]"
 
 
 def format_markdown(table: Mapping, record: Mapping) -> str:
@@ -375,11 +385,9 @@ def format_markdown(table: Mapping, record: Mapping) -> str:
              "| row | lr | seeds | " + " | ".join(name for name, *_ in METRICS) + " |",
              "| --- | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " |"]
     for row, cells in table.items():
-        own = [cells[name]["own"] for name, *_ in METRICS]
         n = max((len(cells[name]["values"]) for name, *_ in METRICS), default=0)
         lines.append(f"| {row} | {record['lrs'].get(row) or 'config'} | {n} | " + " | ".join(
-            "-" if c is None else f"{_number(c['mean'])} [{_number(c['low'])}, {_number(c['high'])}]" for c in own)
-            + " |")
+            _own(cells[name]) for name, *_ in METRICS) + " |")
         if row != BASELINE:
             diffs = [cells[name].get("diff") for name, *_ in METRICS]
             lines.append("| vs baseline | | | " + " | ".join(
