@@ -374,7 +374,8 @@ def _own(cell: Mapping) -> str:
 
 
 def format_markdown(table: Mapping, record: Mapping) -> str:
-    lines = [f"# Exposure-bias study: {record['data']} ({record['input']} input)", "",
+    lines = [f"# Exposure-bias study {record['name']}: {record['data']} ({record['input']} input)", "",
+             f"Overrides of every run: `{' '.join(record['overrides']) or 'none'}`.", "",
              (f"Command: `{record['command']}`; commit {record['commit']}{' (dirty)' if record['dirty'] else ''}; "
               f"machine: {record['machine']}; {record['date']}; runs: {record['training_seconds']:.0f} s of wall time in all "
               f"({record['steps']} steps each, --jobs {record['jobs']} x --threads {record['threads']})."), "",
@@ -429,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sweep-dir", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=REPO / "tools" / "results")
+    parser.add_argument("--name", default=None, help="the study's name in its files (default: <data>_<input>); "
+                                                    "name a variant run with extra overrides after --")
     parser.add_argument("--table-only", action="store_true", help="no training: the table of the finished runs")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)  # Hydra overrides for every run follow "--"
@@ -438,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--rows must include baseline (every row is compared with it)")
     if not 1 <= args.validations <= args.steps or not 0 <= args.warmup_fraction < 1:
         parser.error("--validations must be in [1, --steps] and --warmup-fraction in [0, 1)")
-    name = f"{args.data}_{args.input}"
+    name = args.name or f"{args.data}_{args.input}"
     sweep = args.sweep_dir or REPO / "multirun" / "exposure_study" / name
     lr_file = args.out_dir / f"exposure_study_lr_{name}.json"
     started = time.perf_counter()
@@ -472,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if curves is not None:
             path = plot_row(curves, row, args.out_dir / f"exposure_study_{name}" / f"{row}.png").resolve()
             plots.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
-    record = {"data": args.data, "input": args.input, "steps": args.steps, "validations": args.validations,
+    record = {"name": name, "overrides": args.overrides, "data": args.data, "input": args.input, "steps": args.steps, "validations": args.validations,
               "jobs": args.jobs, "threads": args.threads,
               "seeds": seeds, "max_seeds": args.max_seeds, "lrs": {r: lrs[r] for r in args.rows},
               "tuned": not args.untuned, "rows": {r: ROWS[r] for r in args.rows}, "protocol": list(PROTOCOL),
