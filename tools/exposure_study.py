@@ -361,7 +361,11 @@ def provenance() -> dict:
 
 
 def _number(value: float | None, signed: bool = False) -> str:
-    return "-" if value is None or math.isnan(value) else (f"{value:+.3f}" if signed else f"{value:.3f}")
+    """Three decimals; values under 0.001 (an excess error near 0, a slope per position) in two significant digits."""
+    if value is None or math.isnan(value):
+        return "-"
+    spec = ".1e" if 0 < abs(value) < 0.001 else ".3f"
+    return format(value, ("+" if signed else "") + spec)
 
 
 def _own(cell: Mapping) -> str:
