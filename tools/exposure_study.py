@@ -448,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.name or f"{args.data}_{args.input}"
     sweep = args.sweep_dir or REPO / "multirun" / "exposure_study" / name
     lr_file = args.out_dir / f"exposure_study_lr_{name}.json"
-    started = time.perf_counter()
+    started, where = time.perf_counter(), provenance()  # before this command writes anything
     if args.command == "tune":
         choices = tune(args, sweep, lr_file)
         print(json.dumps({row: cell["lr"] for row, cell in choices["rows"].items()}, indent=2))
@@ -484,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "seeds": seeds, "max_seeds": args.max_seeds, "lrs": {r: lrs[r] for r in args.rows},
               "tuned": not args.untuned, "rows": {r: ROWS[r] for r in args.rows}, "protocol": list(PROTOCOL),
               "seconds": time.perf_counter() - started,
-              "training_seconds": training_seconds(sweep, args.rows, range(args.max_seeds)), "plots": plots, **provenance(), "table": table}
+              "training_seconds": training_seconds(sweep, args.rows, range(args.max_seeds)), "plots": plots, **where, "table": table}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"exposure_study_{name}.json").write_text(json.dumps(record, indent=2, default=str))
     markdown = format_markdown(table, record)
