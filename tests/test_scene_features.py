@@ -240,7 +240,7 @@ def test_nothing_changes_without_pretraining_or_with_own_features(tiny_data_root
     (["model.encoder.pretrain.epochs=0"], "model.encoder.pretrain.epochs must be an integer >= 1"),
     (["model.encoder.pretrain.hflip=2"], r"model.encoder.pretrain.hflip must be in \[0, 1\]"),
     (["+model.encoder.pretrain.steps=10"], "model.encoder.pretrain.steps is not a pretraining setting"),
-    (["model.encoder.pretrain.feed=logits"], r"model.encoder.pretrain.feed must be one of \['labels', 'features'\]"),
+    (["model.encoder.pretrain.feed=logits"], r"model.encoder.pretrain.feed must be one of \['labels', 'features', 'true_labels'\]"),
     (["model.encoder.pretrain.precision=fp16"], r"model.encoder.pretrain.precision must be one of \['auto', 'fp32'"),
     (["model.encoder.label_head=/x/head.pth"], "model.encoder.label_head cannot be used with model.encoder.pretrain"),
 ])

@@ -207,18 +207,19 @@ def _surface(text: str, rng: random.Random) -> str:
     return text
 
 
-def caption_scene(scene: Scene, rng: random.Random, num_captions: int = 5) -> list[str]:
-    """Distinct true captions of `scene`, MIN_WORDS..MAX_WORDS words each; for 2-3 object scenes the
-    first caption drawn is long (LONG_MIN_WORDS..MAX_WORDS words). Returned in random order."""
+def caption_scene(scene: Scene, rng: random.Random, num_captions: int = 5,
+                  words: tuple[int, int] = (MIN_WORDS, MAX_WORDS)) -> list[str]:
+    """Distinct true captions of `scene`, words[0]..words[1] words each; for 2-3 object scenes the
+    first caption drawn is long (at least LONG_MIN_WORDS words). Returned in random order."""
     templates, weights = zip(*TEMPLATES[len(scene.objects)])
     captions: list[str] = []
     seen: set[str] = set()
     for k in range(num_captions):
-        low = LONG_MIN_WORDS if (k == 0 and len(scene.objects) > 1) else MIN_WORDS
+        low = max(LONG_MIN_WORDS, words[0]) if (k == 0 and len(scene.objects) > 1) else words[0]
         for _ in range(1000):
             text = scene_grammar.sample_text(rng.choices(templates, weights)[0], scene, rng)
             tokens = tokenize(text)
-            if low <= len(tokens) <= MAX_WORDS and " ".join(tokens) not in seen:
+            if low <= len(tokens) <= words[1] and " ".join(tokens) not in seen:
                 break
         else:  # the grammar always has enough variety; reaching this is a bug in the templates
             raise RuntimeError(f"could not draw caption {k} for scene {scene}")
@@ -292,22 +293,25 @@ def _generator_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def _meta(num_train: int, num_val: int, num_test: int, image_size: int, seed: int) -> dict:
-    return {"format_version": FORMAT_VERSION, "generator": _generator_fingerprint(),
-            "kwargs": {"num_train": num_train, "num_val": num_val, "num_test": num_test,
-                       "image_size": image_size, "seed": seed}}
+def _meta(num_train: int, num_val: int, num_test: int, image_size: int, seed: int, kind: str = "standard") -> dict:
+    kwargs = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "image_size": image_size, "seed": seed}
+    if kind != "standard":  # the standard scenes' metadata stays as it was
+        kwargs["kind"] = kind
+    return {"format_version": FORMAT_VERSION, "generator": _generator_fingerprint(), "kwargs": kwargs}
 
 
 def generate_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250, num_test: int = 250,
-                       image_size: int = 64, seed: int = 0) -> Path:
+                       image_size: int = 64, seed: int = 0, kind: str = "standard") -> Path:
     """Write a synthetic COCO 2014 + Karpathy data set into `root` and return `root` as a Path.
 
     `num_train` counts Karpathy "train" + "restval" images (like the 113,287 of real COCO); every
     tenth of them is "restval" and lives in val2014, the rest in train2014. val and test images live
     in val2014. Overwrites a previous synthetic generation in `root`; refuses any other COCO-like
     content. Not safe to run concurrently on the same folder: use `ensure_synthetic` for that.
+    kind: "standard" (1-3 objects, 5-16 words) or "long" (4-6 objects, 25-40 words: the long scenes below).
     """
     _check_args(num_train, num_val, num_test, image_size, seed)
+    sample, words = sampler(kind)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _clear_previous(root)
@@ -329,8 +333,8 @@ def generate_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 2
     sentid = 0
     for imgid, (split, folder, split_code, index) in enumerate(plan):
         rng = random.Random(f"synthetic-v{FORMAT_VERSION}:{seed}:{split_code}:{index}")
-        scene = sample_scene(rng)
-        captions = caption_scene(scene, rng)
+        scene = sample(rng)
+        captions = caption_scene(scene, rng, words=words)
         cocoid = _cocoid(split_code, index, seed)
         filename = f"COCO_{folder}_{cocoid:012d}.jpg"
 
@@ -363,13 +367,13 @@ def generate_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 2
     _write_json(root / KARPATHY_FILE, {"images": karpathy_images, "dataset": "coco"})
     _write_json(root / OBJECTS_FILE, {"format_version": FORMAT_VERSION, "image_size": image_size,
                                       "images": scenes_meta})
-    _write_json(root / META_FILE, _meta(num_train, num_val, num_test, image_size, seed))  # LAST: marks completion
+    _write_json(root / META_FILE, _meta(num_train, num_val, num_test, image_size, seed, kind))  # LAST: marks completion
     (root / INCOMPLETE_MARKER).unlink()
     return root
 
 
 def ensure_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250, num_test: int = 250,
-                     image_size: int = 64, seed: int = 0) -> Path:
+                     image_size: int = 64, seed: int = 0, kind: str = "standard") -> Path:
     """Return `root` holding the synthetic data set for these arguments, generating it only if needed.
 
     Reuses a complete generation with identical arguments and format version; regenerates (in place)
@@ -380,7 +384,8 @@ def ensure_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250
     _check_args(num_train, num_val, num_test, image_size, seed)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    wanted = _meta(num_train, num_val, num_test, image_size, seed)
+    check_kind(kind)
+    wanted = _meta(num_train, num_val, num_test, image_size, seed, kind)
     with open(root / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         try:
@@ -388,7 +393,7 @@ def ensure_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250
         except (FileNotFoundError, json.JSONDecodeError):
             existing = None
         if existing != wanted or (root / INCOMPLETE_MARKER).exists():
-            generate_synthetic(root, num_train, num_val, num_test, image_size, seed)
+            generate_synthetic(root, num_train, num_val, num_test, image_size, seed, kind)
     return root
 
 
@@ -429,6 +434,69 @@ def load_scenes(root: str | Path, split: str | None = None) -> dict[int, Scene]:
     return scenes
 
 
+# -- long scenes: the exposure-bias data set (data=synthetic_long, data.synthetic.kind=long) ----------------
+# Long scenes: the exposure-bias data set (`data=synthetic_long`, `data.synthetic.kind=long`).
+#
+# Each image shows 4 to 6 shapes (distinct shapes, so "the circle" still names one object) in one row or one column,
+# and every caption names every object in reading order (left to right, top to bottom) in 25-40 words, from the
+# long_* templates of the one caption grammar (captioning.scenes.grammar), so the truth checker and the prefix
+# oracle read these captions and their prefixes exactly as the generator writes them. With five or six nouns to say
+# in order, one early wrong word (a skipped or repeated object, a wrong colour) leaves many words after it to go
+# wrong: the setting where errors made while free-running can compound, which exposure bias is about.
+#
+# The shapes are drawn smaller than in the standard scenes (the same small/large ratio) so that six fit in a row.
+KINDS = ("standard", "long")
+LONG_OBJECTS = (4, 6)       # fewest and most objects of a long scene
+LONG_WORDS = (25, 40)       # caption length window of long scenes (tokens, <eos> not counted)
+MIN_GAP = 0.02              # smallest gap between neighbours and to the border, a fraction of the image side
+
+
+def check_kind(kind) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"data.synthetic.kind must be one of {list(KINDS)} (got {kind!r})")
+    return kind
+
+
+def max_objects(kind: str) -> int:
+    """The most objects a scene of this kind has (the scene-label heads' slot count)."""
+    return LONG_OBJECTS[1] if check_kind(kind) == "long" else 3
+
+
+def sampler(kind: str):
+    """(scene sampler, (fewest, most) caption words) of a kind of scene."""
+    if check_kind(kind) == "long":
+        return sample_long_scene, LONG_WORDS
+    return sample_scene, (MIN_WORDS, MAX_WORDS)
+
+
+def sample_long_scene(rng: random.Random):
+    """4-6 objects with distinct shapes along one axis, in reading order, clearly separated."""
+    n = rng.randint(*LONG_OBJECTS)
+    shapes = rng.sample(SHAPES, n)
+    colors = [rng.choice(list(COLORS)) for _ in range(n)]
+    sizes = [rng.choice(["small", "large"]) for _ in range(n)]
+    grey = rng.randint(105, 150)
+    background = tuple(grey + rng.randint(-6, 6) for _ in range(3))
+    # the largest scale at which six large shapes still fit with their gaps: every scene drawn at that scale
+    scale = (1.0 - (LONG_OBJECTS[1] + 1) * MIN_GAP) / (LONG_OBJECTS[1] * SIZE_EXTENT["large"])
+    extents = [SIZE_EXTENT[s] * scale for s in sizes]
+    layout = rng.choice(["horizontal", "vertical"])
+    extra = 1.0 - sum(extents) - (n + 1) * MIN_GAP
+    weights = [rng.random() + 0.5 for _ in range(n + 1)]
+    gaps = [MIN_GAP + extra * w / sum(weights) for w in weights]
+    along, pos = [], gaps[0]
+    for e, g in zip(extents, gaps[1:]):
+        along.append(pos + e / 2)
+        pos += e + g
+    across = [0.5 + rng.uniform(-0.04, 0.04) for _ in range(n)]
+    centers = list(zip(along, across)) if layout == "horizontal" else list(zip(across, along))
+    objects = []
+    for shape, color, size, extent, (cx, cy) in zip(shapes, colors, sizes, extents, centers):
+        rgb = tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in COLORS[color])
+        objects.append(SceneObject(shape, color, size, cx, cy, extent, rgb))
+    return Scene(background, layout, None, objects)
+
+
 # -- the data config's generator (data.generator) -------------------------------------------------------------
 def ensure_data(cfg_data) -> Path:
     """`data.generator` of data=synthetic (captioning.data.build.resolve_root calls it): the folder of the data set
@@ -437,12 +505,14 @@ def ensure_data(cfg_data) -> Path:
     from captioning.data.build import cache_dir
 
     s = cfg_data.synthetic
+    kind = s.get("kind", "standard")
     root = Path(str(cfg_data.root)).expanduser() if cfg_data.root else cache_dir() / (
-        f"synthetic_{s.num_train}_{s.num_val}_{s.num_test}_{s.image_size}px_seed{s.seed}")
+        f"synthetic_{s.num_train}_{s.num_val}_{s.num_test}_{s.image_size}px_seed{s.seed}"
+        + ("" if kind == "standard" else f"_{kind}"))
     if cfg_data.root:
         check_synthetic_root(root)
     return ensure_synthetic(root, num_train=s.num_train, num_val=s.num_val, num_test=s.num_test,
-                            image_size=s.image_size, seed=s.seed)
+                            image_size=s.image_size, seed=s.seed, kind=kind)
 
 
 def check_synthetic_root(root: Path) -> None:

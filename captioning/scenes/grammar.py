@@ -272,6 +272,27 @@ TEMPLATES: dict[int, list[tuple[Template, float]]] = {
         (_t("tri_middle", 3, (Noun(1), Words("in the middle of a"), _LINE_NOUN, Words("of three"), _THINGS),
             FIXED_TRIPLE), 0.5)],
 }
+
+
+# Long scenes (data.synthetic.kind=long, captioning/scenes/generator.py): 4-6 objects, every one named in reading
+# order (one frame: role k is object k), 25-40 words, so that one early wrong word has many words to derail.
+NUMBER_WORDS = {4: "four", 5: "five", 6: "six"}
+
+
+def _long_templates(n: int) -> list[tuple[Template, float]]:
+    middle = range(1, n - 1)
+    order = [Words(NUMBER_WORDS[n]), _THINGS, _READING_ORDER, Words(":"), Noun(0)]
+    order += [part for k in range(1, n) for part in (Words(", followed by"), Noun(k))]
+    chain = [Noun(0), _maybe(_VERB), _relation(0, 1), Noun(1)]
+    chain += [part for k in middle for part in (Words(", which"), _VERB, _relation(k, k + 1), Noun(k + 1))]
+    there = [Words("there are"), Words(NUMBER_WORDS[n]), _THINGS, _LINE, Words(": first"), Noun(0)]
+    there += [part for k in middle for part in (Words(", next"), Noun(k))] + [Words(", and last"), Noun(n - 1)]
+    frame = (tuple(range(n)),)
+    return [(_t(f"long_order_{n}", n, order, frame), 1.0), (_t(f"long_chain_{n}", n, chain, frame), 1.0),
+            (_t(f"long_there_{n}", n, there, frame), 1.0)]
+
+
+TEMPLATES.update({n: _long_templates(n) for n in NUMBER_WORDS})
 ALL_TEMPLATES: tuple[Template, ...] = tuple(t for n in sorted(TEMPLATES) for t, _ in TEMPLATES[n])
 
 

@@ -47,6 +47,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -58,12 +59,13 @@ from torch import nn
 
 from captioning.errors import ConfigError
 from captioning.models.encoder import LabelProbabilities, headless_backbone
+from captioning.scenes.generator import max_objects
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # bump when the labels, the training or the files change: older cache entries are not reused
 TASKS = ("scene_labels",)
-FEEDS = ("labels", "features")
+FEEDS = ("labels", "features", "true_labels")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULTS = {"task": "scene_labels", "extra_images": 16000, "epochs": 4, "batch_size": 128, "lr": 3e-3,
             "weight_decay": 1e-4, "hflip": 0.5, "seed": 0, "feed": "labels", "precision": "auto"}
@@ -76,16 +78,21 @@ MAX_OBJECTS = 3
 COMPLETE_FILE = "pretrain.json"
 
 
-def _heads() -> dict[str, int]:
+def _heads(max_objects: int = MAX_OBJECTS) -> dict[str, int]:
     from captioning.scenes.grammar import COLORS, SHAPES
 
-    heads = {"count": MAX_OBJECTS, "layout": len(LAYOUTS), "position": len(POSITIONS)}
-    for slot in range(MAX_OBJECTS):
+    heads = {"count": max_objects, "layout": len(LAYOUTS), "position": len(POSITIONS)}
+    for slot in range(max_objects):
         heads.update({f"slot{slot}_shape": len(SHAPES), f"slot{slot}_colour": len(COLORS), f"slot{slot}_size": 2})
     return heads
 
 
 # -- config ----------------------------------------------------------------------------------------------------
+def _slots_of(labels: torch.Tensor) -> int:
+    """The object slots of a (N, heads) label matrix: count, layout, position, then 3 labels per slot."""
+    return (labels.shape[1] - 3) // 3
+
+
 def settings_of(cfg) -> dict | None:
     """The validated `model.encoder.pretrain` node (defaults filled in), or None when pretraining is off."""
     node = cfg.model.encoder.get("pretrain")
@@ -146,6 +153,8 @@ def prepare_inputs(cfg):
                           f"model.encoder.pretrain=null to fine-tune from images (got {e.unfreeze_after_steps!r})")
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(cfg.trainer.num_threads)
+    if settings["feed"] == "true_labels":  # the control without perception errors: no CNN at all
+        return prepare_true_labels(cfg)
     entry = ensure_scene_features(cfg.data, e, settings, device=_device(cfg))
     labels = settings["feed"] == "labels"
     cfg = cfg.copy()
@@ -243,11 +252,13 @@ def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, enc
     pixels, bad = load_pixels([unique[i] for i in image_ids], cfg_data)
     loaded = time.perf_counter()
     scenes = load_scenes(root)
-    labels = scene_labels([scenes[i] for i in image_ids])  # (N, heads)
+    kind = key["data"]["kwargs"].get("kind", "standard")
+    heads = _heads(max_objects(kind))
+    labels = scene_labels([scenes[i] for i in image_ids], max_objects(kind))  # (N, heads)
     row_of = {image_id: row for row, image_id in enumerate(image_ids)}
     usable = lambda split: [row_of[r.image_id] for r in records[split] if r.image_id not in bad]  # noqa: E731
     extra_pixels, extra_labels = generated_scenes(settings["extra_images"], key["data"]["kwargs"]["image_size"],
-                                                  cfg_data, settings["seed"])
+                                                  cfg_data, settings["seed"], kind)
     train_rows = usable("train") + list(range(len(image_ids), len(image_ids) + len(extra_pixels)))
     log.info("pretraining %s on the scene labels of %d training images and %d more generated scenes (%d epochs, "
              "cached in %s)", encoder_cfg.name, len(usable("train")), len(extra_pixels), settings["epochs"], entry)
@@ -261,7 +272,7 @@ def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, enc
     torch.save(backbone.state_dict(), entry / "encoder.pth")
     head = head.cpu()
     torch.save({"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
-                "groups": [[name, size] for name, size in _heads().items()]}, entry / "head.pth")
+                "groups": [[name, size] for name, size in heads.items()]}, entry / "head.pth")
     features = encode(backbone, pixels, device)
     meta = {"name": encoder_cfg.name, "weights": str(entry / "encoder.pth"), "pool": encoder_cfg.get("pool", "avg"),
             "grid_size": encoder_cfg.get("grid_size", 2), "label_head": None, "image_size": cfg_data.image_size,
@@ -283,11 +294,11 @@ def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, enc
 
 
 # -- labels -----------------------------------------------------------------------------------------------------
-def scene_labels(scenes) -> torch.Tensor:
+def scene_labels(scenes, max_objects: int = MAX_OBJECTS) -> torch.Tensor:
     """(N, len(heads)) class indices, -1 where a label does not apply (absent slot, position of a row...)."""
     from captioning.scenes.grammar import COLORS, SHAPES
 
-    names = list(_heads())
+    names = list(_heads(max_objects))
     colours = list(COLORS)
     out = torch.full((len(scenes), len(names)), -1, dtype=torch.long)
     for n, scene in enumerate(scenes):
@@ -304,7 +315,7 @@ def scene_labels(scenes) -> torch.Tensor:
 
 def flipped_labels(labels: torch.Tensor) -> torch.Tensor:
     """The labels of the left-right mirrored images: a row's reading order reverses, left and right swap."""
-    names = list(_heads())
+    names = list(_heads(_slots_of(labels)))
     out = labels.clone()
     layout, count = labels[:, names.index("layout")], labels[:, names.index("count")] + 1
     left, right = POSITIONS.index("left"), POSITIONS.index("right")
@@ -320,7 +331,8 @@ def flipped_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 # -- images -----------------------------------------------------------------------------------------------------
-def generated_scenes(count: int, drawn_size: int, cfg_data, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def generated_scenes(count: int, drawn_size: int, cfg_data, seed: int,
+                     kind: str = "standard") -> tuple[torch.Tensor, torch.Tensor]:
     """`count` more scenes from the generator (sample_scene, draw_scene at the data set's size, JPEG-compressed as
     it writes them), never part of any split (their random streams are keyed apart from the data set's), as the
     transform crops them: (count, 3, S, S) uint8 and their labels. The pretraining set's stand-in for ImageNet
@@ -331,7 +343,9 @@ def generated_scenes(count: int, drawn_size: int, cfg_data, seed: int) -> tuple[
     from PIL import Image
 
     from captioning.data.images import build_transform
-    from captioning.scenes.generator import draw_scene, sample_scene
+    from captioning.scenes.generator import draw_scene, sampler
+
+    sample_scene = sampler(kind)[0]
 
     geometric = build_transform(cfg_data.image_size, cfg_data.resize_size).transforms[:3]
     size = cfg_data.image_size
@@ -346,7 +360,7 @@ def generated_scenes(count: int, drawn_size: int, cfg_data, seed: int) -> tuple[
             image = t(image)
         pixels[n] = image
         scenes.append(scene)
-    return pixels, scene_labels(scenes)
+    return pixels, scene_labels(scenes, max_objects(kind))
 
 
 def load_pixels(records, cfg_data) -> tuple[torch.Tensor, dict[int, str]]:
@@ -386,7 +400,7 @@ def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels
     """AdamW with a cosine learning rate (one warm-up epoch's first 5%), summed cross-entropy over the heads. The head
     is initialised from torch's global random stream, which build_entry seeds. `precision` bf16: the forward pass in
     bf16 autocast (weights, optimizer and the accuracy passes stay fp32). Returns (history, the trained head)."""
-    heads = _heads()
+    heads = _heads(_slots_of(labels))
     generator = torch.Generator().manual_seed(settings["seed"])
     head = nn.Linear(feature_dim, sum(heads.values()))
     # channels_last: a training step of batch 128 ran 8% faster so on 2 AMD EPYC cores (146 -> 134 s per 20,000
@@ -478,3 +492,81 @@ def write_store(out: Path, image_ids: list[int], features: np.ndarray, bad: dict
     (out / "bad.json").write_text(json.dumps({str(k): v for k, v in bad.items()}))
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     np.save(out / "done.npy", np.ones(len(image_ids), dtype=bool))
+
+
+# -- the true labels as the input (model.encoder.pretrain.feed=true_labels) ---------------------------------
+# The scenes' true labels as the decoder's input: a perfect encoder, the control that removes perception errors.
+#
+#     model.encoder.pretrain.feed=true_labels      (synthetic data only)
+#
+# Instead of pretraining a CNN, every image's true scene labels (count, layout, position, and each object slot's
+# shape, colour and size, captioning.scenes.pretraining.scene_labels) are written one-hot, in the layout of the
+# label probabilities a pretrained encoder gives (feed=labels), into a feature store, with a label-head file that
+# names the groups (so `model.decoder.attention` finds the object slots). Built once per data set under
+# $CAPTIONING_CACHE/true_labels/<hash>/ and reused. A label that does not apply (an absent slot) is all zeros.
+#
+# A model trained so has no image encoder: it captions the data set's images through the store, never JPEGs (its
+# label head reads 1 feature, so captioning-predict on images stops with the label head's size error).
+TRUE_LABEL_STORE_VERSION = 1
+
+
+def one_hot_labels(labels: torch.Tensor, sizes: list[int]) -> np.ndarray:
+    """(N, heads) class indices (-1: not applicable) -> (N, sum(sizes)) one-hot per head, zeros where -1."""
+    parts = []
+    for column, size in enumerate(sizes):
+        values = labels[:, column]
+        part = torch.zeros(len(labels), size)
+        known = values >= 0
+        part[known, values[known]] = 1.0
+        parts.append(part)
+    return torch.cat(parts, dim=1).numpy()
+
+
+def ensure_true_label_store(cfg_data, encoder_cfg) -> Path:
+    """The store folder (features/ and head.pth inside) for this data set, written if missing."""
+    from captioning.data.build import cache_dir, load_records, resolve_root
+    from captioning.scenes.generator import load_scenes
+
+    root = resolve_root(cfg_data)
+    fingerprint = data_fingerprint(root)
+    heads = _heads(max_objects(fingerprint["kwargs"].get("kind", "standard")))
+    key = {"version": TRUE_LABEL_STORE_VERSION, "data": fingerprint, "heads": heads, "encoder": encoder_cfg.name,
+           "pool": encoder_cfg.get("pool", "avg"), "image_size": cfg_data.image_size,
+           "resize_size": cfg_data.resize_size}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    entry = (cache_dir() / "true_labels" / digest).resolve()
+    if (entry / "key.json").is_file():
+        return entry
+    tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "features").mkdir(parents=True)
+    records = load_records(cfg_data)
+    image_ids = sorted({r.image_id for split in records.values() for r in split})
+    scenes = load_scenes(root)
+    labels = scene_labels([scenes[i] for i in image_ids], max_objects(fingerprint["kwargs"].get("kind", "standard")))
+    features = one_hot_labels(labels, list(heads.values()))
+    head = entry / "head.pth"  # the path the store's meta names: where it lies once renamed
+    torch.save({"weight": torch.zeros(features.shape[1], 1), "bias": torch.zeros(features.shape[1]),
+                "groups": [[name, size] for name, size in heads.items()]}, tmp / "head.pth")
+    meta = {"name": encoder_cfg.name, "weights": None, "pool": encoder_cfg.get("pool", "avg"),
+            "grid_size": encoder_cfg.get("grid_size", 2), "label_head": str(head), "image_size": cfg_data.image_size,
+            "resize_size": cfg_data.resize_size, "images": len(image_ids), "feature_dim": features.shape[1],
+            "true_labels": True}
+    write_store(tmp / "features", image_ids, features.astype(np.float16), {}, meta)
+    (tmp / "key.json").write_text(json.dumps(key, indent=2))
+    try:
+        os.replace(tmp, entry)  # atomic: a reader sees the whole store or none
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def prepare_true_labels(cfg):
+    """A copy of `cfg` reading the true-label store (model.encoder.pretrain.feed=true_labels)."""
+    entry = ensure_true_label_store(cfg.data, cfg.model.encoder)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.data.features = str(entry / "features")
+        cfg.model.encoder.label_head = str(entry / "head.pth")
+        cfg.model.encoder.trainable = False
+    return cfg

@@ -1,0 +1,121 @@
+"""tools/exposure_study.py: its statistics on hand-made numbers, and the whole command on a tiny configuration."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+
+spec = importlib.util.spec_from_file_location("exposure_study",
+                                              Path(__file__).parent.parent / "tools" / "exposure_study.py")
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+
+def test_holm_adjusts_step_down_and_stays_monotone():
+    adjusted = study.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    # sorted 0.01, 0.03, 0.04, 0.5 times 4, 3, 2, 1, running maximum
+    assert adjusted == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+    assert study.holm({"x": 0.6, "y": 0.7}) == {"x": 1.0, "y": 1.0}
+
+
+def test_paired_difference_pairs_by_seed():
+    row = {0: 0.5, 1: 0.7, 2: 0.6, 7: 9.0}  # seed 7 has no baseline: left out
+    baseline = {0: 0.4, 1: 0.5, 2: 0.5, 3: 0.1}
+    cell = study.paired_difference(row, baseline)
+    diffs = [0.1, 0.2, 0.1]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = 4.302653 * sd / math.sqrt(3)  # t(0.975, 2)
+    assert cell["seeds"] == [0, 1, 2] and cell["n"] == 3
+    assert (cell["mean"], cell["low"], cell["high"]) == pytest.approx((mean, mean - half, mean + half), abs=1e-6)
+    # p-value: the interval just excludes 0 at 95% iff p < 0.05
+    assert (cell["p"] < 0.05) == (cell["low"] > 0)
+    assert study.paired_difference({0: 1.0}, {0: 0.0}) is None
+    constant = study.t_interval([0.25, 0.25, 0.25])
+    assert constant["low"] == constant["high"] == 0.25 and constant["p"] == 0.0
+
+
+def test_excess_slope_of_hand_built_curves():
+    per_position = {"position": [1, 2, 3, 4, 5], "excess": [0.0, 0.1, 0.2, None, 0.4],
+                    "free_scored": [10, 10, 10, 0, 10]}
+    assert study.excess_slope(per_position) == pytest.approx(0.1)  # excess = 0.1 (t - 1) where scored
+    flat = {"position": [1, 2, 3], "excess": [0.05, 0.05, 0.05], "free_scored": [3, 1, 2]}
+    assert study.excess_slope(flat) == pytest.approx(0.0)
+    # the weights: a heavy late point with a large excess pulls the slope up
+    weighted = {"position": [1, 2, 3], "excess": [0.0, 0.0, 0.3], "free_scored": [1, 1, 100]}
+    unweighted = {"position": [1, 2, 3], "excess": [0.0, 0.0, 0.3], "free_scored": [1, 1, 1]}
+    assert study.excess_slope(unweighted) == pytest.approx(0.15)
+    assert study.excess_slope(weighted) != pytest.approx(study.excess_slope(unweighted))
+    assert math.isnan(study.excess_slope({"position": [4], "excess": [0.2], "free_scored": [5]}))
+
+
+def test_ten_seeds_where_an_interval_lies_within_its_width_of_zero():
+    assert study.needs_more_seeds({"mean": 0.01, "low": -0.02, "high": 0.04})
+    assert study.needs_more_seeds({"mean": 0.05, "low": 0.01, "high": 0.09})   # width 0.08 >= 0.05
+    assert not study.needs_more_seeds({"mean": 0.10, "low": 0.08, "high": 0.12})
+    assert not study.needs_more_seeds(None)
+
+
+def test_table_holm_families_are_the_primary_and_the_secondary_metrics():
+    values = {row: {name: {} for name, *_ in study.METRICS} for row in ("baseline", "a", "b")}
+    for seed in range(4):
+        for row, shift in (("baseline", 0.0), ("a", 0.1), ("b", 0.0)):
+            for name, *_ in study.METRICS:
+                values[row][name][seed] = 0.5 + shift + 0.01 * ((seed * 7 + len(row)) % 3)
+    table = study.build_table(values)
+    primary = [(r, n) for r in ("a", "b") for n, _, _, p in study.METRICS if p]
+    raw = {f"{r}\t{n}": table[r][n]["diff"]["p"] for r, n in primary}
+    assert {f"{r}\t{n}": table[r][n]["diff"]["p_holm"] for r, n in primary} == pytest.approx(study.holm(raw))
+    assert "diff" not in table["baseline"]["scene/correct"]
+    assert table["a"]["scene/correct"]["own"]["n"] == 4
+
+
+@pytest.mark.slow
+def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, capsys):
+    """2 rows x 2 seeds x 4 steps, then re-read without training: the finished runs are reused."""
+    overrides = [o for o in tiny_overrides(tiny_data_root) if not o.startswith(("trainer.max_steps=",
+                                                                               "trainer.val_every_n_steps="))]
+    arguments = ["table", "--untuned", "--data", "synthetic", "--rows", "baseline", "ss_paper", "--seeds", "2",
+                 "--max-seeds", "2", "--steps", "4", "--validations", "1", "--jobs", "1", "--sweep-dir",
+                 str(tmp_path / "sweep"), "--out-dir", str(tmp_path / "out"), "--", *overrides]
+    assert study.main(arguments) == 0
+    record = json.loads((tmp_path / "out" / "exposure_study_synthetic_encoder.json").read_text())
+    table = record["table"]
+    assert set(table) == {"baseline", "ss_paper"}
+    assert sorted(table["baseline"]["scene/correct"]["values"]) == ["0", "1"]
+    assert table["ss_paper"]["AccErr"]["diff"]["seeds"] == [0, 1]
+    assert {"command", "commit", "dirty", "machine", "date"} <= set(record) and record["training_seconds"] > 0
+    run = json.loads((tmp_path / "sweep" / "ss_paper" / "seed_0" / "study_run.json").read_text())
+    assert run["returncode"] == 0 and "experiment=scheduled_sampling" in run["command"]
+    assert len(record["plots"]) == 2 and all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in record["plots"])
+    markdown = (tmp_path / "out" / "exposure_study_synthetic_encoder.md").read_text()
+    assert "Primary metrics: scene/correct, AccErr" in markdown and "| ss_paper | config | 2 |" in markdown
+    config = json.loads((tmp_path / "sweep" / "ss_paper" / "seed_1" / "config.json").read_text())
+    assert config["experiment_name"] == "ss_paper" and config["seed"] == 1
+    stamp = (tmp_path / "sweep" / "baseline" / "seed_0" / "test_metrics.json").stat().st_mtime
+    capsys.readouterr()
+    assert study.main(arguments) == 0  # resumes: nothing to train
+    assert "started" not in capsys.readouterr().out
+    assert (tmp_path / "sweep" / "baseline" / "seed_0" / "test_metrics.json").stat().st_mtime == stamp
+    with pytest.raises(SystemExit):  # no tuning file and not --untuned: a clear stop
+        study.main([a for a in arguments if a != "--untuned"])
+
+
+def test_tuning_reads_the_best_validation_and_picks_the_learning_rate(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 2, "train/loss": 1.0}, {"step": 5, "val/scene/correct": 0.4},
+               {"step": 10, "val/scene/correct": 0.7}, {"step": 15, "val/scene/correct": 0.7}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert study.best_validation(run) == (0.7, 10)  # the first of equal bests, as the checkpoint rule keeps it
+    assert study.tuning_finished(run, 15) and not study.tuning_finished(run, 20)
+    assert study.best_validation(tmp_path / "missing") is None
+    grid = {"0.003": {"val/scene/correct": 0.8, "step": 10}, "0.006": {"val/scene/correct": 0.9, "step": 10},
+            "0.012": None}
+    assert study.choose_lr(grid) == 0.006
+    assert study.choose_lr({"0.003": {"val/scene/correct": 0.9}, "0.006": {"val/scene/correct": 0.9}}) == 0.003
+    assert study.choose_lr({"0.003": None}) is None
