@@ -1,5 +1,6 @@
 """Small helpers for the config checks that live beside their owners (data/checks.py, models/checks.py,
 training/checks.py...): each names the key and the value it rejects. A leaf: it imports only captioning.errors."""
+
 from __future__ import annotations
 
 import importlib
@@ -19,8 +20,12 @@ def positive_int(cfg, key: str, allow_none: bool = False, minimum: int = 1) -> N
     value = OmegaConf.select(cfg, key)
     if value is None and allow_none:
         return
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key,
-            f"must be an integer >= {minimum}", value)
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        key,
+        f"must be an integer >= {minimum}",
+        value,
+    )
 
 
 def choice(cfg, key: str, choices: tuple) -> None:
@@ -52,6 +57,12 @@ def check_target_arguments(node, key: str, provided_later: tuple[str, ...]) -> N
         if name.startswith("_"):
             continue
         require(accepts_kwargs or name in params, f"{key}.{name}", f"is not an argument of {node._target_}", name)
-    missing = [n for n, p in params.items() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
-               p.KEYWORD_ONLY) and n not in node and n not in provided_later]
+    missing = [
+        n
+        for n, p in params.items()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and n not in node
+        and n not in provided_later
+    ]
     require(not missing, key, f"misses required arguments {missing} of {node._target_}", dict(node))

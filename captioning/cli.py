@@ -1,5 +1,6 @@
 """Shared start-up for the Hydra entry points: user errors end the run with one clear line; everything
 else (a CUDA out-of-memory, an NCCL failure, a bug) keeps its traceback."""
+
 from __future__ import annotations
 
 import functools

@@ -3,6 +3,7 @@ which runs every group's checks before any heavy work. The checks themselves sit
 group (data/checks.py, models/checks.py, schedules/checks.py, decoding/checks.py, training/checks.py,
 loggers/checks.py); they raise captioning.errors.ConfigError, with the key named. Only the entry points and
 training/ import this module (tests/test_architecture.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,15 @@ from captioning.training.checks import (
     validate_trainer,
 )
 
-__all__ = ["ConfigError", "check_task_matches_data", "config_dir", "decode_kwargs", "register_resolvers",
-           "validate_decode", "validate_train_config"]
+__all__ = [
+    "ConfigError",
+    "check_task_matches_data",
+    "config_dir",
+    "decode_kwargs",
+    "register_resolvers",
+    "validate_decode",
+    "validate_train_config",
+]
 
 # Where the Hydra configs live: inside the installed package (wheel), else the checkout's conf/.
 _PACKAGE_DIR = Path(__file__).resolve().parent

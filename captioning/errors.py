@@ -1,5 +1,6 @@
 """The error every configuration check raises: a leaf module, so that each layer's checks can raise it without
 importing the config orchestrator (captioning.config) or one another."""
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ RUN_DIR/<split>_metrics.json, prints the metric table, next to the trivial refer
 "the most common training caption for every image" scored the same way. A thin CLI over
 captioning.evaluation; nothing imports this module.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     """The plain function behind `captioning-eval`."""
     missing = OmegaConf.missing_keys(cfg)
     if missing:
-        raise ConfigError(f"missing mandatory config value(s): {sorted(missing)} "
-                          "(e.g. captioning-eval checkpoint=outputs/DATE/TIME/checkpoints/best.pt)")
+        raise ConfigError(
+            f"missing mandatory config value(s): {sorted(missing)} "
+            "(e.g. captioning-eval checkpoint=outputs/DATE/TIME/checkpoints/best.pt)"
+        )
     validate_decode(OmegaConf.create({"decode": cfg.decode}))
     for path in [cfg.checkpoint, *(cfg.ensemble or [])]:
         if Path(str(path)).expanduser().is_dir():
@@ -53,17 +56,35 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         from captioning.loggers.wandb_logger import WandbLogger
 
         w = cfg.logger.wandb
-        loggers.append(WandbLogger(out_dir, w.project, w.entity, w.group, w.name, list(w.tags) +
-                                   [f"decode:{cfg.decode.strategy}"], w.mode, "eval",
-                                   OmegaConf.to_container(cfg, resolve=True), num_table_images=w.num_table_images,
-                                   thumbnail_size=w.thumbnail_size))
+        loggers.append(
+            WandbLogger(
+                out_dir,
+                w.project,
+                w.entity,
+                w.group,
+                w.name,
+                list(w.tags) + [f"decode:{cfg.decode.strategy}"],
+                w.mode,
+                "eval",
+                OmegaConf.to_container(cfg, resolve=True),
+                num_table_images=w.num_table_images,
+                thumbnail_size=w.thumbnail_size,
+            )
+        )
     logger = MultiLogger(loggers)
     checkpoint = Path(str(cfg.checkpoint)).expanduser()
     try:
         if not cfg.compare_decoders:
-            evaluation = evaluate_checkpoint(checkpoint, cfg.split, cfg.decode, device=pick_device(cfg.device),
-                                             data_root=cfg.data_root, ensemble=list(cfg.ensemble or []),
-                                             spice=cfg.spice, batch_size=cfg.batch_size)
+            evaluation = evaluate_checkpoint(
+                checkpoint,
+                cfg.split,
+                cfg.decode,
+                device=pick_device(cfg.device),
+                data_root=cfg.data_root,
+                ensemble=list(cfg.ensemble or []),
+                spice=cfg.spice,
+                batch_size=cfg.batch_size,
+            )
             report_evaluation(evaluation, out_dir, logger)
             return evaluation.keyed()
         return compare_decoders(cfg, checkpoint, out_dir, logger)
@@ -79,8 +100,10 @@ def decoder_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     for name in cfg.compare_decoders:
         path = Path(config_dir()) / "decode" / f"{name}.yaml"
         if not path.is_file():
-            raise ConfigError(f"compare_decoders: no decode config {name!r} (one of "
-                              f"{sorted(p.stem for p in path.parent.glob('*.yaml'))})")
+            raise ConfigError(
+                f"compare_decoders: no decode config {name!r} (one of "
+                f"{sorted(p.stem for p in path.parent.glob('*.yaml'))})"
+            )
         candidate = cfg.copy()
         own = OmegaConf.load(path)
         candidate.decode = OmegaConf.merge(own, {k: v for k, v in overrides.items() if k in own})
@@ -104,25 +127,43 @@ def compare_decoders(cfg: DictConfig, checkpoint: Path, out_dir: Path, logger) -
     device = pick_device(cfg.device)
     results, captions, exposure = {}, {}, None
     for name, decode_cfg in configs.items():
-        evaluation = evaluate_checkpoint(checkpoint, cfg.split, decode_cfg, device=device, records=records,
-                                         data_root=cfg.data_root, spice=cfg.spice, batch_size=cfg.batch_size,
-                                         exposure=exposure)  # the probe does not depend on the decoder: once
+        evaluation = evaluate_checkpoint(
+            checkpoint,
+            cfg.split,
+            decode_cfg,
+            device=device,
+            records=records,
+            data_root=cfg.data_root,
+            spice=cfg.spice,
+            batch_size=cfg.batch_size,
+            exposure=exposure,
+        )  # the probe does not depend on the decoder: once
         exposure = evaluation.exposure
         report_evaluation(evaluation, out_dir / name)
-        results[name] = {k.split("/", 1)[1]: v for k, v in evaluation.keyed().items()
-                         if "most_common_caption" not in k}
-        captions[name] = {r["image_id"]: r["caption"] for r in json.loads(
-            results_path(out_dir / name, evaluation).read_text())}
+        results[name] = {k.split("/", 1)[1]: v for k, v in evaluation.keyed().items() if "most_common_caption" not in k}
+        captions[name] = {
+            r["image_id"]: r["caption"] for r in json.loads(results_path(out_dir / name, evaluation).read_text())
+        }
         logger.log_metrics({f"{cfg.split}/{name}/{k}": v for k, v in results[name].items()}, 0)
     keys = [k for k in results[next(iter(results))] if all(k in r for r in results.values())]
     table = format_table({name: {k: r[k] for k in keys} for name, r in results.items()})
     print(f"\n{cfg.split} split, decoders side by side ({json.dumps(OmegaConf.to_container(cfg.compare_overrides))})")
     print(table)
-    (out_dir / f"{cfg.split}_decoders_metrics.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint), "overrides": OmegaConf.to_container(cfg.compare_overrides),
-         "decoders": {n: OmegaConf.to_container(c) for n, c in configs.items()}, "metrics": results}, indent=2))
-    rows = [[r.path, *(captions[n].get(r.image_id, "") for n in configs), " | ".join(r.captions)]
-            for r in records[cfg.split][:16]]
+    (out_dir / f"{cfg.split}_decoders_metrics.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(checkpoint),
+                "overrides": OmegaConf.to_container(cfg.compare_overrides),
+                "decoders": {n: OmegaConf.to_container(c) for n, c in configs.items()},
+                "metrics": results,
+            },
+            indent=2,
+        )
+    )
+    rows = [
+        [r.path, *(captions[n].get(r.image_id, "") for n in configs), " | ".join(r.captions)]
+        for r in records[cfg.split][:16]
+    ]
     logger.log_table(f"{cfg.split}/decoders", ["image", *configs, "references"], rows, 0)
     return {f"{cfg.split}/{name}/{k}": v for name, r in results.items() for k, v in r.items()}
 

@@ -8,6 +8,7 @@ order), a failed one an error row naming the file and why; the exit status is 1 
 summary line on stderr), 0 when all were captioned, 2 for a user error that stops the command before any image
 (a bad checkpoint, device or decode value, no input that exists).
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,9 @@ def predict(checkpoint, inputs, decode_cfg, device: str = "auto", batch_size: in
     data = train_cfg.data
     records = [ImageRecord(index, path, "predict") for index, path in enumerate(files)]
     dataset = EvalImageDataset(records, data.image_size, data.resize_size, data.max_image_pixels)
-    loader = make_loader(dataset, batch_size, num_workers=min(data.num_workers, 4),
-                         pin_memory=torch_device.type == "cuda")
+    loader = make_loader(
+        dataset, batch_size, num_workers=min(data.num_workers, 4), pin_memory=torch_device.type == "cuda"
+    )
     indices_of: dict[str, list[int]] = {}
     for index, path in enumerate(files):
         indices_of.setdefault(str(path), []).append(index)
@@ -81,8 +83,10 @@ def predict(checkpoint, inputs, decode_cfg, device: str = "auto", batch_size: in
                 images = batch["images"].to(torch_device, non_blocking=True)  # (B, 3, H, W)
                 hypotheses = decode(model, images, decode_cfg.strategy, **decode_kwargs(decode_cfg))
                 for index, hyps in zip(batch["image_ids"].tolist(), hypotheses):
-                    new_rows[index] = {"file": str(files[index]), "captions": [
-                        {"caption": vocab.decode(ids), "score": float(score)} for ids, score in hyps]}
+                    new_rows[index] = {
+                        "file": str(files[index]),
+                        "captions": [{"caption": vocab.decode(ids), "score": float(score)} for ids, score in hyps],
+                    }
             for index in sorted(new_rows):
                 out.write(json.dumps(new_rows[index], ensure_ascii=False) + "\n")
                 rows.append(new_rows[index])
@@ -97,15 +101,20 @@ def predict(checkpoint, inputs, decode_cfg, device: str = "auto", batch_size: in
 def _predict_task(cfg: DictConfig) -> int:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
-        raise ConfigError(f"missing mandatory config value(s): {sorted(missing)} "
-                          "(e.g. captioning-predict checkpoint=best.pt inputs=[photos/])")
+        raise ConfigError(
+            f"missing mandatory config value(s): {sorted(missing)} "
+            "(e.g. captioning-predict checkpoint=best.pt inputs=[photos/])"
+        )
     validate_decode(OmegaConf.create({"decode": cfg.decode}))
     inputs = cfg.inputs if OmegaConf.is_list(cfg.inputs) else [cfg.inputs]
     rows = predict(cfg.checkpoint, inputs, cfg.decode, cfg.device, cfg.batch_size, cfg.output)
     failed = [row["file"] for row in rows if "error" in row]
     if failed:  # each one is already reported, by name and reason, in its row
-        print(f"error: {len(failed)} of {len(rows)} inputs could not be captioned (their rows say why): "
-              f"{', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}", file=sys.stderr)
+        print(
+            f"error: {len(failed)} of {len(rows)} inputs could not be captioned (their rows say why): "
+            f"{', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

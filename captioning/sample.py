@@ -2,6 +2,7 @@
 (a checkpoint of `captioning-train task=lm`), through the same decoders as captions (`strategy`: sample, greedy,
 beam). Prints the prompt and its continuation (samples separated by a blank line), or writes JSON lines to
 `output`. Nothing imports this module."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,10 @@ def sample_text(cfg: DictConfig) -> list[dict]:
 
     missing = OmegaConf.missing_keys(cfg)
     if missing:
-        raise ConfigError(f"missing mandatory config value(s): {sorted(missing)} "
-                          "(e.g. captioning-sample checkpoint=outputs/DATE/TIME/checkpoints/best.pt prompt=\"a red\")")
+        raise ConfigError(
+            f"missing mandatory config value(s): {sorted(missing)} "
+            '(e.g. captioning-sample checkpoint=outputs/DATE/TIME/checkpoints/best.pt prompt="a red")'
+        )
     if not isinstance(cfg.length, int) or isinstance(cfg.length, bool) or cfg.length < 1:
         raise ConfigError(f"length must be an integer >= 1 (got {cfg.length!r})")
     strategy, params = decoder_params(cfg)
@@ -49,11 +52,23 @@ def sample_text(cfg: DictConfig) -> list[dict]:
     model, vocab, train_cfg, _ = load_language_model(cfg.checkpoint, device)
     level = str(train_cfg.data.level)
     with torch.no_grad():
-        texts, unknown = generate_text(model, vocab, level, str(cfg.prompt), cfg.length, strategy, device,
-                                       num_samples=num_samples, seed=int(cfg.seed), **params)
+        texts, unknown = generate_text(
+            model,
+            vocab,
+            level,
+            str(cfg.prompt),
+            cfg.length,
+            strategy,
+            device,
+            num_samples=num_samples,
+            seed=int(cfg.seed),
+            **params,
+        )
     if unknown:
-        print(f"warning: prompt: {len(unknown)} token(s) not in the model's vocabulary, read as <unk>: "
-              f"{unknown[:10]}", file=sys.stderr)
+        print(
+            f"warning: prompt: {len(unknown)} token(s) not in the model's vocabulary, read as <unk>: {unknown[:10]}",
+            file=sys.stderr,
+        )
     return [{"text": text, "strategy": strategy, **params} for text in texts]
 
 

@@ -32,10 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spice", action="store_true", help="also compute SPICE (needs its Stanford models)")
     parser.add_argument("--split-file", help="Karpathy split file (dataset_coco.json); needs --split")
     parser.add_argument("--split", help="Karpathy split whose images are scored, e.g. test")
-    parser.add_argument("--allow-partial", action="store_true",
-                        help="score results that caption only some of the reference images (say how many)")
-    parser.add_argument("--synthetic-root", help="a synthetic data folder (with synthetic_objects.json): also judge "
-                                                 "every caption against its scene (scene/correct ...)")
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="score results that caption only some of the reference images (say how many)",
+    )
+    parser.add_argument(
+        "--synthetic-root",
+        help="a synthetic data folder (with synthetic_objects.json): also judge "
+        "every caption against its scene (scene/correct ...)",
+    )
     args = parser.parse_args(argv)
     if (args.split_file is None) != (args.split is None):
         parser.error("--split-file and --split must be given together")
@@ -52,17 +58,21 @@ def main(argv: list[str] | None = None) -> int:
             image_ids = read_split_ids(args.split_file, args.split)
             outside = sorted(set(predictions) - set(image_ids))
             if outside:
-                raise ValueError(f"{args.results} has captions for {len(outside)} image(s) outside the "
-                                 f"{args.split!r} split: {first_few(outside)}")
+                raise ValueError(
+                    f"{args.results} has captions for {len(outside)} image(s) outside the "
+                    f"{args.split!r} split: {first_few(outside)}"
+                )
             expected, where = list(image_ids), f"of the {args.split!r} split"
         else:
             load_references(args.annotations, sorted(predictions))  # every captioned image must be in it
             expected, where = sorted(load_references(args.annotations)), f"in {args.annotations}"
         missing = sorted(set(expected) - set(predictions))
         if missing and not args.allow_partial:
-            raise ValueError(f"{args.results} lacks captions for {len(missing)} of the {len(expected)} images "
-                             f"{where}: {first_few(missing)} (partial results: pass --allow-partial to score only "
-                             f"the {len(expected) - len(missing)} captioned)")
+            raise ValueError(
+                f"{args.results} lacks captions for {len(missing)} of the {len(expected)} images "
+                f"{where}: {first_few(missing)} (partial results: pass --allow-partial to score only "
+                f"the {len(expected) - len(missing)} captioned)"
+            )
         image_ids = sorted(set(expected) & set(predictions)) if args.split_file is not None else sorted(predictions)
         references = load_references(args.annotations, image_ids)
         metrics = score_captions(references, predictions, spice=args.spice)
@@ -71,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics.update(scene_truth(predictions, scenes))
         out = Path(args.out) if args.out else Path(args.results).with_suffix(".scores.json")
-        report = {"metrics": metrics, "num_images": len(image_ids), "num_reference_images": len(expected),
-                  "annotations": str(args.annotations),
-                  "results": str(args.results), "split": args.split}
+        report = {
+            "metrics": metrics,
+            "num_images": len(image_ids),
+            "num_reference_images": len(expected),
+            "annotations": str(args.annotations),
+            "results": str(args.results),
+            "split": args.split,
+        }
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     except (FileNotFoundError, ValueError, TypeError, KeyError, JavaMissingError, OSError) as e:  # bad input: one line
         message = " ".join(str(e).split("\n"))

@@ -6,6 +6,7 @@ task's overrides instead: a `+KEY=VALUE` that adds a value (not a config group's
 is a ConfigError naming the key and the nearest declared key ("did you mean trainer.max_steps?"). `++KEY=VALUE`
 (Hydra's force-add) and the open containers below stay allowed.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -83,7 +84,11 @@ def check_added_keys(cfg: DictConfig, overrides: list[str] | None = None) -> Non
         siblings = [k for k in known if k.rpartition(".")[0] == parent] or known
         leaves = {k.rpartition(".")[2]: k for k in siblings}
         nearest = difflib.get_close_matches(key.rpartition(".")[2], list(leaves), n=1, cutoff=0.6)
-        hint = f"did you mean {leaves[nearest[0]]}?" if nearest else (
-            f"the keys there are {sorted(k.rpartition('.')[2] for k in siblings)[:12]}" if parent else "")
-        raise ConfigError(f"+{key}: no config group declares the key {key}, so it would be ignored"
-                          + (f"; {hint}" if hint else ""))
+        hint = (
+            f"did you mean {leaves[nearest[0]]}?"
+            if nearest
+            else (f"the keys there are {sorted(k.rpartition('.')[2] for k in siblings)[:12]}" if parent else "")
+        )
+        raise ConfigError(
+            f"+{key}: no config group declares the key {key}, so it would be ignored" + (f"; {hint}" if hint else "")
+        )

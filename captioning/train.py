@@ -1,5 +1,6 @@
 """`captioning-train` (= `python -m captioning.train`): Hydra around the plain `train(cfg, run_dir)` of
 captioning.training.recipe (which runs the configured task). Nothing imports this module."""
+
 from __future__ import annotations
 
 import hydra

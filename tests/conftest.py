@@ -1,4 +1,5 @@
 """Shared fixtures: a small synthetic COCO-format data set and config composition."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ TINY = {"num_train": 60, "num_val": 10, "num_test": 10, "image_size": 32, "seed"
 
 
 def requires_java():
-    return pytest.mark.skipif(shutil.which("java") is None,
-                              reason="no Java runtime on PATH: pycocoevalcap's tokenizer and METEOR need it")
+    return pytest.mark.skipif(
+        shutil.which("java") is None, reason="no Java runtime on PATH: pycocoevalcap's tokenizer and METEOR need it"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -38,17 +40,32 @@ def tiny_overrides(root: Path) -> list[str]:
     default ResNet-18 here) trained end to end from the JPEGs (no scene-label pretraining: tests of it add it
     back), tiny decoder without attention (the averaged feature has no parts), tiny data. Tests about the CNN itself
     use the default encoder."""
-    return [f"data.root={root}", *(f"data.synthetic.{k}={v}" for k, v in TINY.items()), "data.image_size=32",
-            "model.encoder.name=shufflenet_v2_x0_5", "model.encoder.pool=avg", "model.encoder.pretrain=null",
-            "model.decoder.attention=false",
-            "data.batch_size=6", "data.eval_batch_size=10", "data.num_workers=0", "data.word_count_threshold=2",
-            "model.decoder.embed_dim=32", "model.decoder.hidden_dim=32", "trainer.max_steps=6",
-            "trainer.val_every_n_steps=3", "trainer.log_every_n_steps=2", "trainer.progress_bar=false",
-            "trainer.device=cpu", "decode.beam_size=2"]
+    return [
+        f"data.root={root}",
+        *(f"data.synthetic.{k}={v}" for k, v in TINY.items()),
+        "data.image_size=32",
+        "model.encoder.name=shufflenet_v2_x0_5",
+        "model.encoder.pool=avg",
+        "model.encoder.pretrain=null",
+        "model.decoder.attention=false",
+        "data.batch_size=6",
+        "data.eval_batch_size=10",
+        "data.num_workers=0",
+        "data.word_count_threshold=2",
+        "model.decoder.embed_dim=32",
+        "model.decoder.hidden_dim=32",
+        "trainer.max_steps=6",
+        "trainer.val_every_n_steps=3",
+        "trainer.log_every_n_steps=2",
+        "trainer.progress_bar=false",
+        "trainer.device=cpu",
+        "decode.beam_size=2",
+    ]
 
 
 def compose(overrides: list[str] = (), config_name: str = "config", return_hydra_config: bool = False):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from captioning.config import config_dir, register_resolvers
 

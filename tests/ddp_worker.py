@@ -9,6 +9,7 @@
 
 Writes OUT_DIR/rank<r>.json and, for `train`, OUT_DIR/params_rank<r>.pt (the final model parameters).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from conftest import compose  # this script's folder (tests/) is first on sys.path
 
 
@@ -29,8 +29,9 @@ def check_helpers(overrides: list[str]) -> dict:
 
     info = dist_utils.init_distributed(device="cpu")
     report = {"rank": info.rank, "world_size": info.world_size}
-    report["mean"] = dist_utils.all_reduce_mean({"a": float(info.rank), "b": 10.0 * (info.rank + 1)}, info,
-                                                torch.device("cpu"))
+    report["mean"] = dist_utils.all_reduce_mean(
+        {"a": float(info.rank), "b": 10.0 * (info.rank + 1)}, info, torch.device("cpu")
+    )
     report["any_only_rank1"] = dist_utils.any_rank(info.rank == 1, info)
     report["any_none"] = dist_utils.any_rank(False, info)
     report["broadcast"] = dist_utils.broadcast_object(f"from rank {info.rank}", info)
@@ -53,10 +54,13 @@ def check_helpers(overrides: list[str]) -> dict:
     model = build_captioner(cfg.model, len(vocab))
     decoded_here = []
     original = inference.eval_dataset
-    inference.eval_dataset = lambda shard, cfg_data: (decoded_here.extend(r.image_id for r in shard),
-                                                      original(shard, cfg_data))[1]
-    captions = inference.decode_records(model, records["test"], vocab, cfg.data, "greedy", {"max_len": 5},
-                                        torch.device("cpu"), info, batch_size=4)
+    inference.eval_dataset = lambda shard, cfg_data: (
+        decoded_here.extend(r.image_id for r in shard),
+        original(shard, cfg_data),
+    )[1]
+    captions = inference.decode_records(
+        model, records["test"], vocab, cfg.data, "greedy", {"max_len": 5}, torch.device("cpu"), info, batch_size=4
+    )
     report["test_ids"] = [r.image_id for r in records["test"]]
     report["decoded_here"] = decoded_here
     report["captions_received"] = sorted(captions)

@@ -1,23 +1,43 @@
 """The package's layers, checked on its source: imports run one way, the decoder's insides stay in models/,
 training functions stay short. Static (ast), so it costs nothing and sees imports inside functions too."""
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "captioning"
-ENTRY_POINTS = {"captioning.train", "captioning.evaluate", "captioning.predict", "captioning.score", "captioning.sample"}
+ENTRY_POINTS = {
+    "captioning.train",
+    "captioning.evaluate",
+    "captioning.predict",
+    "captioning.score",
+    "captioning.sample",
+}
 # What each layer must not import (lower layers know nothing of the ones above them). scenes/ (the synthetic
 # benchmark) sits above data/, models/, decoding/ and metrics/, which never import it, so COCO users can ignore it.
 SCENES = "captioning.scenes"
 FORBIDDEN = {
-    "runtime": ("captioning.training", "captioning.evaluation", "captioning.models", "captioning.decoding",
-                "captioning.metrics", "captioning.data", SCENES),
+    "runtime": (
+        "captioning.training",
+        "captioning.evaluation",
+        "captioning.models",
+        "captioning.decoding",
+        "captioning.metrics",
+        "captioning.data",
+        SCENES,
+    ),
     "models": ("captioning.training", "captioning.evaluation", "captioning.decoding", "captioning.metrics", SCENES),
     "decoding": ("captioning.training", "captioning.evaluation", "captioning.metrics", SCENES),
     "metrics": ("captioning.training", "captioning.evaluation", SCENES),
-    "data": ("captioning.training", "captioning.evaluation", "captioning.models", "captioning.decoding",
-             "captioning.metrics", SCENES),
+    "data": (
+        "captioning.training",
+        "captioning.evaluation",
+        "captioning.models",
+        "captioning.decoding",
+        "captioning.metrics",
+        SCENES,
+    ),
     "scenes": ("captioning.training", "captioning.evaluation"),
     "schedules": ("captioning.training", "captioning.evaluation", "captioning.models", SCENES),
     "evaluation": ("captioning.training",),
@@ -48,8 +68,9 @@ def imported(tree: ast.AST) -> set[str]:
 
 
 def test_nothing_imports_an_entry_point():
-    offenders = [(name, sorted(imported(tree) & ENTRY_POINTS)) for name, _, tree in modules()
-                 if imported(tree) & ENTRY_POINTS]
+    offenders = [
+        (name, sorted(imported(tree) & ENTRY_POINTS)) for name, _, tree in modules() if imported(tree) & ENTRY_POINTS
+    ]
     assert offenders == []
 
 
@@ -67,8 +88,14 @@ def test_only_the_top_imports_the_config_orchestrator():
     """captioning.config runs every group's checks, so it imports every layer: below the entry points and training/
     nothing may import it (a check belongs beside its owner; the error is captioning.errors.ConfigError)."""
     command_line = {"captioning.cli", "captioning.strict_keys"}  # what the entry points alone import (the `+` keys)
-    offenders = [(name, CONFIG) for name, _, tree in modules() if CONFIG in imported(tree) and name != CONFIG
-                 and name not in ENTRY_POINTS | command_line and not name.startswith("captioning.training")]
+    offenders = [
+        (name, CONFIG)
+        for name, _, tree in modules()
+        if CONFIG in imported(tree)
+        and name != CONFIG
+        and name not in ENTRY_POINTS | command_line
+        and not name.startswith("captioning.training")
+    ]
     assert offenders == []
 
 
@@ -76,8 +103,11 @@ def test_the_check_helpers_are_leaves():
     offenders = []
     for name, _, tree in modules():
         if name in LEAVES:
-            offenders += [(name, target) for target in imported(tree)
-                          if not any(target == a or target.startswith(a + ".") for a in LEAVES[name])]
+            offenders += [
+                (name, target)
+                for target in imported(tree)
+                if not any(target == a or target.startswith(a + ".") for a in LEAVES[name])
+            ]
     assert set(LEAVES) <= {name for name, _, _ in modules()} and offenders == []
 
 
@@ -91,8 +121,12 @@ def module_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path, tree in modules():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                for n in ast.walk(node)}
+        skip = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)
+        }
         targets = set()
         for node in ast.walk(tree):
             if id(node) in skip:

@@ -1,4 +1,5 @@
 """Atomic checkpoints: a process killed at any instant leaves a readable checkpoint."""
+
 from __future__ import annotations
 
 import random

@@ -1,6 +1,7 @@
 """The batched CIDEr-D (and BLEU-4) reward equals pycocoevalcap's per caption, given the same words and the same
 document frequencies (pycocoevalcap's CiderScorer computes them from the reference sets it scores, so each
 comparison scores one candidate for every reference set of the corpus)."""
+
 from __future__ import annotations
 
 import random
@@ -28,8 +29,9 @@ def candidate_words(row: list[int], append_eos: bool) -> str:
     return as_words(row[:stop], append_eos and ended)
 
 
-def pycoco_scores(references: list[list[list[int]]], candidates: torch.Tensor, append_eos: bool
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def pycoco_scores(
+    references: list[list[list[int]]], candidates: torch.Tensor, append_eos: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """candidates (I, S, L), one group per reference set -> pycocoevalcap's CIDEr-D and BLEU-4 (I, S)."""
     cider, bleu = np.zeros(candidates.shape[:2]), np.zeros(candidates.shape[:2])
     refs = [[as_words(ref, append_eos) for ref in refs] for refs in references]
@@ -50,7 +52,7 @@ def pad_candidates(groups: list[list[list[int]]], length: int) -> torch.Tensor:
     out = torch.full((len(groups), len(groups[0]), length), PAD, dtype=torch.long)
     for i, group in enumerate(groups):
         for s, tokens in enumerate(group):
-            out[i, s, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            out[i, s, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     return out
 
 
@@ -62,7 +64,13 @@ HAND_REFERENCES = [
     [[4, 6, 8, 10, 12], [5, 7, 9, 11, 13], [4, 5, 6], [6, 5, 4]],
 ]
 HAND_CANDIDATES = [
-    [[4, 5, 6, 7, EOS], [4, 5, 6, 7], [4, 4, 4, 4, 5, EOS], [EOS], [22, 23, EOS]],  # exact / cut / repeats / empty / unseen
+    [
+        [4, 5, 6, 7, EOS],
+        [4, 5, 6, 7],
+        [4, 4, 4, 4, 5, EOS],
+        [EOS],
+        [22, 23, EOS],
+    ],  # exact / cut / repeats / empty / unseen
     [[11, 11, 11, 11, 11, 11, EOS], [11, EOS], [11, 12, EOS], [12, 11], [4, 5, 6, 7, EOS]],
     [[13, EOS], [13], [14, 15, 16, 17, 18, 19, 20, 21, 13, EOS], [], [13, 13, 13, 13, 13, 13, 13, 13, 13]],
     [[6, 5, 4, EOS], [4, 5, 6, 6, 5, 4, EOS], [4, 6, 8, 10, 12, 5, 7, 9, 11], [9, EOS], [5, 7, 9, 11, 13, EOS]],
@@ -83,10 +91,11 @@ def test_hand_made_set_equals_pycocoevalcap(append_eos):
 
 
 def synthetic_references(root) -> tuple[list[list[list[int]]], int]:
+    from omegaconf import OmegaConf
+
     from captioning.data.build import build_vocab
     from captioning.data.coco import read_coco_karpathy
     from captioning.training.self_critical import reference_sets
-    from omegaconf import OmegaConf
 
     records = read_coco_karpathy(root)
     vocab = build_vocab(records["train"], OmegaConf.create({"word_count_threshold": 2}))
@@ -102,13 +111,15 @@ def test_synthetic_references_equal_pycocoevalcap(tiny_data_root, append_eos):
     for i, refs in enumerate(references):
         other = references[(i + 1) % len(references)]
         ref = list(refs[0])
-        groups.append([
-            ref + [EOS],  # a reference itself, ended
-            ref,  # the same words, cut short (no <eos>)
-            rng.choice(other) + [EOS],  # another image's caption
-            [rng.randrange(3, vocab_size) for _ in range(rng.randrange(0, 12))] + [EOS],  # random words
-            (ref[: rng.randrange(1, len(ref) + 1)] + rng.choice(refs))[:16],  # a mix of the image's own
-        ])
+        groups.append(
+            [
+                ref + [EOS],  # a reference itself, ended
+                ref,  # the same words, cut short (no <eos>)
+                rng.choice(other) + [EOS],  # another image's caption
+                [rng.randrange(3, vocab_size) for _ in range(rng.randrange(0, 12))] + [EOS],  # random words
+                (ref[: rng.randrange(1, len(ref) + 1)] + rng.choice(refs))[:16],  # a mix of the image's own
+            ]
+        )
     candidates = pad_candidates(groups, 17)  # (I, 5, 17)
     scorer = CiderD(references, vocab_size, EOS, PAD, append_eos=append_eos)
     cider, bleu = pycoco_scores(references, candidates, append_eos)

@@ -1,4 +1,5 @@
 """The console scripts as a user runs them: from any working directory, with clear one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import requires_java, tiny_overrides
 
 
@@ -55,8 +55,11 @@ def test_missing_java_is_reported_before_any_work(tmp_path):
     # would leave a virtual environment: Python finds pyvenv.cfg beside the path it was started by)
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
-    result = run([sys.executable, "-m", "captioning.train", f"hydra.run.dir={tmp_path}/run"], tmp_path,
-                 env={"PATH": str(empty_bin), "CAPTIONING_CACHE": str(tmp_path / "cache")})
+    result = run(
+        [sys.executable, "-m", "captioning.train", f"hydra.run.dir={tmp_path}/run"],
+        tmp_path,
+        env={"PATH": str(empty_bin), "CAPTIONING_CACHE": str(tmp_path / "cache")},
+    )
     assert result.returncode == 2
     assert "Java runtime not found" in result.stderr
     assert not (tmp_path / "cache").exists()  # no data generated, no model built
@@ -71,15 +74,21 @@ def test_eval_without_checkpoint_names_the_key(tmp_path):
 @pytest.mark.java
 @pytest.mark.slow
 def test_train_then_eval_console_scripts_agree(tiny_data_root, tmp_path):
-    overrides = tiny_overrides(tiny_data_root) + ["trainer.max_steps=10", "trainer.val_every_n_steps=5",
-                                                  f"hydra.run.dir={tmp_path}/run"]
+    overrides = tiny_overrides(tiny_data_root) + [
+        "trainer.max_steps=10",
+        "trainer.val_every_n_steps=5",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
     trained = run(script("captioning-train") + overrides, tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "CIDEr" in trained.stdout and "most common caption" in trained.stdout
     train_metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
 
-    evaluated = run(script("captioning-eval") + [f"checkpoint={tmp_path}/run/checkpoints/best.pt", "decode.beam_size=2",
-                                                f"hydra.run.dir={tmp_path}/eval"], tmp_path)
+    evaluated = run(
+        script("captioning-eval")
+        + [f"checkpoint={tmp_path}/run/checkpoints/best.pt", "decode.beam_size=2", f"hydra.run.dir={tmp_path}/eval"],
+        tmp_path,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     eval_metrics = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
     for key, value in train_metrics.items():
@@ -93,10 +102,20 @@ def test_train_then_eval_console_scripts_agree(tiny_data_root, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data_root, tmp_path):
     import signal
 
-    overrides = tiny_overrides(tiny_data_root) + ["trainer.max_steps=100000", "trainer.val_every_n_steps=100000",
-                                                  "trainer.log_every_n_steps=1", f"hydra.run.dir={tmp_path}/run"]
-    process = subprocess.Popen(script("captioning-train") + overrides, cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    overrides = tiny_overrides(tiny_data_root) + [
+        "trainer.max_steps=100000",
+        "trainer.val_every_n_steps=100000",
+        "trainer.log_every_n_steps=1",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    process = subprocess.Popen(
+        script("captioning-train") + overrides,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
@@ -113,10 +132,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data_root, tmp_path):
 def test_a_bad_job_in_a_sweep_is_reported_and_the_others_still_run(tiny_data_root, tmp_path):
     """captioning-train -m: a user error in one job fails that job (one line), not the whole sweep."""
     overrides = [o for o in tiny_overrides(tiny_data_root) if not o.startswith(("trainer.max_steps", "trainer.val"))]
-    result = run(script("captioning-train") + ["-m", "seed=-3,0", *overrides, "trainer.max_steps=1",
-                                               "trainer.val_every_n_steps=1", "trainer.scoring=deferred",
-                                               "trainer.evaluate_after_training=false",
-                                               f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    result = run(
+        script("captioning-train")
+        + [
+            "-m",
+            "seed=-3,0",
+            *overrides,
+            "trainer.max_steps=1",
+            "trainer.val_every_n_steps=1",
+            "trainer.scoring=deferred",
+            "trainer.evaluate_after_training=false",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        tmp_path,
+    )
     assert result.returncode != 0  # the sweep reports its failed job at the end
     assert "seed must be an integer >= 0" in result.stderr
     assert (tmp_path / "sweep" / "1" / "checkpoints" / "last.pt").is_file()  # the good job (seed=0) ran after it

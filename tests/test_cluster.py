@@ -1,5 +1,6 @@
 """The cluster path without a cluster: the world each launcher's environment describes, the run folder of a
 requeued job, the preemption signals and where the requeue goes."""
+
 from __future__ import annotations
 
 import os
@@ -10,12 +11,30 @@ import pytest
 from captioning.runtime.cluster import ClusterEnvironmentError, detect_world, expand_hostlist, run_folder_name
 from captioning.runtime.preemption import PreemptionFlag, preemption_signals
 
-SBATCH_SHELL = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-                "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.1"}
-SRUN_STEP = {**SBATCH_SHELL, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3",
-             "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[07-08]"}
-TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node-a", "MASTER_PORT": "29400",
-            **SBATCH_SHELL}  # torchrun inside an sbatch job: torchrun's variables win
+SBATCH_SHELL = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_NTASKS": "4",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.1",
+}
+SRUN_STEP = {
+    **SBATCH_SHELL,
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_TASKS": "4",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+    "SLURM_STEP_NODELIST": "gpu[07-08]",
+}
+TORCHRUN = {
+    "RANK": "5",
+    "WORLD_SIZE": "8",
+    "LOCAL_RANK": "1",
+    "MASTER_ADDR": "node-a",
+    "MASTER_PORT": "29400",
+    **SBATCH_SHELL,
+}  # torchrun inside an sbatch job: torchrun's variables win
 
 
 def test_hostlists_expand_as_slurm_writes_them():
@@ -33,8 +52,13 @@ def test_an_srun_step_is_a_world_whose_master_is_the_first_node_of_the_step():
 
 def test_torchrun_variables_win():
     world = detect_world(TORCHRUN)
-    assert (world.rank, world.world_size, world.local_rank, world.master_addr, world.master_port) == \
-        (5, 8, 1, "node-a", 29400)
+    assert (world.rank, world.world_size, world.local_rank, world.master_addr, world.master_port) == (
+        5,
+        8,
+        1,
+        "node-a",
+        29400,
+    )
 
 
 def test_an_sbatch_shell_of_several_tasks_says_to_use_srun_instead_of_hanging():
@@ -45,8 +69,9 @@ def test_an_sbatch_shell_of_several_tasks_says_to_use_srun_instead_of_hanging():
 
 
 def test_the_training_entry_point_reports_it(tiny_data_root, tmp_path, monkeypatch):
-    from captioning.training.caption_task import setup
     from conftest import compose, tiny_overrides
+
+    from captioning.training.caption_task import setup
 
     for key, value in SBATCH_SHELL.items():
         monkeypatch.setenv(key, value)
@@ -56,18 +81,21 @@ def test_the_training_entry_point_reports_it(tiny_data_root, tmp_path, monkeypat
 
 def test_a_plain_sbatch_job_keeps_its_run_folder_across_requeues():
     assert run_folder_name({"SLURM_JOB_ID": "4242"}) == "slurm-4242"
-    assert run_folder_name({"SLURM_JOB_ID": "4250", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "3"}) == \
-        "slurm-4242_3"
+    assert (
+        run_folder_name({"SLURM_JOB_ID": "4250", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "3"})
+        == "slurm-4242_3"
+    )
     # the submitit launcher keeps its own (stable) folders; no SLURM: a timestamp
-    assert run_folder_name({"SLURM_JOB_ID": "4242", "SUBMITIT_EXECUTOR": "slurm"}, now="2026-12-02/10-00-00") == \
-        "2026-12-02/10-00-00"
+    assert (
+        run_folder_name({"SLURM_JOB_ID": "4242", "SUBMITIT_EXECUTOR": "slurm"}, now="2026-12-02/10-00-00")
+        == "2026-12-02/10-00-00"
+    )
     assert run_folder_name({}, now="2026-12-02/10-00-00") == "2026-12-02/10-00-00"
 
 
 def test_the_composed_run_dir_follows_the_job_id(monkeypatch):
-    from omegaconf import OmegaConf
-
     from conftest import compose
+    from omegaconf import OmegaConf
 
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
@@ -101,6 +129,7 @@ def test_under_submitit_the_requeue_goes_through_submitits_handler(monkeypatch):
 
 def test_sigusr2_stops_a_training_run_at_a_step_boundary(tiny_data_root, tmp_path, monkeypatch):
     from conftest import compose, signal_during_step, tiny_overrides
+
     from captioning.runtime.checkpoint import load_checkpoint
     from captioning.training.recipe import train
 

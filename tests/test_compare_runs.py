@@ -27,24 +27,36 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # row -> (folder per seed, experiment_name, schedule.name, test metrics per seed or None, eps curve)
 ROWS = {
     "teacher_forcing": (
-        ["0", "1", "2"], "MISSING", "teacher_forcing",
-        [{"BLEU-4": 0.30, "METEOR": 0.25, "CIDEr": 0.90},
-         {"BLEU-4": 0.32, "METEOR": 0.26, "CIDEr": 1.00},
-         {"BLEU-4": 0.34, "METEOR": 0.27, "CIDEr": 1.10}],
+        ["0", "1", "2"],
+        "MISSING",
+        "teacher_forcing",
+        [
+            {"BLEU-4": 0.30, "METEOR": 0.25, "CIDEr": 0.90},
+            {"BLEU-4": 0.32, "METEOR": 0.26, "CIDEr": 1.00},
+            {"BLEU-4": 0.34, "METEOR": 0.27, "CIDEr": 1.10},
+        ],
         [1.0, 1.0, 1.0, 1.0, 1.0],
     ),
     "ss_inverse_sigmoid_k10": (
-        ["3", "4", "5"], "ss_inverse_sigmoid_k10", "inverse_sigmoid",
-        [{"BLEU-4": 0.31, "METEOR": 0.26, "CIDEr": 0.80},
-         None,  # crashed run: no test_metrics.json
-         {"BLEU-4": 0.35, "METEOR": 0.26, "CIDEr": 0.90}],
+        ["3", "4", "5"],
+        "ss_inverse_sigmoid_k10",
+        "inverse_sigmoid",
+        [
+            {"BLEU-4": 0.31, "METEOR": 0.26, "CIDEr": 0.80},
+            None,  # crashed run: no test_metrics.json
+            {"BLEU-4": 0.35, "METEOR": 0.26, "CIDEr": 0.90},
+        ],
         [0.9, 0.8, 0.7, 0.6, 0.5],
     ),
     "always_sampling": (  # nested one level, experiment_name explicitly null
-        ["part2/0", "part2/1", "part2/10"], None, "always_sampling",
-        [{"BLEU-4": 0.20, "METEOR": 0.20, "CIDEr": 0.50},
-         {"BLEU-4": 0.21, "METEOR": 0.20, "CIDEr": 0.60},
-         {"BLEU-4": 0.25, "METEOR": 0.20, "CIDEr": 0.70}],
+        ["part2/0", "part2/1", "part2/10"],
+        None,
+        "always_sampling",
+        [
+            {"BLEU-4": 0.20, "METEOR": 0.20, "CIDEr": 0.50},
+            {"BLEU-4": 0.21, "METEOR": 0.20, "CIDEr": 0.60},
+            {"BLEU-4": 0.25, "METEOR": 0.20, "CIDEr": 0.70},
+        ],
         [0.0, 0.0, 0.0, 0.0, 0.0],
     ),
 }
@@ -60,8 +72,7 @@ def _write_run(run_dir, experiment_name, schedule_name, seed, test, eps):
     for step in range(5):
         lines.append({"step": step, "train/loss": 3.0 - 0.1 * step, "train/teacher_forcing_prob": eps[step]})
         if step in (2, 4):  # validation lines carry only val keys; CIDEr differs per seed
-            lines.append({"step": step, "val/CIDEr": (0.5 if step == 2 else 0.8) + 0.1 * seed,
-                          "val/BLEU-4": 0.2})
+            lines.append({"step": step, "val/CIDEr": (0.5 if step == 2 else 0.8) + 0.1 * seed, "val/BLEU-4": 0.2})
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     if test is not None:
         full = {f"test/{k}": v for k, v in test.items()}
@@ -94,7 +105,10 @@ def test_table_numbers_by_hand(sweep):
     rows = {row["run"]: row for row in table["rows"]}
     assert [row["run"] for row in table["rows"]] == ["always_sampling", "ss_inverse_sigmoid_k10", "teacher_forcing"]
     assert {name: row["n_seeds"] for name, row in rows.items()} == {
-        "always_sampling": 3, "ss_inverse_sigmoid_k10": 2, "teacher_forcing": 3}
+        "always_sampling": 3,
+        "ss_inverse_sigmoid_k10": 2,
+        "teacher_forcing": 3,
+    }
 
     def check(row, metric, mean, std):
         cell = rows[row]["metrics"][metric]
@@ -114,8 +128,9 @@ def test_table_numbers_by_hand(sweep):
     check("always_sampling", "METEOR", 0.20, 0.0)
     check("always_sampling", "CIDEr", 0.60, 0.1)
 
-    assert table["missing"] == [{"run": "4/", "row": "ss_inverse_sigmoid_k10", "seed": 1,
-                                 "reason": "test_metrics.json missing"}]
+    assert table["missing"] == [
+        {"run": "4/", "row": "ss_inverse_sigmoid_k10", "seed": 1, "reason": "test_metrics.json missing"}
+    ]
     assert table["warnings"] == []
 
 
@@ -248,8 +263,7 @@ def test_wandb_source_gives_same_table_and_curves_against_the_optimizer_step(swe
     local_table = cr.aggregate_table(local)
     remote_table = cr.aggregate_table(remote)
     assert [r["metrics"] for r in remote_table["rows"]] == [r["metrics"] for r in local_table["rows"]]
-    assert [m["reason"] for m in remote_table["missing"]] == [
-        "no test/* metrics in the run summary (state: crashed)"]
+    assert [m["reason"] for m in remote_table["missing"]] == ["no test/* metrics in the run summary (state: crashed)"]
     cider = cr.curves(remote, "val/CIDEr")
     assert cider == cr.curves(local, "val/CIDEr")
     assert cider["teacher_forcing"]["step"] == [2, 4]  # optimizer steps, not the _step of those records
@@ -278,7 +292,8 @@ def test_interpolated_experiment_name_is_resolved(tmp_path):
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text(
         "experiment_name: ss_${schedule.name}_k${schedule.k}\nschedule:\n  name: inverse_sigmoid\n  k: 10\n"
-        "seed: ${base_seed}\nbase_seed: 7\n")
+        "seed: ${base_seed}\nbase_seed: 7\n"
+    )
     (record,) = cr.load_local_runs(tmp_path)
     assert (record.row, record.seed) == ("ss_inverse_sigmoid_k10", 7)
     assert record.test_metrics is None and record.history == []
@@ -303,8 +318,9 @@ def test_bad_metrics_line_names_file_and_line(sweep, capsys):
 
 def test_empty_sweep_exits_1(tmp_path):
     (tmp_path / "notes").mkdir()
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 1
     assert "no runs found" in result.stderr and str(tmp_path) in result.stderr
 

@@ -1,13 +1,14 @@
 """Every config option composes and validates; every bad value fails before heavy work, naming its key."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from conftest import compose
 from omegaconf import OmegaConf
 
 from captioning.config import ConfigError, config_dir, validate_train_config
-from conftest import compose
 
 CONF = Path(config_dir())
 GROUPS = ["data", "model", "schedule", "decode", "optim", "trainer", "logger", "experiment", "debug"]
@@ -32,7 +33,8 @@ def test_every_option_composes_and_validates(group, option):
 def test_launcher_configs_compose(option):
     plugin = "joblib" if option == "parallel" else "submitit"
     pytest.importorskip(f"hydra_plugins.hydra_{plugin}_launcher", reason=f"hydra-{plugin}-launcher not installed")
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = hydra_compose("config", overrides=[f"hydra/launcher={option}"], return_hydra_config=True)
@@ -48,47 +50,50 @@ def test_eval_config_composes_for_every_decoder():
         assert cfg.decode.max_len == 16
 
 
-@pytest.mark.parametrize("override,key", [
-    ("data.batch_size=0", "data.batch_size"),
-    ("data.on_bad_image=ignore", "data.on_bad_image"),
-    ("data.on_bad_caption=maybe", "data.on_bad_caption"),
-    ("data.max_len=-1", "data.max_len"),
-    ("data.word_count_threshold=-2", "data.word_count_threshold"),
-    ("model.decoder.cell=transformer", "model.decoder.cell"),
-    ("model.decoder.dropout=1.5", "model.decoder.dropout"),
-    ("model.decoder.hidden_dim=0", "model.decoder.hidden_dim"),
-    ("model.encoder.name=resnet9000", "model.encoder.name"),
-    ("model.decoder.attention=sometimes", "model.decoder.attention"),
-    ("model.decoder.attention=true model.encoder.pretrain=null model.encoder.pool=avg", "model.encoder.pool"),
-    ("schedule=inverse_sigmoid schedule.k=0.5", "schedule.k"),
-    ("schedule=exponential schedule.k=1.5", "schedule.k"),
-    ("schedule=constant schedule.p=2", "schedule.p"),
-    ("schedule=inverse_sigmoid schedule.token_source=beam", "schedule.token_source"),
-    ("schedule=always_sampling schedule.granularity=word", "schedule.granularity"),
-    ("schedule=linear schedule.unit=hour", "schedule.unit"),
-    # a key the variant does not use, even added with +, is an error (one idiom for decode and schedule)
-    ("schedule=teacher_forcing +schedule.k=5", "schedule.k"),
-    ("schedule=inverse_sigmoid +schedule.p=0.5", "schedule.p"),
-    ("decode=greedy +decode.beam_size=5", "beam_size"),
-    ("decode=beam +decode.temperature=0.5", "temperature"),
-    ("decode=diverse_beam decode.num_groups=4", "num_groups"),
-    ("decode.beam_size=0", "beam_size"),
-    ("decode.strategy=nucleus", "decode.strategy"),
-    ("optim.optimizer.lr=-1", "optim.optimizer.lr"),
-    ("+optim.optimizer.momentum_typo=0.9", "optim.optimizer.momentum_typo"),
-    ("optim.optimizer._target_=torch.optim.NoSuchOptimizer", "optim.optimizer._target_"),
-    ("trainer.precision=fp8", "trainer.precision"),
-    ("trainer.device=tpu", "trainer.device"),
-    ("trainer.resume=/no/such/checkpoint.pt", "trainer.resume"),
-    ("trainer.max_steps=null", "trainer.max_steps"),
-    ("trainer.val_every_n_steps=0", "trainer.val_every_n_steps"),
-    ("trainer.cuda_graphs=sometimes", "trainer.cuda_graphs"),
-    ("logger=wandb logger.wandb.mode=sometimes", "logger.wandb.mode"),
-    ("seed=-3", "seed"),
-    ("data.generator=captioning.scenes.generator.no_such_function", "data.generator"),
-    ("data.generator=captioning.scenes.generator.FORMAT_VERSION", "data.generator"),
-    ("task=lm data=text data.embedded.generator=nowhere.embedded_text", "data.embedded.generator"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.on_bad_image=ignore", "data.on_bad_image"),
+        ("data.on_bad_caption=maybe", "data.on_bad_caption"),
+        ("data.max_len=-1", "data.max_len"),
+        ("data.word_count_threshold=-2", "data.word_count_threshold"),
+        ("model.decoder.cell=transformer", "model.decoder.cell"),
+        ("model.decoder.dropout=1.5", "model.decoder.dropout"),
+        ("model.decoder.hidden_dim=0", "model.decoder.hidden_dim"),
+        ("model.encoder.name=resnet9000", "model.encoder.name"),
+        ("model.decoder.attention=sometimes", "model.decoder.attention"),
+        ("model.decoder.attention=true model.encoder.pretrain=null model.encoder.pool=avg", "model.encoder.pool"),
+        ("schedule=inverse_sigmoid schedule.k=0.5", "schedule.k"),
+        ("schedule=exponential schedule.k=1.5", "schedule.k"),
+        ("schedule=constant schedule.p=2", "schedule.p"),
+        ("schedule=inverse_sigmoid schedule.token_source=beam", "schedule.token_source"),
+        ("schedule=always_sampling schedule.granularity=word", "schedule.granularity"),
+        ("schedule=linear schedule.unit=hour", "schedule.unit"),
+        # a key the variant does not use, even added with +, is an error (one idiom for decode and schedule)
+        ("schedule=teacher_forcing +schedule.k=5", "schedule.k"),
+        ("schedule=inverse_sigmoid +schedule.p=0.5", "schedule.p"),
+        ("decode=greedy +decode.beam_size=5", "beam_size"),
+        ("decode=beam +decode.temperature=0.5", "temperature"),
+        ("decode=diverse_beam decode.num_groups=4", "num_groups"),
+        ("decode.beam_size=0", "beam_size"),
+        ("decode.strategy=nucleus", "decode.strategy"),
+        ("optim.optimizer.lr=-1", "optim.optimizer.lr"),
+        ("+optim.optimizer.momentum_typo=0.9", "optim.optimizer.momentum_typo"),
+        ("optim.optimizer._target_=torch.optim.NoSuchOptimizer", "optim.optimizer._target_"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("trainer.device=tpu", "trainer.device"),
+        ("trainer.resume=/no/such/checkpoint.pt", "trainer.resume"),
+        ("trainer.max_steps=null", "trainer.max_steps"),
+        ("trainer.val_every_n_steps=0", "trainer.val_every_n_steps"),
+        ("trainer.cuda_graphs=sometimes", "trainer.cuda_graphs"),
+        ("logger=wandb logger.wandb.mode=sometimes", "logger.wandb.mode"),
+        ("seed=-3", "seed"),
+        ("data.generator=captioning.scenes.generator.no_such_function", "data.generator"),
+        ("data.generator=captioning.scenes.generator.FORMAT_VERSION", "data.generator"),
+        ("task=lm data=text data.embedded.generator=nowhere.embedded_text", "data.embedded.generator"),
+    ],
+)
 def test_bad_values_name_their_key(override, key):
     cfg = compose(override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -133,9 +138,11 @@ def test_importing_the_config_registers_no_resolver_the_entry_point_does():
     import subprocess
     import sys
 
-    code = ("from omegaconf import OmegaConf; import captioning.config, captioning.training.recipe\n"
-            "assert not OmegaConf.has_resolver('run_folder'), 'registered on import'\n"
-            "import captioning.train\n"
-            "assert OmegaConf.has_resolver('run_folder'), 'the entry point did not register it'\n")
+    code = (
+        "from omegaconf import OmegaConf; import captioning.config, captioning.training.recipe\n"
+        "assert not OmegaConf.has_resolver('run_folder'), 'registered on import'\n"
+        "import captioning.train\n"
+        "assert OmegaConf.has_resolver('run_folder'), 'the entry point did not register it'\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

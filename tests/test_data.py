@@ -1,4 +1,5 @@
 """Reading COCO-format data, the vocabulary, and every odd input's defined behaviour."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose, tiny_overrides
 from PIL import Image
 
 from captioning.data.build import ResumableSampler, build_vocab, encoded_train_items, train_dataset
@@ -16,7 +18,6 @@ from captioning.data.dataset import BadImageTracker, BadInputError, EvalImageDat
 from captioning.data.images import BadImage, load_rgb
 from captioning.data.text import training_tokens
 from captioning.data.vocab import Vocabulary
-from conftest import compose, tiny_overrides
 
 
 @pytest.fixture
@@ -73,8 +74,16 @@ def test_vocabulary_encode_decode_and_round_trip():
 
 
 def test_tokenize_handles_newlines_and_unicode():
-    assert training_tokens("A red\ncircle,\tleft of a CAFÉ\u2028sign!") == ["a", "red", "circle", "left", "of", "a", "cafe",
-                                                                     "sign"]
+    assert training_tokens("A red\ncircle,\tleft of a CAFÉ\u2028sign!") == [
+        "a",
+        "red",
+        "circle",
+        "left",
+        "of",
+        "a",
+        "cafe",
+        "sign",
+    ]
     assert training_tokens("🙂 ✨") == []
     assert training_tokens("  ") == []
 
@@ -83,8 +92,10 @@ def test_bad_captions_are_skipped_and_counted_or_raise(caplog):
     vocab = Vocabulary.build([["a", "red", "circle"]] * 6, word_count_threshold=5)
     from captioning.data.coco import ImageRecord
 
-    records = [ImageRecord(1, Path("x.jpg"), "train", ["a red circle", "", "zebra giraffe", "a red\ncircle 🙂"]),
-               ImageRecord(2, Path("y.jpg"), "train", ["   ", "okapi"])]
+    records = [
+        ImageRecord(1, Path("x.jpg"), "train", ["a red circle", "", "zebra giraffe", "a red\ncircle 🙂"]),
+        ImageRecord(2, Path("y.jpg"), "train", ["   ", "okapi"]),
+    ]
     with caplog.at_level(logging.WARNING):
         items, problems = encode_captions(records, vocab, 16, "skip")
     assert [len(caps) for _, caps in items] == [2]

@@ -4,6 +4,7 @@ The ranks must see disjoint halves of every epoch, log one mean loss per step fr
 identical models, score every val/test image exactly once (also for an odd split size), stop together when
 only one rank is signalled, and resume exactly. tests/ddp_worker.py runs train() with spies on each rank.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY, compose, requires_java, tiny_overrides
 
 from captioning.data.build import ResumableSampler
 from captioning.loggers.jsonl import read_jsonl
-from conftest import REPO, TINY, compose, requires_java, tiny_overrides
 
 WORKER = REPO / "tests" / "ddp_worker.py"
 WORLD = 2
@@ -41,6 +42,7 @@ def ddp_run(test):
 
 
 # ---------------------------------------------------------------------------------------------- fast checks
+
 
 def test_trainer_ddp_config_has_every_default_key_and_documents_the_launch():
     ddp, default = compose(["trainer=ddp"]), compose([])
@@ -75,6 +77,7 @@ def test_sampler_gives_each_rank_a_disjoint_equal_share_of_every_epoch(size, wor
 
 # ---------------------------------------------------------------------------------------------- torchrun runs
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,13 +87,26 @@ def _free_port() -> int:
 def torchrun(args: list[str], timeout: float = 300, env: dict | None = None) -> tuple[int, str, float]:
     """`torchrun --nproc_per_node=2 ARGS` (plain, not --standalone); returns (exit code, output, seconds).
     On a timeout the whole process group is killed and the test fails with the output so far."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-           f"--master_port={_free_port()}", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true",
-                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        f"--master_port={_free_port()}",
+        *args,
+    ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -109,9 +125,16 @@ def ddp_data_root(tmp_path_factory) -> Path:
 
 
 def ddp_overrides(root: Path, *extra: str) -> list[str]:
-    return [*tiny_overrides(root), *(f"data.synthetic.{k}={v}" for k, v in DDP_DATA.items()), "trainer=ddp",
-            "trainer.device=cpu", "trainer.num_threads=1", f"trainer.max_steps={TRAIN_STEPS}",
-            f"trainer.val_every_n_steps={VAL_EVERY}", *extra]
+    return [
+        *tiny_overrides(root),
+        *(f"data.synthetic.{k}={v}" for k, v in DDP_DATA.items()),
+        "trainer=ddp",
+        "trainer.device=cpu",
+        "trainer.num_threads=1",
+        f"trainer.max_steps={TRAIN_STEPS}",
+        f"trainer.val_every_n_steps={VAL_EVERY}",
+        *extra,
+    ]
 
 
 def split_ids(root: Path) -> dict[str, list[int]]:
@@ -148,8 +171,7 @@ def test_collectives_and_sharded_decoding_with_two_processes(ddp_data_root, tmp_
 @ddp_run
 def test_torchrun_captioning_train_end_to_end(ddp_data_root, tmp_path):
     run_dir = tmp_path / "run"
-    code, out, seconds = torchrun(["-m", "captioning.train", *ddp_overrides(ddp_data_root),
-                                   f"hydra.run.dir={run_dir}"])
+    code, out, seconds = torchrun(["-m", "captioning.train", *ddp_overrides(ddp_data_root), f"hydra.run.dir={run_dir}"])
     print(f"torchrun -m captioning.train, 2 ranks, {TRAIN_STEPS} steps + val + test: {seconds:.1f}s")
     assert code == 0, out[-6000:]
 
@@ -188,16 +210,24 @@ def test_torchrun_captioning_train_end_to_end(ddp_data_root, tmp_path):
     model, vocab, _, state = load_model(run_dir / "checkpoints" / "best.pt", torch.device("cpu"))
     assert state["step"] in (VAL_EVERY, TRAIN_STEPS)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.prev.pt", "last.pt"]  # no temporary leftovers
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "best.pt",
+        "last.prev.pt",
+        "last.pt",
+    ]  # no temporary leftovers
 
 
 def _worker_train(out_dir: Path, root: Path, *extra: str, env: dict | None = None) -> tuple[int, str, list[dict]]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    code, out, seconds = torchrun([str(WORKER), "train", str(out_dir),
-                                   *ddp_overrides(root, "trainer.log_every_n_steps=1", *extra)], env=env)
+    code, out, seconds = torchrun(
+        [str(WORKER), "train", str(out_dir), *ddp_overrides(root, "trainer.log_every_n_steps=1", *extra)], env=env
+    )
     print(f"ddp_worker.py train ({out_dir.name}): {seconds:.1f}s")
-    reports = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)
-               if (out_dir / f"rank{r}.json").is_file()]
+    reports = [
+        json.loads((out_dir / f"rank{r}.json").read_text())
+        for r in range(WORLD)
+        if (out_dir / f"rank{r}.json").is_file()
+    ]
     return code, out, reports
 
 
@@ -279,12 +309,16 @@ def test_sigterm_on_one_rank_stops_all_and_the_resumed_run_matches(straight_run,
     assert all(rep["summary"]["steps"] == TRAIN_STEPS and not rep["summary"]["preempted"] for rep in reports)
 
     def losses(directory):
-        return {r["step"]: r["train/loss"] for r in read_jsonl(directory / "run_rank0" / "metrics.jsonl")
-                if "train/loss" in r}
+        return {
+            r["step"]: r["train/loss"]
+            for r in read_jsonl(directory / "run_rank0" / "metrics.jsonl")
+            if "train/loss" in r
+        }
 
     assert losses(out_dir) == losses(straight_dir)
     resumed = torch.load(out_dir / "params_rank0.pt", weights_only=True)
     straight = torch.load(straight_dir / "params_rank0.pt", weights_only=True)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
-    assert Counter(r["step"] for r in read_jsonl(out_dir / "run_rank0" / "metrics.jsonl")
-                   if "train/loss" in r) == {s: 1 for s in range(1, TRAIN_STEPS + 1)}
+    assert Counter(r["step"] for r in read_jsonl(out_dir / "run_rank0" / "metrics.jsonl") if "train/loss" in r) == {
+        s: 1 for s in range(1, TRAIN_STEPS + 1)
+    }

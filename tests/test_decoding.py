@@ -258,11 +258,13 @@ def test_beam_finishes_only_eos_candidates_inside_its_top_k():
 
 
 def test_beam_finds_the_better_caption_greedy_misses():
-    model = table([
-        dist(w4=0.5, w5=0.4, eos=0.1),
-        {None: dist(eos=0.9, w4=0.1), 4: dist(w4=0.35, w5=0.3, w6=0.25, eos=0.1), 5: dist(eos=0.9, w4=0.1)},
-        dist(eos=0.9, w4=0.1),
-    ])
+    model = table(
+        [
+            dist(w4=0.5, w5=0.4, eos=0.1),
+            {None: dist(eos=0.9, w4=0.1), 4: dist(w4=0.35, w5=0.3, w6=0.25, eos=0.1), 5: dist(eos=0.9, w4=0.1)},
+            dist(eos=0.9, w4=0.1),
+        ]
+    )
     assert greedy(model, ids(0), 3)[0] == [([4, 4], pytest.approx(math.log(0.5 * 0.35 * 0.9)))]
     got = beam_search(model, ids(0), beam_size=2, max_len=3, n_best=2)[0]
     assert got == [([5], pytest.approx(math.log(0.4 * 0.9))), ([4, 4], pytest.approx(math.log(0.5 * 0.35 * 0.9)))]
@@ -270,12 +272,14 @@ def test_beam_finds_the_better_caption_greedy_misses():
 
 def test_length_penalty_changes_ranking_as_gnmt_formula_says():
     # "w4" then eos: p = 0.3 (2 tokens); "w5 w5 w5": p = 0.4 * 0.6 * 0.6 * 1.0 = 0.144 (4 tokens incl eos)
-    model = table([
-        dist(w4=0.3, w5=0.4, eos=0.3),
-        {None: dist(eos=1.0), 5: dist(w5=0.6, eos=0.4)},
-        {None: dist(eos=1.0), 5: dist(w5=0.6, eos=0.4)},
-        dist(eos=1.0),
-    ])
+    model = table(
+        [
+            dist(w4=0.3, w5=0.4, eos=0.3),
+            {None: dist(eos=1.0), 5: dist(w5=0.6, eos=0.4)},
+            {None: dist(eos=1.0), 5: dist(w5=0.6, eos=0.4)},
+            dist(eos=1.0),
+        ]
+    )
     plain = beam_search(model, ids(0), 4, 5)[0][0]
     assert plain[0] == [4] or plain[0] == []  # both have p = 0.3, the shortest captions win with alpha = 0
     long_ = beam_search(model, ids(0), 4, 5, length_penalty=2.0)[0][0]
@@ -364,11 +368,13 @@ def test_hamming_penalty_counts_the_selected_beams_not_the_finished_ones(max_len
     #   w6: log .18 - 1 = -2.715,  w3: log .14 = -1.966,  eos: log .08 = -2.526  -> w3.
     # Counting group 0's top candidate eos instead would penalise eos and give w6 (log .18).
     # Step 3: eos 1.0 (max_len 3), or "w5 w3" is cut at max_len 2: same caption, same score.
-    model = table([
-        dist(w4=0.6, w5=0.4),
-        {None: dist(eos=1.0), 4: dist(eos=0.5, w6=0.3, w3=0.2), 5: dist(w6=0.45, w3=0.35, eos=0.2)},
-        dist(eos=1.0),
-    ])
+    model = table(
+        [
+            dist(w4=0.6, w5=0.4),
+            {None: dist(eos=1.0), 4: dist(eos=0.5, w6=0.3, w3=0.2), 5: dist(w6=0.45, w3=0.35, eos=0.2)},
+            dist(eos=1.0),
+        ]
+    )
     got = diverse_beam_search(model, ids(0), beam_size=2, num_groups=2, diversity_strength=1.0, max_len=max_len)[0]
     assert got == [([4], pytest.approx(math.log(0.6 * 0.5))), ([5, 3], pytest.approx(math.log(0.4 * 0.35)))]
     pools = reference_diverse_beam(model, ids(0), 2, 1, 1.0, max_len)
@@ -384,11 +390,13 @@ def test_early_stopped_group_still_penalises_later_groups():
     # it stops adding to its pool. Group 1 (after w5) takes w3 (.144). Step 3: group 0 keeps
     # selecting: its choice w5 pushes group 1 from w5 (log .072 - 1) to w4 (log .0648), exactly as in
     # a search without early stop (the reference). If it stopped selecting, group 1 would end "w5 w3 w5".
-    model = table([
-        dist(w4=0.6, w5=0.4),
-        {None: dist(eos=1.0), 4: dist(eos=0.9, w6=0.1), 5: dist(w3=0.36, w6=0.34, eos=0.3)},
-        dist(w5=0.5, w4=0.45, eos=0.05),
-    ])
+    model = table(
+        [
+            dist(w4=0.6, w5=0.4),
+            {None: dist(eos=1.0), 4: dist(eos=0.9, w6=0.1), 5: dist(w3=0.36, w6=0.34, eos=0.3)},
+            dist(w5=0.5, w4=0.45, eos=0.05),
+        ]
+    )
     got = diverse_beam_search(model, ids(0), 2, 2, 1.0, 3)[0]
     assert got == [([4], pytest.approx(math.log(0.54))), ([5, 3, 4], pytest.approx(math.log(0.4 * 0.36 * 0.45)))]
     pools = reference_diverse_beam(model, ids(0), 2, 1, 1.0, 3)
@@ -472,7 +480,9 @@ def test_sampling_distribution_temperature_top_k_top_p():
     assert torch.allclose(sampling_distribution(log_p, 1.0, 2, 1.0), torch.tensor([[0.625, 0.375, 0, 0]]).double())
     # nucleus of 0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it; 0.15 and 0.05 are dropped
     assert torch.allclose(sampling_distribution(log_p, 1.0, 0, 0.7), torch.tensor([[0.625, 0.375, 0, 0]]).double())
-    assert torch.allclose(sampling_distribution(log_p, 1.0, 0, 0.85), torch.tensor([[0.5, 0.3, 0.15, 0]]).double() / 0.95)
+    assert torch.allclose(
+        sampling_distribution(log_p, 1.0, 0, 0.85), torch.tensor([[0.5, 0.3, 0.15, 0]]).double() / 0.95
+    )
 
 
 def test_top_p_samples_only_the_nucleus():
@@ -486,7 +496,10 @@ def test_top_p_samples_only_the_nucleus():
 
 def test_sampling_n_per_image_and_reproducible_with_generator():
     model, images = ToyGRU(seed=2, scale=1.2), toy_images(3)
-    draw = lambda seed: sample(model, images, 6, temperature=1.5, n=5, generator=torch.Generator().manual_seed(seed))
+
+    def draw(seed):
+        return sample(model, images, 6, temperature=1.5, n=5, generator=torch.Generator().manual_seed(seed))
+
     first = draw(0)
     assert [len(h) for h in first] == [5, 5, 5]
     assert all(h[i][1] >= h[i + 1][1] for h in first for i in range(4))
@@ -542,8 +555,13 @@ def test_decode_dispatches_with_defaults():
     assert decode(model, images, "diverse_beam", beam_size=4, num_groups=2, diversity_strength=0.5, max_len=5) == (
         diverse_beam_search(model, images, 4, 2, 0.5, 5)
     )
-    gen = lambda: torch.Generator().manual_seed(3)
-    assert decode(model, images, "sample", max_len=5, n=2, generator=gen()) == sample(model, images, 5, n=2, generator=gen())
+
+    def gen():
+        return torch.Generator().manual_seed(3)
+
+    assert decode(model, images, "sample", max_len=5, n=2, generator=gen()) == sample(
+        model, images, 5, n=2, generator=gen()
+    )
 
 
 BAD_PARAMS = [

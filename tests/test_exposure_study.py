@@ -1,4 +1,5 @@
 """tools/exposure_study.py: its statistics on hand-made numbers, and the whole command on a tiny configuration."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 
-spec = importlib.util.spec_from_file_location("exposure_study",
-                                              Path(__file__).parent.parent / "tools" / "exposure_study.py")
+spec = importlib.util.spec_from_file_location(
+    "exposure_study", Path(__file__).parent.parent / "tools" / "exposure_study.py"
+)
 study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(study)
 
@@ -40,8 +42,11 @@ def test_paired_difference_pairs_by_seed():
 
 
 def test_excess_slope_of_hand_built_curves():
-    per_position = {"position": [1, 2, 3, 4, 5], "excess": [0.0, 0.1, 0.2, None, 0.4],
-                    "free_scored": [10, 10, 10, 0, 10]}
+    per_position = {
+        "position": [1, 2, 3, 4, 5],
+        "excess": [0.0, 0.1, 0.2, None, 0.4],
+        "free_scored": [10, 10, 10, 0, 10],
+    }
     assert study.excess_slope(per_position) == pytest.approx(0.1)  # excess = 0.1 (t - 1) where scored
     flat = {"position": [1, 2, 3], "excess": [0.05, 0.05, 0.05], "free_scored": [3, 1, 2]}
     assert study.excess_slope(flat) == pytest.approx(0.0)
@@ -55,7 +60,7 @@ def test_excess_slope_of_hand_built_curves():
 
 def test_ten_seeds_where_an_interval_lies_within_its_width_of_zero():
     assert study.needs_more_seeds({"mean": 0.01, "low": -0.02, "high": 0.04})
-    assert study.needs_more_seeds({"mean": 0.05, "low": 0.01, "high": 0.09})   # width 0.08 >= 0.05
+    assert study.needs_more_seeds({"mean": 0.05, "low": 0.01, "high": 0.09})  # width 0.08 >= 0.05
     assert not study.needs_more_seeds({"mean": 0.10, "low": 0.08, "high": 0.12})
     assert not study.needs_more_seeds(None)
 
@@ -77,11 +82,36 @@ def test_table_holm_families_are_the_primary_and_the_secondary_metrics():
 @pytest.mark.slow
 def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, capsys):
     """2 rows x 2 seeds x 4 steps, then re-read without training: the finished runs are reused."""
-    overrides = [o for o in tiny_overrides(tiny_data_root) if not o.startswith(("trainer.max_steps=",
-                                                                               "trainer.val_every_n_steps="))]
-    arguments = ["table", "--untuned", "--data", "synthetic", "--rows", "baseline", "ss_paper", "--seeds", "2",
-                 "--max-seeds", "2", "--steps", "4", "--validations", "1", "--jobs", "1", "--sweep-dir",
-                 str(tmp_path / "sweep"), "--out-dir", str(tmp_path / "out"), "--", *overrides]
+    overrides = [
+        o
+        for o in tiny_overrides(tiny_data_root)
+        if not o.startswith(("trainer.max_steps=", "trainer.val_every_n_steps="))
+    ]
+    arguments = [
+        "table",
+        "--untuned",
+        "--data",
+        "synthetic",
+        "--rows",
+        "baseline",
+        "ss_paper",
+        "--seeds",
+        "2",
+        "--max-seeds",
+        "2",
+        "--steps",
+        "4",
+        "--validations",
+        "1",
+        "--jobs",
+        "1",
+        "--sweep-dir",
+        str(tmp_path / "sweep"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--",
+        *overrides,
+    ]
     assert study.main(arguments) == 0
     record = json.loads((tmp_path / "out" / "exposure_study_synthetic_encoder.json").read_text())
     table = record["table"]
@@ -108,14 +138,21 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
 def test_tuning_reads_the_best_validation_and_picks_the_learning_rate(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    records = [{"step": 2, "train/loss": 1.0}, {"step": 5, "val/scene/correct": 0.4},
-               {"step": 10, "val/scene/correct": 0.7}, {"step": 15, "val/scene/correct": 0.7}]
+    records = [
+        {"step": 2, "train/loss": 1.0},
+        {"step": 5, "val/scene/correct": 0.4},
+        {"step": 10, "val/scene/correct": 0.7},
+        {"step": 15, "val/scene/correct": 0.7},
+    ]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     assert study.best_validation(run) == (0.7, 10)  # the first of equal bests, as the checkpoint rule keeps it
     assert study.tuning_finished(run, 15) and not study.tuning_finished(run, 20)
     assert study.best_validation(tmp_path / "missing") is None
-    grid = {"0.003": {"val/scene/correct": 0.8, "step": 10}, "0.006": {"val/scene/correct": 0.9, "step": 10},
-            "0.012": None}
+    grid = {
+        "0.003": {"val/scene/correct": 0.8, "step": 10},
+        "0.006": {"val/scene/correct": 0.9, "step": 10},
+        "0.012": None,
+    }
     assert study.choose_lr(grid) == 0.006
     assert study.choose_lr({"0.003": {"val/scene/correct": 0.9}, "0.006": {"val/scene/correct": 0.9}}) == 0.003
     assert study.choose_lr({"0.003": None}) is None

@@ -1,4 +1,5 @@
 """The feature cache: extract once (resumable), train and evaluate on features, predict from images."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -7,14 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from captioning.data.features import FeatureStore
 from conftest import compose, requires_java, tiny_overrides
 
-spec = importlib.util.spec_from_file_location("extract_features",
-                                              Path(__file__).parent.parent / "tools" / "extract_features.py")
+from captioning.data.features import FeatureStore
+
+spec = importlib.util.spec_from_file_location(
+    "extract_features", Path(__file__).parent.parent / "tools" / "extract_features.py"
+)
 extract_features = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(extract_features)
+
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
@@ -35,8 +38,9 @@ def frozen(weights) -> list[str]:
 @pytest.fixture(scope="module")
 def store(tiny_data_root, tmp_path_factory, frozen):
     out = tmp_path_factory.mktemp("features") / "r18"
-    code = extract_features.main(["--out", str(out), "--batch-size", "16", "--device", "cpu",
-                                  *tiny_overrides(tiny_data_root), *frozen])
+    code = extract_features.main(
+        ["--out", str(out), "--batch-size", "16", "--device", "cpu", *tiny_overrides(tiny_data_root), *frozen]
+    )
     assert code == 0
     return out
 
@@ -64,12 +68,14 @@ def test_extraction_resumes_and_refuses_other_settings(store, tiny_data_root, tm
     marks = done.copy()
     marks[::2] = False  # as if killed half way
     np.save(partial / "done.npy", marks)
-    extracted = extract_features.extract(partial, compose(tiny_overrides(tiny_data_root) + frozen), 16,
-                                         torch.device("cpu"))
+    extracted = extract_features.extract(
+        partial, compose(tiny_overrides(tiny_data_root) + frozen), 16, torch.device("cpu")
+    )
     assert extracted["extracted_now"] == 40 and np.load(partial / "done.npy").all()
     assert np.array_equal(np.load(partial / "features.npy"), np.load(store / "features.npy"))
-    code = extract_features.main(["--out", str(partial), "--device", "cpu", *tiny_overrides(tiny_data_root),
-                                  *frozen, "data.image_size=48"])
+    code = extract_features.main(
+        ["--out", str(partial), "--device", "cpu", *tiny_overrides(tiny_data_root), *frozen, "data.image_size=48"]
+    )
     assert code == 1
 
 
@@ -79,12 +85,20 @@ def test_training_on_cached_features_then_predict_from_images(store, tiny_data_r
     from captioning.predict import predict
     from captioning.training.recipe import train
 
-    overrides = tiny_overrides(tiny_data_root) + frozen + [f"data.features={store}", "trainer.max_steps=4",
-                                                           "trainer.val_every_n_steps=4"]
+    overrides = (
+        tiny_overrides(tiny_data_root)
+        + frozen
+        + [f"data.features={store}", "trainer.max_steps=4", "trainer.val_every_n_steps=4"]
+    )
     summary = train(compose(overrides), tmp_path / "run")
     assert summary["steps"] == 4 and 0 <= summary["test"]["test/CIDEr"] <= 10
-    rows = predict(tmp_path / "run" / "checkpoints" / "best.pt", [tiny_data_root / "val2014"],
-                   compose([], config_name="predict").decode, "cpu", output=tmp_path / "out.jsonl")
+    rows = predict(
+        tmp_path / "run" / "checkpoints" / "best.pt",
+        [tiny_data_root / "val2014"],
+        compose([], config_name="predict").decode,
+        "cpu",
+        output=tmp_path / "out.jsonl",
+    )
     assert len(rows) == len(list((tiny_data_root / "val2014").glob("*.jpg"))) and all("captions" in r for r in rows)
     with pytest.raises(Exception, match="data.features"):
         from captioning.config import validate_train_config

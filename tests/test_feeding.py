@@ -1,9 +1,9 @@
 """Scheduled sampling's training forward: what is fed, and that epsilon = 1 is plain teacher forcing."""
+
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,12 +20,17 @@ V, N, T = 40, 64, 9
 ATTENTION_PARTS = torch.arange(1024).view(4, 256)  # shufflenet's 1,024 features read as 4 parts
 
 
-def tiny_model(cell: str = "lstm", dropout: float = 0.0, image_feed: str = "first", attention: bool = False
-               ) -> Captioner:
+def tiny_model(
+    cell: str = "lstm", dropout: float = 0.0, image_feed: str = "first", attention: bool = False
+) -> Captioner:
     torch.manual_seed(0)
     encoder = ImageEncoder("shufflenet_v2_x0_5", None, trainable=True)
-    return Captioner(encoder, RNNDecoder(V, 16, 24, num_layers=2, cell=cell, dropout=dropout), image_feed=image_feed,
-                     attention_parts=ATTENTION_PARTS if attention else None)
+    return Captioner(
+        encoder,
+        RNNDecoder(V, 16, 24, num_layers=2, cell=cell, dropout=dropout),
+        image_feed=image_feed,
+        attention_parts=ATTENTION_PARTS if attention else None,
+    )
 
 
 def batch(seed: int = 0):
@@ -69,15 +74,25 @@ def test_prob_one_is_teacher_forcing_bit_for_bit(mode):
     assert stats["model_token_fraction"].item() == 0.0
 
 
-@pytest.mark.parametrize("cell, image_feed, attention", [("lstm", "first", False), ("gru", "first", False),
-                                                         ("rnn", "first", False), ("lstm", "every_step", False),
-                                                         ("lstm", "every_step", True), ("gru", "first", True)])
+@pytest.mark.parametrize(
+    "cell, image_feed, attention",
+    [
+        ("lstm", "first", False),
+        ("gru", "first", False),
+        ("rnn", "first", False),
+        ("lstm", "every_step", False),
+        ("lstm", "every_step", True),
+        ("gru", "first", True),
+    ],
+)
 def test_choosing_then_one_fused_pass_equals_the_step_by_step_loop(cell, image_feed, attention):
     """Exact mode's two computations (GPU: choose the inputs without gradient, then one fused pass; CPU:
     step through with gradient) give the same fed tokens, logits and gradients."""
     from captioning.training.feeding import _exact_single_pass, choose_inputs
 
-    model = tiny_model(cell, image_feed=image_feed, attention=attention).train()  # no dropout: both computations are deterministic given the coins
+    model = tiny_model(
+        cell, image_feed=image_feed, attention=attention
+    ).train()  # no dropout: both computations are deterministic given the coins
     images, targets = batch()
     features = model.encode(images).detach().repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)
@@ -100,7 +115,9 @@ def test_two_pass_tokens_are_chosen_under_the_dropout_the_loss_sees():
     from captioning.training.feeding import choose_inputs
 
     torch.manual_seed(0)
-    model = Captioner(ImageEncoder("shufflenet_v2_x0_5", None, trainable=True), RNNDecoder(V, 16, 24, dropout=0.5)).train()
+    model = Captioner(
+        ImageEncoder("shufflenet_v2_x0_5", None, trainable=True), RNNDecoder(V, 16, 24, dropout=0.5)
+    ).train()
     images, targets = batch()
     features = model.encode(images).detach().repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)
@@ -111,14 +128,19 @@ def test_two_pass_tokens_are_chosen_under_the_dropout_the_loss_sees():
     assert not torch.equal(chosen.fed, choose_inputs(model, features, inputs, 0.0, "argmax", "token", 1.0).fed)
 
 
-@pytest.mark.parametrize("layers, image_feed, attention", [(1, "first", False), (2, "first", False),
-                                                           (1, "every_step", False), (1, "every_step", True)])
+@pytest.mark.parametrize(
+    "layers, image_feed, attention",
+    [(1, "first", False), (2, "first", False), (1, "every_step", False), (1, "every_step", True)],
+)
 def test_tokens_are_chosen_under_the_dropout_the_loss_sees(layers, image_feed, attention):
     """The same through scheduled_sampling_logits, with dropout inside a two-layer RNN too."""
     torch.manual_seed(0)
-    model = Captioner(ImageEncoder("shufflenet_v2_x0_5", None, trainable=True),
-                      RNNDecoder(V, 16, 24, num_layers=layers, dropout=0.5), image_feed=image_feed,
-                      attention_parts=ATTENTION_PARTS if attention else None).train()
+    model = Captioner(
+        ImageEncoder("shufflenet_v2_x0_5", None, trainable=True),
+        RNNDecoder(V, 16, 24, num_layers=layers, dropout=0.5),
+        image_feed=image_feed,
+        attention_parts=ATTENTION_PARTS if attention else None,
+    ).train()
     images, targets = batch()
     features = model.encode(images).repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)
@@ -133,8 +155,7 @@ def test_prob_zero_feeds_no_ground_truth_after_bos(mode):
     images, targets = batch()
     features = model.encode(images).repeat_interleave(4, 0)
     inputs = shift_right(targets.flatten(0, 1), model.bos_id)
-    logits, fed, use_truth = scheduled_sampling_logits(model, features, inputs, 0.0, token_source="argmax",
-                                                       mode=mode)
+    logits, fed, use_truth = scheduled_sampling_logits(model, features, inputs, 0.0, token_source="argmax", mode=mode)
     assert use_truth[:, 0].all() and not use_truth[:, 1:].any()
     assert torch.equal(fed[:, 0], inputs[:, 0])
     if mode == "exact":  # every fed token is the argmax of the previous step's output: free running
@@ -167,7 +188,9 @@ def test_fraction_of_model_tokens_matches_one_minus_prob(prob):
     model = tiny_model().eval()
     images, targets = batch()
     torch.manual_seed(3)
-    fractions = [CrossEntropyObjective(model)(images, targets, prob)[1]["model_token_fraction"].item() for _ in range(20)]
+    fractions = [
+        CrossEntropyObjective(model)(images, targets, prob)[1]["model_token_fraction"].item() for _ in range(20)
+    ]
     positions = 20 * (targets[:, :, 1:] != 0).sum().item()
     assert abs(sum(fractions) / 20 - (1 - prob)) < 5 * math.sqrt(prob * (1 - prob) / positions)
 

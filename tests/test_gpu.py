@@ -1,5 +1,6 @@
 """CUDA-only checks: same results as on CPU, mixed precision, and no host synchronisation inside the
 scheduled-sampling loop or a decoding step. Skipped without a GPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,9 @@ V, F = 500, 64
 
 def model_on(device, layers=2, dropout=0.0) -> Captioner:
     torch.manual_seed(0)
-    return Captioner(PrecomputedFeatures(F), RNNDecoder(V, 32, 48, num_layers=layers, cell="lstm",
-                                                         dropout=dropout)).to(device)
+    return Captioner(PrecomputedFeatures(F), RNNDecoder(V, 32, 48, num_layers=layers, cell="lstm", dropout=dropout)).to(
+        device
+    )
 
 
 def data(device, n=12, c=5, t=10):
@@ -55,8 +57,9 @@ def test_scheduled_sampling_loop_never_synchronises_with_the_host(token_source, 
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        logits, fed, use_truth = scheduled_sampling_logits(model, features, inputs, 0.75, token_source, granularity,
-                                                           chooser=chooser)
+        logits, fed, use_truth = scheduled_sampling_logits(
+            model, features, inputs, 0.75, token_source, granularity, chooser=chooser
+        )
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)
         loss.backward()
     finally:
@@ -128,8 +131,7 @@ def test_graphed_training_step_chooses_under_the_dropout_the_loss_sees(precision
     features, inputs = graph_inputs()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
         for _ in range(2):  # capture, then replay
-            logits, fed, use_truth = scheduled_sampling_logits(model, features, inputs, 0.0, "argmax",
-                                                               chooser=chooser)
+            logits, fed, use_truth = scheduled_sampling_logits(model, features, inputs, 0.0, "argmax", chooser=chooser)
     assert chooser.disabled_reason is None and not use_truth[:, 1:].any()
     # each model-chosen token is the argmax of the logits the loss sees, up to the rounding by which the
     # stepwise and the fused passes differ (cuDNN may use TF32; bf16 rounds more)
@@ -142,10 +144,14 @@ def test_graphed_training_step_chooses_under_the_dropout_the_loss_sees(precision
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("strategy,params", [
-    ("greedy", {}), ("beam", {"beam_size": 3}),
-    ("diverse_beam", {"beam_size": 6, "num_groups": 3, "diversity_strength": 0.5}),
-])
+@pytest.mark.parametrize(
+    "strategy,params",
+    [
+        ("greedy", {}),
+        ("beam", {"beam_size": 3}),
+        ("diverse_beam", {"beam_size": 6, "num_groups": 3, "diversity_strength": 0.5}),
+    ],
+)
 def test_decoders_give_the_same_captions_on_cuda_and_cpu(strategy, params, monkeypatch):
     from captioning.decoding import decode
 
@@ -186,10 +192,18 @@ def test_preempted_gpu_run_with_graphs_resumes_like_a_straight_run(tiny_data_roo
     from captioning.training.recipe import train
 
     overrides = tiny_overrides(tiny_data_root) + [
-        "trainer.device=cuda", "schedule=inverse_sigmoid", "schedule.k=2", "model.decoder.dropout=0.3",
+        "trainer.device=cuda",
+        "schedule=inverse_sigmoid",
+        "schedule.k=2",
+        "model.decoder.dropout=0.3",
         "schedule.token_source=uniform",  # the fed tokens then depend on the random stream, not on rounding
-        "trainer.max_steps=8", "trainer.val_every_n_steps=4", "trainer.log_every_n_steps=1", "data.batch_size=4",
-        "trainer.evaluate_after_training=false", "trainer.scoring=deferred"]
+        "trainer.max_steps=8",
+        "trainer.val_every_n_steps=4",
+        "trainer.log_every_n_steps=1",
+        "data.batch_size=4",
+        "trainer.evaluate_after_training=false",
+        "trainer.scoring=deferred",
+    ]
     train(compose(overrides), tmp_path / "straight")
     assert preempt_run_during_step(monkeypatch, compose(overrides), tmp_path / "resumed", 3)["steps"] == 3
     assert train(compose(overrides), tmp_path / "resumed")["steps"] == 8
@@ -199,8 +213,9 @@ def test_preempted_gpu_run_with_graphs_resumes_like_a_straight_run(tiny_data_roo
         return [r["train/loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
 
     def fractions(run):
-        return [r["train/model_token_fraction"] for r in read_jsonl(tmp_path / run / "metrics.jsonl")
-                if "train/loss" in r]
+        return [
+            r["train/model_token_fraction"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r
+        ]
 
     assert fractions("straight")[-1] > 0.5  # the schedule reached mostly model tokens
     assert fractions("straight") == pytest.approx(fractions("resumed"), abs=1e-6)  # the same coins

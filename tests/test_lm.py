@@ -1,5 +1,6 @@
 """The decoder as a language model (task=lm): truncated BPTT over parallel streams, its resume, sampling through
 the caption decoders, strict text reading; and the image-blind captioning baseline (CPU, tiny models)."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ import math
 
 import pytest
 import torch
+from conftest import compose, requires_java, tiny_overrides
 
 from captioning.config import ConfigError, validate_train_config
 from captioning.data.dataset import BadInputError
-from captioning.data.text_corpus import (TokenStreams, build_corpus, read_text_file, tokenize,
-                                         unigram_entropy_bits)
+from captioning.data.text_corpus import TokenStreams, build_corpus, read_text_file, tokenize, unigram_entropy_bits
 from captioning.evaluation.text import evaluate_text, generate_text
 from captioning.loggers.jsonl import read_jsonl
 from captioning.models.decoder import RNNDecoder
@@ -21,7 +22,6 @@ from captioning.runtime.preemption import PREEMPTION_EXIT_CODE
 from captioning.scenes.generator import embedded_text
 from captioning.training import language_model as lm
 from captioning.training.recipe import train
-from conftest import compose, requires_java, tiny_overrides
 
 TEXT = "the cat sat on the mat.\nA dog ran to the red box!\n" * 5  # 245 characters
 
@@ -39,10 +39,23 @@ def text_file(tmp_path):
 
 
 def lm_overrides(path, *more) -> list[str]:
-    return ["task=lm", f"data.path={path}", "data.batch_size=4", "data.tbptt_steps=8", "data.eval_batch_size=2",
-            "model.decoder.embed_dim=16", "model.decoder.hidden_dim=16", "trainer.max_steps=10",
-            "trainer.val_every_n_steps=5", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
-            "trainer.device=cpu", "trainer.checkpoint_every_minutes=null", "task.sample_length=12", *more]
+    return [
+        "task=lm",
+        f"data.path={path}",
+        "data.batch_size=4",
+        "data.tbptt_steps=8",
+        "data.eval_batch_size=2",
+        "model.decoder.embed_dim=16",
+        "model.decoder.hidden_dim=16",
+        "trainer.max_steps=10",
+        "trainer.val_every_n_steps=5",
+        "trainer.log_every_n_steps=1",
+        "trainer.progress_bar=false",
+        "trainer.device=cpu",
+        "trainer.checkpoint_every_minutes=null",
+        "task.sample_length=12",
+        *more,
+    ]
 
 
 # -- truncated backpropagation through time -------------------------------------------------------------------
@@ -53,7 +66,7 @@ def test_carrying_the_state_over_chunks_equals_one_pass_over_the_stream(cell, nu
     whole, _, _ = lm.chunk_logits(model, ids, model.zero_state(3, ids.device), 1.0)  # tbptt_steps covers it
     state, pieces = model.zero_state(3, ids.device), []
     for start in range(0, 37, 5):
-        logits, _, state = lm.chunk_logits(model, ids[:, start:start + 5], state, 1.0)
+        logits, _, state = lm.chunk_logits(model, ids[:, start : start + 5], state, 1.0)
         state = model.detach_state(state)
         pieces.append(logits)
     torch.testing.assert_close(torch.cat(pieces, 1), whole)
@@ -117,8 +130,10 @@ def test_sampling_at_temperature_to_zero_equals_greedy_and_beam_of_one():
         assert cold == greedy
     beam, _ = generate_text(model, corpus.vocab, "char", "the ", 30, "beam", beam_size=1)
     assert beam == greedy and greedy[0].startswith("the ") and len(greedy[0]) == 34
-    hot = {generate_text(model, corpus.vocab, "char", "the ", 30, "sample", seed=s, temperature=1.5)[0][0]
-           for s in range(3)}
+    hot = {
+        generate_text(model, corpus.vocab, "char", "the ", 30, "sample", seed=s, temperature=1.5)[0][0]
+        for s in range(3)
+    }
     assert len(hot) > 1  # not vacuous: a warm sample does vary
     _, unknown = generate_text(model, corpus.vocab, "char", "the ~", 5, "greedy")
     assert unknown == ["~"]
@@ -128,8 +143,11 @@ def test_sampling_at_temperature_to_zero_equals_greedy_and_beam_of_one():
 def test_char_run_trains_logs_bpc_and_samples(text_file, tmp_path, monkeypatch):
     seen = []
     original = lm.LanguageModelTask.step
-    monkeypatch.setattr(lm.LanguageModelTask, "step", lambda task, run, batch: (seen.append(batch["targets"]),
-                                                                                original(task, run, batch)))
+    monkeypatch.setattr(
+        lm.LanguageModelTask,
+        "step",
+        lambda task, run, batch: (seen.append(batch["targets"]), original(task, run, batch)),
+    )
     cfg = compose(lm_overrides(text_file, "trainer.max_steps=null", "trainer.max_epochs=1", "model.decoder.cell=gru"))
     summary = train(cfg, tmp_path / "run")
     corpus = build_corpus(TEXT, cfg.data, "TEXT")
@@ -147,15 +165,26 @@ def test_char_run_trains_logs_bpc_and_samples(text_file, tmp_path, monkeypatch):
 
     from captioning.sample import sample_text
 
-    sample_cfg = compose([f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "prompt=the c", "length=6",
-                          "temperature=0"], config_name="sample")
+    sample_cfg = compose(
+        [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "prompt=the c", "length=6", "temperature=0"],
+        config_name="sample",
+    )
     rows = sample_text(sample_cfg)
     assert rows[0]["strategy"] == "greedy" and rows[0]["text"].startswith("the c") and len(rows[0]["text"]) == 11
 
 
 def test_word_run_reports_perplexity(text_file, tmp_path):
-    cfg = compose(lm_overrides(text_file, "data.level=word", "trainer.monitor=val/perplexity", "data.tbptt_steps=4",
-                               "data.batch_size=2", "trainer.max_steps=4", "trainer.val_every_n_steps=4"))
+    cfg = compose(
+        lm_overrides(
+            text_file,
+            "data.level=word",
+            "trainer.monitor=val/perplexity",
+            "data.tbptt_steps=4",
+            "data.batch_size=2",
+            "trainer.max_steps=4",
+            "trainer.val_every_n_steps=4",
+        )
+    )
     summary = train(cfg, tmp_path)
     assert summary["test"]["test/perplexity"] == pytest.approx(math.exp(summary["test"]["test/loss"]))
     model, vocab, _, _ = load_language_model(tmp_path / "checkpoints" / "best.pt", torch.device("cpu"))
@@ -175,8 +204,14 @@ def _losses(run_dir):
 def test_resume_after_preemption_or_a_kill_equals_a_straight_run(text_file, tmp_path, monkeypatch):
     # 2 layers with dropout, scheduled sampling: random streams everywhere; 4 streams x 8 tokens: 6 chunks per
     # epoch, so the 10 steps cross an epoch boundary (the carried state restarts) after the resume.
-    overrides = lm_overrides(text_file, "model.decoder.num_layers=2", "model.decoder.dropout=0.2",
-                             "schedule=inverse_sigmoid", "schedule.k=2", "trainer.evaluate_after_training=false")
+    overrides = lm_overrides(
+        text_file,
+        "model.decoder.num_layers=2",
+        "model.decoder.dropout=0.2",
+        "schedule=inverse_sigmoid",
+        "schedule.k=2",
+        "trainer.evaluate_after_training=false",
+    )
     straight = train(compose(overrides), tmp_path / "straight")
     assert straight["steps"] == 10
 
@@ -192,6 +227,7 @@ def test_resume_after_preemption_or_a_kill_equals_a_straight_run(text_file, tmp_
             if signum and run.progress.step + 1 == 4:
                 os.kill(os.getpid(), signum)
             return original(task, run, batch)
+
         return step
 
     with monkeypatch.context() as patch:  # a SIGTERM during step 4: saves after it, exits for the requeue
@@ -210,8 +246,10 @@ def test_resume_after_preemption_or_a_kill_equals_a_straight_run(text_file, tmp_
 
     for run in ("preempted", "killed"):
         assert _losses(tmp_path / run) == _losses(tmp_path / "straight")
-        assert torch.equal(_param_vector(tmp_path / run / "checkpoints" / "last.pt"),
-                           _param_vector(tmp_path / "straight" / "checkpoints" / "last.pt"))
+        assert torch.equal(
+            _param_vector(tmp_path / run / "checkpoints" / "last.pt"),
+            _param_vector(tmp_path / "straight" / "checkpoints" / "last.pt"),
+        )
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
@@ -221,15 +259,18 @@ def _text_cfg(**values):
     return OmegaConf.create({"level": "char", "split": [0.9, 0.05, 0.05], "word_count_threshold": 0, **values})
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "no such file"),
-    (b"", "is empty"),
-    (b" \n\t\n", "is empty (only whitespace)"),
-    (b"hello\x00world" * 10, "looks binary, not text (a NUL byte at offset 5)"),
-    (bytes(range(1, 9)) * 20 + b"text", "looks binary, not text (160 control bytes"),
-    ("caf\u00e9 cr\u00e8me\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 3"),
-    ("hello\n".encode("utf-16"), "is UTF-16 text, not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "no such file"),
+        (b"", "is empty"),
+        (b" \n\t\n", "is empty (only whitespace)"),
+        (b"hello\x00world" * 10, "looks binary, not text (a NUL byte at offset 5)"),
+        (bytes(range(1, 9)) * 20 + b"text", "looks binary, not text (160 control bytes"),
+        ("caf\u00e9 cr\u00e8me\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 3"),
+        ("hello\n".encode("utf-16"), "is UTF-16 text, not UTF-8"),
+    ],
+)
 def test_bad_text_files_are_named_with_what_is_wrong(tmp_path, content, message):
     path = tmp_path / "input.txt"
     if content is not None:
@@ -248,17 +289,23 @@ def test_text_inputs_errors_and_config_checks(tmp_path, text_file):
     latin = _write(tmp_path / "latin.txt", "d\u00e9j\u00e0 vu\n".encode("latin-1") * 10)
     with pytest.raises(BadInputError, match="latin.txt is not UTF-8"):
         train(compose(lm_overrides(latin)), tmp_path / "run")
-    for override, key in [("data.level=byte", "data.level"), ("data.tbptt_steps=0", "data.tbptt_steps"),
-                          ("data.split=[0.9,0.1]", "data.split"), ("trainer.monitor=val/CIDEr", "trainer.monitor"),
-                          (f"data.path={tmp_path / 'missing.txt'}", "data.path"),
-                          ("objective=self_critical", "objective.name")]:
+    for override, key in [
+        ("data.level=byte", "data.level"),
+        ("data.tbptt_steps=0", "data.tbptt_steps"),
+        ("data.split=[0.9,0.1]", "data.split"),
+        ("trainer.monitor=val/CIDEr", "trainer.monitor"),
+        (f"data.path={tmp_path / 'missing.txt'}", "data.path"),
+        ("objective=self_critical", "objective.name"),
+    ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate_train_config(compose(lm_overrides(text_file, override)))
     with pytest.raises(ConfigError, match="add task=lm"):  # captioning needs images
         train(compose(["data=text"]), tmp_path / "caption")
     with pytest.raises(ValueError, match="not a language model"):
-        torch.save({"model": {}, "vocab": {"itos": []}, "config": {"task": {"name": "caption"}}, "step": 0},
-                   tmp_path / "caption.pt")
+        torch.save(
+            {"model": {}, "vocab": {"itos": []}, "config": {"task": {"name": "caption"}}, "step": 0},
+            tmp_path / "caption.pt",
+        )
         load_language_model(tmp_path / "caption.pt", torch.device("cpu"))
     from captioning.models.loading import load_model
 
@@ -285,8 +332,13 @@ def test_embedded_text_is_the_synthetic_captions_and_beats_nothing_by_itself():
 def test_the_image_blind_captioner_ignores_its_image():
     from captioning.models.captioner import build_captioner
 
-    small = ["model.encoder.name=shufflenet_v2_x0_5", "model.encoder.pool=avg", "model.decoder.attention=false",
-             "model.decoder.embed_dim=16", "model.decoder.hidden_dim=16"]
+    small = [
+        "model.encoder.name=shufflenet_v2_x0_5",
+        "model.encoder.pool=avg",
+        "model.decoder.attention=false",
+        "model.decoder.embed_dim=16",
+        "model.decoder.hidden_dim=16",
+    ]
     cfg = compose(["experiment=image_blind", *small])
     torch.manual_seed(0)
     blind = build_captioner(cfg.model, 20).eval()

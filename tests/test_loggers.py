@@ -1,4 +1,5 @@
 """JSON-lines and W&B logging, offline."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,14 @@ def test_wandb_logger_offline_writes_a_run_and_resumes_the_same_id(monkeypatch, 
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = WandbLogger(tmp_path, project="captioning-test", group="sweep-1", name="baseline-seed0",
-                         tags=["schedule:teacher_forcing"], config={"seed": 0})
+    logger = WandbLogger(
+        tmp_path,
+        project="captioning-test",
+        group="sweep-1",
+        name="baseline-seed0",
+        tags=["schedule:teacher_forcing"],
+        config={"seed": 0},
+    )
     logger.log_metrics({"train/loss": 2.0, "train/teacher_forcing_prob": 1.0}, step=1)
     image = tmp_path / "img.png"
     from PIL import Image
@@ -66,15 +73,18 @@ def test_training_run_with_wandb_offline(tiny_data_root, tmp_path, monkeypatch):
 
     if shutil.which("java") is None:
         pytest.skip("no Java runtime on PATH: validation needs pycocoevalcap's tokenizer")
-    from captioning.training.recipe import train
     from conftest import compose, tiny_overrides
+
+    from captioning.training.recipe import train
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = compose(tiny_overrides(tiny_data_root) + ["logger=wandb", "trainer.max_steps=3",
-                                                    "trainer.evaluate_after_training=false"])
+    cfg = compose(
+        tiny_overrides(tiny_data_root)
+        + ["logger=wandb", "trainer.max_steps=3", "trainer.evaluate_after_training=false"]
+    )
     train(cfg, tmp_path)  # no key, no mode: offline with a warning, not a crash
     run_id = (tmp_path / "wandb_run_id.txt").read_text()
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
@@ -125,7 +135,8 @@ def test_api_key_of_a_self_hosted_server_is_found(no_wandb_credentials, monkeypa
     (no_wandb_credentials / "netrc").write_text(
         "machine api.wandb.ai login user password public-key\n"
         "machine wandb.example.org:8443 login user password self-hosted-key\n"
-        "machine old.example.org login user password old-style-key\n")
+        "machine old.example.org login user password old-style-key\n"
+    )
     assert base_url() == "https://api.wandb.ai" and find_api_key() == "public-key"
 
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org:8443/")
@@ -214,7 +225,14 @@ def test_optimizer_step_is_logged_and_is_every_chart_x_axis(fake_wandb, tmp_path
     assert run.logged == [{"train/loss": 2.0, "trainer/step": 7}, {"val/CIDEr": 0.5, "trainer/step": 7}]
     assert run.kwargs["id"] == (tmp_path / RUN_ID_FILE).read_text() and run.kwargs["resume"] == "allow"
     assert json.loads((tmp_path / "wandb_run.json").read_text()) == {
-        "id": run.id, "project": "p", "entity": None, "group": "g", "name": "n", "tags": ["t"], "job_type": "train"}
+        "id": run.id,
+        "project": "p",
+        "entity": None,
+        "group": "g",
+        "name": "n",
+        "tags": ["t"],
+        "job_type": "train",
+    }
     assert run.finished
 
 
@@ -241,8 +259,9 @@ def test_table_sends_few_images_as_thumbnails(fake_wandb, tmp_path):
         assert max(image.image.size) <= 128 and image.image.size == (128, 96)  # aspect kept
     assert len(json.loads((tmp_path / "run" / "val_samples.json").read_text())["rows"]) == 10  # locally: all
 
-    WandbLogger(tmp_path / "default", project="p").log_table("val/samples", ["image", "generated", "references"],
-                                                             rows, step=5)
+    WandbLogger(tmp_path / "default", project="p").log_table(
+        "val/samples", ["image", "generated", "references"], rows, step=5
+    )
     assert len(fake_wandb.runs[1].logged[0]["val/samples"].data) == 4  # the default is small too
 
 
@@ -310,8 +329,7 @@ def test_unreachable_server_at_start_logs_offline_with_one_warning(monkeypatch, 
     monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     with caplog.at_level(logging.WARNING, logger="captioning.loggers.wandb_logger"):
-        logger = WandbLogger(tmp_path, project="captioning-test", config={"seed": 0}, init_timeout=3,
-                             finish_timeout=5)
+        logger = WandbLogger(tmp_path, project="captioning-test", config={"seed": 0}, init_timeout=3, finish_timeout=5)
         logger.log_metrics({"train/loss": 2.0}, step=1)
         logger.log_metrics({"train/loss": 1.5}, step=2)
         logger.finish()
@@ -342,16 +360,42 @@ def test_score_runs_logs_deferred_scores_into_the_saved_wandb_run(tmp_path, monk
     score_runs = _load_tool("score_runs")
     run = tmp_path / "sweep" / "0"
     (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"data": {"root": "unused"}, "logger": {"wandb": {
-        "project": "captioning-test", "entity": None, "group": None, "name": None, "tags": [], "mode": None}}}),
-        run / ".hydra" / "config.yaml")
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "data": {"root": "unused"},
+                "logger": {
+                    "wandb": {
+                        "project": "captioning-test",
+                        "entity": None,
+                        "group": None,
+                        "name": None,
+                        "tags": [],
+                        "mode": None,
+                    }
+                },
+            }
+        ),
+        run / ".hydra" / "config.yaml",
+    )
     (run / "wandb_run_id.txt").write_text("deferred0001")
-    (run / "wandb_run.json").write_text(json.dumps({
-        "id": "deferred0001", "project": "captioning-test", "entity": None, "group": "multirun_2024-05-01_12-00-00",
-        "name": "ss-seed0", "tags": ["schedule:inverse_sigmoid"], "job_type": "train"}))
+    (run / "wandb_run.json").write_text(
+        json.dumps(
+            {
+                "id": "deferred0001",
+                "project": "captioning-test",
+                "entity": None,
+                "group": "multirun_2024-05-01_12-00-00",
+                "name": "ss-seed0",
+                "tags": ["schedule:inverse_sigmoid"],
+                "job_type": "train",
+            }
+        )
+    )
     (run / "metrics.jsonl").write_text(
         '{"step": 3, "train/loss": 2.0, "train/teacher_forcing_prob": 0.9}\n'
-        '{"step": 6, "train/loss": 1.0, "train/teacher_forcing_prob": 0.8}\n')
+        '{"step": 6, "train/loss": 1.0, "train/teacher_forcing_prob": 0.8}\n'
+    )
     (run / "val_results").mkdir()
     for step in (3, 6):
         (run / "val_results" / f"step_{step:08d}.json").write_text("[]")
@@ -362,8 +406,9 @@ def test_score_runs_logs_deferred_scores_into_the_saved_wandb_run(tmp_path, monk
     monkeypatch.setattr(score_runs, "load_results", lambda path: {1: "a cat"})
     monkeypatch.setattr(score_runs, "references_of", lambda records, predictions: {1: ["a cat"]})
     monkeypatch.setattr(score_runs, "score", lambda refs, predictions: {"CIDEr": 0.5})
-    monkeypatch.setattr(score_runs, "score_with_baseline",
-                        lambda refs, predictions, train: ({"CIDEr": 0.7}, {"CIDEr": 0.1}, "a dog"))
+    monkeypatch.setattr(
+        score_runs, "score_with_baseline", lambda refs, predictions, train: ({"CIDEr": 0.7}, {"CIDEr": 0.1}, "a dog")
+    )
 
     inits, logged = [], []
     real_init = wandb.init
@@ -391,9 +436,16 @@ def test_score_runs_logs_deferred_scores_into_the_saved_wandb_run(tmp_path, monk
     (kwargs,) = inits
     assert kwargs["id"] == "deferred0001" and kwargs["resume"] == "allow" and kwargs["mode"] == "offline"
     assert (kwargs["project"], kwargs["group"], kwargs["name"], kwargs["tags"]) == (
-        "captioning-test", "multirun_2024-05-01_12-00-00", "ss-seed0", ["schedule:inverse_sigmoid"])
+        "captioning-test",
+        "multirun_2024-05-01_12-00-00",
+        "ss-seed0",
+        ["schedule:inverse_sigmoid"],
+    )
     assert [(r["trainer/step"], r.get("val/CIDEr"), r.get("test/CIDEr")) for r in logged] == [
-        (3, 0.5, None), (6, 0.5, None), (6, None, 0.7)]
+        (3, 0.5, None),
+        (6, 0.5, None),
+        (6, None, 0.7),
+    ]
     assert logged[0]["train/teacher_forcing_prob"] == 0.9
     assert logged[2]["test/most_common_caption/CIDEr"] == 0.1
     assert list((run / "wandb").glob("offline-run-*-deferred0001"))
@@ -407,8 +459,9 @@ def test_score_runs_without_wandb_in_the_run_config_starts_no_wandb(tmp_path, mo
     score_runs = _load_tool("score_runs")
     run = tmp_path / "0"
     (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"data": {"root": "unused"}, "logger": {"wandb": None}}),
-                   run / ".hydra" / "config.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"data": {"root": "unused"}, "logger": {"wandb": None}}), run / ".hydra" / "config.yaml"
+    )
 
     def no_init(**kwargs):
         raise AssertionError("logger=jsonl: no W&B")

@@ -1,4 +1,5 @@
 """The exposure-bias data set (data=synthetic_long): long scenes in the one grammar, and the true-label input."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,13 @@ from conftest import compose
 
 from captioning.scenes import generator as long_scenes
 from captioning.scenes import pretraining as scene_features
-from captioning.scenes.grammar import COLORS, SceneOracle, check_caption, tokenize
 from captioning.scenes.generator import (
     caption_scene,
     ensure_synthetic,
     load_scenes,
     sample_scene,
 )
+from captioning.scenes.grammar import COLORS, SceneOracle, check_caption, tokenize
 
 LONG = {"num_train": 30, "num_val": 6, "num_test": 6, "image_size": 32, "seed": 0}
 
@@ -71,7 +72,7 @@ def test_oracle_next_words_and_checker_agree_on_long_captions(long_root):
                     if wrong is None:  # orange is the one colour after 'an'
                         state = oracle.advance(state, word)
                         continue
-                    bad = tokens[:k] + [wrong] + tokens[k + 1:]
+                    bad = tokens[:k] + [wrong] + tokens[k + 1 :]
                     assert oracle.true_prefix_length(bad) == k and not oracle.is_caption(bad)
                     bad_check = check_caption(bad, scene, oracle)
                     assert not bad_check.correct
@@ -94,9 +95,15 @@ def test_the_standard_scenes_are_drawn_as_before():
 
 def test_true_label_input_is_the_one_hot_scene_labels_with_six_slots(long_root, tmp_path, monkeypatch):
     monkeypatch.setenv("CAPTIONING_CACHE", str(tmp_path / "cache"))
-    cfg = compose([f"data.root={long_root}", "data=synthetic_long",
-                   *(f"data.synthetic.{k}={v}" for k, v in LONG.items()), "data.image_size=32",
-                   "model.encoder.pretrain.feed=true_labels"])
+    cfg = compose(
+        [
+            f"data.root={long_root}",
+            "data=synthetic_long",
+            *(f"data.synthetic.{k}={v}" for k, v in LONG.items()),
+            "data.image_size=32",
+            "model.encoder.pretrain.feed=true_labels",
+        ]
+    )
     prepared = scene_features.prepare_inputs(cfg)
     store = prepared.data.features
     features = np.load(f"{store}/features.npy").astype(np.float32)
@@ -108,7 +115,7 @@ def test_true_label_input_is_the_one_hot_scene_labels_with_six_slots(long_root, 
     labels = scene_features.scene_labels([load_scenes(long_root)[i] for i in ids], 6)
     start = 0
     for column, size in enumerate(heads.values()):
-        block = features[:, start:start + size]
+        block = features[:, start : start + size]
         known = labels[:, column] >= 0
         assert (block[known].argmax(1) == labels[known, column].numpy()).all()
         assert (block[known].sum(1) == 1).all() and (block[~known] == 0).all()
@@ -118,11 +125,19 @@ def test_true_label_input_is_the_one_hot_scene_labels_with_six_slots(long_root, 
 
 def test_the_pretrained_encoder_learns_six_slots_on_long_scenes(long_root, tmp_path, monkeypatch):
     monkeypatch.setenv("CAPTIONING_CACHE", str(tmp_path / "cache"))
-    cfg = compose([f"data.root={long_root}", "data=synthetic_long",
-                   *(f"data.synthetic.{k}={v}" for k, v in LONG.items()), "data.image_size=32",
-                   "model.encoder.pretrain.epochs=1",
-                   "model.encoder.pretrain.batch_size=20", "model.encoder.pretrain.extra_images=20",
-                   "model.encoder.pretrain.precision=fp32", "trainer.device=cpu"])
+    cfg = compose(
+        [
+            f"data.root={long_root}",
+            "data=synthetic_long",
+            *(f"data.synthetic.{k}={v}" for k, v in LONG.items()),
+            "data.image_size=32",
+            "model.encoder.pretrain.epochs=1",
+            "model.encoder.pretrain.batch_size=20",
+            "model.encoder.pretrain.extra_images=20",
+            "model.encoder.pretrain.precision=fp32",
+            "trainer.device=cpu",
+        ]
+    )
     prepared = scene_features.prepare_inputs(cfg)
     heads = scene_features._heads(6)
     head = torch.load(prepared.model.encoder.label_head, weights_only=True)

@@ -11,7 +11,7 @@ import pytest
 
 from captioning import score as score_cli
 from captioning.metrics import coco
-from captioning.metrics.coco import load_references, load_results, score_captions, ptb_tokenize
+from captioning.metrics.coco import load_references, load_results, ptb_tokenize, score_captions
 from captioning.metrics.diversity import (
     distinct_n,
     diversity_report,
@@ -21,23 +21,45 @@ from captioning.metrics.diversity import (
 )
 from captioning.metrics.java import _major_version, check_java
 
-needs_java = pytest.mark.skipif(shutil.which("java") is None,
-                                reason="needs a Java runtime (pycocoevalcap PTB tokenizer / METEOR)")
+needs_java = pytest.mark.skipif(
+    shutil.which("java") is None, reason="needs a Java runtime (pycocoevalcap PTB tokenizer / METEOR)"
+)
 
 REFS = {
-    1: ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave in the ocean.",
-        "A person on a surfboard riding a wave.", "Surfer in a black wetsuit riding a big wave!"],
-    2: ["Two dogs play with a red frisbee in the park.", "A pair of dogs chasing a frisbee on the grass.",
-        "Dogs running after a flying disc."],
-    3: ["A plate of food with broccoli, rice and chicken.", "A white plate topped with rice and vegetables.",
-        "Chicken, broccoli, and rice on a plate.", "A healthy meal served on a white dish.",
-        "Dinner plate with meat and greens."],
-    4: ["A café with people sitting at tables outside.", "People drink coffee at an outdoor café.",
-        'Customers sitting at a sidewalk "café" in the sun.'],
-    5: ["A cat sleeping on a laptop keyboard.", "The cat's asleep on the computer.",
-        "A gray cat lying on top of an open laptop (sleeping).", "A kitten naps on a keyboard."],
-    6: ["A red double-decker bus driving down a city street.", "A double decker bus on the road.",
-        "A big red bus in the city -- London maybe."],
+    1: [
+        "A man riding a wave on top of a surfboard.",
+        "A surfer rides a large wave in the ocean.",
+        "A person on a surfboard riding a wave.",
+        "Surfer in a black wetsuit riding a big wave!",
+    ],
+    2: [
+        "Two dogs play with a red frisbee in the park.",
+        "A pair of dogs chasing a frisbee on the grass.",
+        "Dogs running after a flying disc.",
+    ],
+    3: [
+        "A plate of food with broccoli, rice and chicken.",
+        "A white plate topped with rice and vegetables.",
+        "Chicken, broccoli, and rice on a plate.",
+        "A healthy meal served on a white dish.",
+        "Dinner plate with meat and greens.",
+    ],
+    4: [
+        "A café with people sitting at tables outside.",
+        "People drink coffee at an outdoor café.",
+        'Customers sitting at a sidewalk "café" in the sun.',
+    ],
+    5: [
+        "A cat sleeping on a laptop keyboard.",
+        "The cat's asleep on the computer.",
+        "A gray cat lying on top of an open laptop (sleeping).",
+        "A kitten naps on a keyboard.",
+    ],
+    6: [
+        "A red double-decker bus driving down a city street.",
+        "A double decker bus on the road.",
+        "A big red bus in the city -- London maybe.",
+    ],
 }
 PREDS = {
     1: "a man riding a wave on top of a surfboard",  # perfect: equals reference 0 once tokenized
@@ -48,9 +70,18 @@ PREDS = {
     6: "a bus\non the street",  # newline inside a caption
 }
 TRICKY = [
-    "A man's dog -- isn't it (really) \"great\"?", "café au lait, naïve Ångström ÉCOLE", "emoji 😀 here 🐶!",
-    "line one\nline two", "tabs\tand   spaces", "U.S.A. costs $5.50 & 50% off...", "", "'single' `quotes`",
-    "{braces} [brackets] <angles>", "semi; colon: dash - ellipsis … end", "ALL CAPS SENTENCE.", "",
+    "A man's dog -- isn't it (really) \"great\"?",
+    "café au lait, naïve Ångström ÉCOLE",
+    "emoji 😀 here 🐶!",
+    "line one\nline two",
+    "tabs\tand   spaces",
+    "U.S.A. costs $5.50 & 50% off...",
+    "",
+    "'single' `quotes`",
+    "{braces} [brackets] <angles>",
+    "semi; colon: dash - ellipsis … end",
+    "ALL CAPS SENTENCE.",
+    "",
 ]
 
 
@@ -179,8 +210,9 @@ def write_json(path, data):
 
 
 def test_load_results_reads_coco_results_and_rejects_bad_files(tmp_path):
-    good = write_json(tmp_path / "good.json", [{"image_id": 1, "caption": "a dog", "id": 7},
-                                               {"image_id": 2, "caption": ""}])
+    good = write_json(
+        tmp_path / "good.json", [{"image_id": 1, "caption": "a dog", "id": 7}, {"image_id": 2, "caption": ""}]
+    )
     assert load_results(good) == {1: "a dog", 2: ""}
 
     with pytest.raises(FileNotFoundError, match="nope.json"):
@@ -196,8 +228,10 @@ def test_load_results_reads_coco_results_and_rejects_bad_files(tmp_path):
         "nocaption.json": ([{"caption": "a"}], "entry 0 lacks 'image_id'"),
         "notstr.json": ([{"image_id": 3, "caption": ["a", "b"]}], r"entry 0 \(image_id 3\) has caption"),
         "strid.json": ([{"image_id": "3", "caption": "a"}], "image_id '3'; expected an integer"),
-        "dups.json": ([{"image_id": i, "caption": "x"} for i in (5, 6, 5, 7, 6, 5)],
-                      r"2 image id\(s\) appear more than once .*\[5, 6\]"),
+        "dups.json": (
+            [{"image_id": i, "caption": "x"} for i in (5, 6, 5, 7, 6, 5)],
+            r"2 image id\(s\) appear more than once .*\[5, 6\]",
+        ),
     }
     for name, (data, message) in cases.items():
         with pytest.raises(ValueError, match=message):
@@ -206,8 +240,9 @@ def test_load_results_reads_coco_results_and_rejects_bad_files(tmp_path):
 
 def coco_captions_json(refs):
     images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in refs]
-    annotations = [{"id": 1000 * i + j, "image_id": i, "caption": c}
-                   for i, caps in refs.items() for j, c in enumerate(caps)]
+    annotations = [
+        {"id": 1000 * i + j, "image_id": i, "caption": c} for i, caps in refs.items() for j, c in enumerate(caps)
+    ]
     return {"images": images, "annotations": annotations}
 
 
@@ -255,11 +290,11 @@ def test_distinct_n_by_hand():
 
 def test_self_bleu4_by_hand():
     # each caption against the other: p1..p4 = 4/5, 3/4, 2/3, 1/2, equal lengths -> BLEU-4 = 0.2 ** (1/4)
-    assert self_bleu4([["a b c d e", "a b c d f"]]) == pytest.approx(0.2 ** 0.25, rel=1e-8)
+    assert self_bleu4([["a b c d e", "a b c d f"]]) == pytest.approx(0.2**0.25, rel=1e-8)
     assert self_bleu4([["a b c d", "a b c d", "a b c d"]]) == pytest.approx(1.0, rel=1e-8)
     # averaged over all captions of all images
     mixed = self_bleu4([["a b c d e", "a b c d f"], ["a b c d", "a b c d"]])
-    assert mixed == pytest.approx((2 * 0.2 ** 0.25 + 2 * 1.0) / 4, rel=1e-8)
+    assert mixed == pytest.approx((2 * 0.2**0.25 + 2 * 1.0) / 4, rel=1e-8)
     assert self_bleu4([["w x y z", "p q r s"]]) < 1e-3  # nothing shared
 
 
@@ -279,17 +314,32 @@ def test_diversity_report_tokenized_by_hand():
     # image 1: "a dog runs" vs "a dog sits": p1 2/3, p2 1/2, p3 0/1 (smoothed to ~1e-15) -> ~0
     # image 2: identical 4-word captions -> 1 (2-word ones would score ~1e-3: no 3-/4-grams at all)
     assert report["mBLEU-4"] == pytest.approx((0 + 0 + 1 + 1) / 4, abs=1e-3)
-    assert set(report) == {"distinct-1", "distinct-2", "distinct-1/image", "distinct-2/image",
-                           "unique-ngram-ratio-2", "unique-ngram-ratio-2/image",
-                           "oracle-CIDEr@2", "oracle-BLEU-4@2", "mBLEU-4", "vocab-size"}
+    assert set(report) == {
+        "distinct-1",
+        "distinct-2",
+        "distinct-1/image",
+        "distinct-2/image",
+        "unique-ngram-ratio-2",
+        "unique-ngram-ratio-2/image",
+        "oracle-CIDEr@2",
+        "oracle-BLEU-4@2",
+        "mBLEU-4",
+        "vocab-size",
+    }
     assert "mBLEU-4" not in diversity_report_tokenized(nbest, refs, k=1)
 
 
 def test_oracle_is_at_least_top1():
-    refs = {i: [f"a {w} on the grass", f"the {w} on green grass", f"a {w} sitting outside"]
-            for i, w in enumerate(["dog", "cat", "horse", "cow"])}
-    nbest = {0: ["a dog on the grass", "a cat"], 1: ["a dog", "the cat on green grass"],
-             2: ["", "a horse sitting outside"], 3: ["a cow on the grass", "a cow on the grass"]}
+    refs = {
+        i: [f"a {w} on the grass", f"the {w} on green grass", f"a {w} sitting outside"]
+        for i, w in enumerate(["dog", "cat", "horse", "cow"])
+    }
+    nbest = {
+        0: ["a dog on the grass", "a cat"],
+        1: ["a dog", "the cat on green grass"],
+        2: ["", "a horse sitting outside"],
+        3: ["a cow on the grass", "a cow on the grass"],
+    }
     top1 = diversity_report_tokenized(nbest, refs, k=1)
     top2 = diversity_report_tokenized(nbest, refs, k=2)
     assert top2["oracle-CIDEr@2"] >= top1["oracle-CIDEr@1"] and top2["oracle-BLEU-4@2"] >= top1["oracle-BLEU-4@1"]
@@ -377,10 +427,11 @@ def test_captioning_score_end_to_end(tmp_path, capsys):
     meteor_pid = coco._shared_meteor.proc.pid
 
     # Karpathy split: references restricted to the split's images, predictions must cover exactly them
-    split_file = write_json(tmp_path / "dataset_coco.json", {"images": [
-        {"cocoid": i, "split": "test" if i <= 3 else "train", "sentences": []} for i in REFS]})
-    test_results = write_json(tmp_path / "test_results.json",
-                              [{"image_id": i, "caption": PREDS[i]} for i in (1, 2, 3)])
+    split_file = write_json(
+        tmp_path / "dataset_coco.json",
+        {"images": [{"cocoid": i, "split": "test" if i <= 3 else "train", "sentences": []} for i in REFS]},
+    )
+    test_results = write_json(tmp_path / "test_results.json", [{"image_id": i, "caption": PREDS[i]} for i in (1, 2, 3)])
     split_args = ["--split-file", str(split_file), "--split", "test"]
     assert score_cli.main([str(annotations), str(test_results), *split_args]) == 0
     split_scores = json.loads((tmp_path / "test_results.scores.json").read_text())  # default --out
@@ -395,16 +446,22 @@ def test_captioning_score_end_to_end(tmp_path, capsys):
         assert err.startswith("captioning-score: error: ") and message in err, err
         assert err.count("\n") == 1 and "Traceback" not in err
 
-    fails([str(annotations), str(results), "--split-file", str(split_file), "--split", "test"],
-          "captions for 3 image(s) outside the 'test' split: [4, 5, 6]")
-    fails([str(annotations), str(test_results), "--split-file", str(split_file), "--split", "val"],
-          "split 'val' has no images")
+    fails(
+        [str(annotations), str(results), "--split-file", str(split_file), "--split", "test"],
+        "captions for 3 image(s) outside the 'test' split: [4, 5, 6]",
+    )
+    fails(
+        [str(annotations), str(test_results), "--split-file", str(split_file), "--split", "val"],
+        "split 'val' has no images",
+    )
     fails([str(annotations), str(tmp_path / "missing.json")], "results file not found")
     bad = tmp_path / "bad.json"
     bad.write_text("[{", encoding="utf-8")
     fails([str(annotations), str(bad)], "is not valid JSON")
-    fails([str(annotations), str(write_json(tmp_path / "extra.json", [{"image_id": 99, "caption": "x"}]))],
-          "image id(s) are not in")
+    fails(
+        [str(annotations), str(write_json(tmp_path / "extra.json", [{"image_id": 99, "caption": "x"}]))],
+        "image id(s) are not in",
+    )
 
 
 def test_captioning_score_checks_java_first(monkeypatch, tmp_path, capsys):
@@ -459,4 +516,3 @@ def _not_our_jvm(pid: int) -> bool:
             return b"meteor" not in f.read()
     except OSError:
         return True
-

@@ -1,4 +1,5 @@
 """The encoder's weight sources, freezing, and the step interface against the fused teacher-forced pass."""
+
 from __future__ import annotations
 
 import pytest
@@ -58,15 +59,23 @@ def test_grid_pooling_keeps_where_things_are():
     blank = torch.zeros(1, 3, 128, 128)
     with torch.no_grad():
         reference = encoder(blank).view(512, 4)
-        for cell, (rows, cols) in enumerate([(slice(0, 48), slice(0, 48)), (slice(0, 48), slice(80, 128)),
-                                             (slice(80, 128), slice(0, 48)), (slice(80, 128), slice(80, 128))]):
+        for cell, (rows, cols) in enumerate(
+            [
+                (slice(0, 48), slice(0, 48)),
+                (slice(0, 48), slice(80, 128)),
+                (slice(80, 128), slice(0, 48)),
+                (slice(80, 128), slice(80, 128)),
+            ]
+        ):
             image = blank.clone()
             image[..., rows, cols] = 3.0  # a bright patch in one corner
             change = (encoder(image).view(512, 4) - reference).abs().sum(0)  # (4,) per grid cell
             assert change.argmax().item() == cell
     with pytest.raises(ValueError, match="model.encoder.pool"):
         ImageEncoder("resnet18", pool="max")
-    with pytest.raises(ValueError, match="pool=grid needs a classifier of one linear layer .* mobilenet_v3_small's has 2"):
+    with pytest.raises(
+        ValueError, match="pool=grid needs a classifier of one linear layer .* mobilenet_v3_small's has 2"
+    ):
         ImageEncoder("mobilenet_v3_small", pool="grid")  # its hidden 576 -> 1024 layer cannot read 4 cells
     assert ImageEncoder("mobilenet_v3_small", pool="avg").feature_dim == 1024
 
@@ -98,8 +107,14 @@ def test_attention_parts_are_the_grid_cells_and_the_object_slots(tmp_path):
     torch.save({"weight": torch.zeros(4, 8), "bias": torch.zeros(4), "groups": [["count", 2], ["layout", 2]]}, head)
     with pytest.raises(ValueError, match="per object slot .* no slots"):
         feature_parts(OmegaConf.create({"label_head": str(head)}), 4)
-    torch.save({"weight": torch.zeros(5, 8), "bias": torch.zeros(5),
-                "groups": [["slot0_shape", 2], ["slot1_shape", 2], ["slot1_size", 1]]}, head)
+    torch.save(
+        {
+            "weight": torch.zeros(5, 8),
+            "bias": torch.zeros(5),
+            "groups": [["slot0_shape", 2], ["slot1_shape", 2], ["slot1_size", 1]],
+        },
+        head,
+    )
     with pytest.raises(ValueError, match="same labels in every slot"):
         feature_parts(OmegaConf.create({"label_head": str(head)}), 5)
     (tmp_path / "junk.pth").write_text("not a head")
@@ -107,13 +122,26 @@ def test_attention_parts_are_the_grid_cells_and_the_object_slots(tmp_path):
         feature_parts(OmegaConf.create({"label_head": str(tmp_path / "junk.pth")}), 5)
 
 
-@pytest.mark.parametrize("cell, image_feed, attention", [
-    ("lstm", "first", False), ("gru", "first", False), ("rnn", "first", False), ("lstm", "every_step", False),
-    ("gru", "every_step", False), ("lstm", "every_step", True), ("rnn", "first", True)])
+@pytest.mark.parametrize(
+    "cell, image_feed, attention",
+    [
+        ("lstm", "first", False),
+        ("gru", "first", False),
+        ("rnn", "first", False),
+        ("lstm", "every_step", False),
+        ("gru", "every_step", False),
+        ("lstm", "every_step", True),
+        ("rnn", "first", True),
+    ],
+)
 def test_step_interface_equals_the_fused_teacher_forced_pass(cell, image_feed, attention):
     torch.manual_seed(0)
-    model = Captioner(PrecomputedFeatures(20), RNNDecoder(30, 8, 12, num_layers=2, cell=cell), image_feed=image_feed,
-                      attention_parts=torch.arange(20).view(4, 5) if attention else None).eval()
+    model = Captioner(
+        PrecomputedFeatures(20),
+        RNNDecoder(30, 8, 12, num_layers=2, cell=cell),
+        image_feed=image_feed,
+        attention_parts=torch.arange(20).view(4, 5) if attention else None,
+    ).eval()
     features = torch.randn(3, 20)
     inputs = torch.randint(3, 30, (3, 6))
     inputs[:, 0] = model.bos_id

@@ -1,5 +1,6 @@
 """Input brought from outside (issue 25): checkpoints that run no code, photos the right way up, typo'd `+` keys,
 partial results, one-line errors, portable run folders, predict's rule, data folders not filled silently."""
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose, requires_java, tiny_overrides
 from PIL import Image
 
-from captioning.runtime.checkpoint import (UnsafeCheckpointError, capture_rng_state, load_checkpoint,
-                                           restore_rng_state, save_checkpoint)
+from captioning.runtime.checkpoint import (
+    UnsafeCheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from captioning.training.recipe import train
-from conftest import compose, requires_java, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
-                          env=environment, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600, env=environment, cwd=REPO
+    )
 
 
 def one_line_error(result: subprocess.CompletedProcess, code: int, *phrases: str) -> str:
@@ -43,8 +50,10 @@ def one_line_error(result: subprocess.CompletedProcess, code: int, *phrases: str
 def checkpoint(tiny_data_root, tmp_path_factory):
     """A small captioner that reads images (no cache), trained for 3 steps."""
     run_dir = tmp_path_factory.mktemp("run")
-    train(compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=3", "trainer.evaluate_after_training=false"]),
-          run_dir)
+    train(
+        compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=3", "trainer.evaluate_after_training=false"]),
+        run_dir,
+    )
     return run_dir / "checkpoints" / "best.pt"
 
 
@@ -179,14 +188,17 @@ def test_the_feature_store_key_changes_with_the_image_reader(tiny_data_root, tmp
 # -- 3. strict config under + ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override, hint", [
-    ("+trainer.max_step=10", "did you mean trainer.max_steps?"),
-    ("+data.max_lenn=5", "did you mean data.max_len?"),
-    ("+model.decoder.hiden_dim=8", "did you mean model.decoder.hidden_dim?"),
-    ("+optim.grad_clip_nrom=1", "did you mean optim.grad_clip_norm?"),
-    ("+logger.jsonl.every=3", ""),
-    ("+sead=3", "did you mean seed?"),
-])
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("+trainer.max_step=10", "did you mean trainer.max_steps?"),
+        ("+data.max_lenn=5", "did you mean data.max_len?"),
+        ("+model.decoder.hiden_dim=8", "did you mean model.decoder.hidden_dim?"),
+        ("+optim.grad_clip_nrom=1", "did you mean optim.grad_clip_norm?"),
+        ("+logger.jsonl.every=3", ""),
+        ("+sead=3", "did you mean seed?"),
+    ],
+)
 def test_a_key_added_with_plus_that_no_group_declares_is_an_error(override, hint):
     from captioning.config import ConfigError
     from captioning.strict_keys import check_added_keys
@@ -205,8 +217,13 @@ def test_plus_still_appends_groups_and_fills_open_containers():
 
 
 def test_train_exits_2_naming_a_typo_added_with_plus(tmp_path):
-    result = run_cli("captioning.train", "debug=fast", "+trainer.max_step=10", f"hydra.run.dir={tmp_path / 'run'}",
-                     env={"CAPTIONING_CACHE": str(tmp_path / "cache")})
+    result = run_cli(
+        "captioning.train",
+        "debug=fast",
+        "+trainer.max_step=10",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"CAPTIONING_CACHE": str(tmp_path / "cache")},
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "trainer.max_step" in result.stderr and "did you mean trainer.max_steps?" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "cache").exists()  # stopped before any work
@@ -222,9 +239,14 @@ def test_partial_results_exit_non_zero_unless_allowed(tmp_path, capsys):
 
     references = {1: "a red circle on the left", 2: "two blue squares", 3: "a green triangle above a red circle"}
     annotations = tmp_path / "captions.json"
-    annotations.write_text(json.dumps({
-        "images": [{"id": i} for i in references],
-        "annotations": [{"id": i, "image_id": i, "caption": c} for i, c in references.items()]}))
+    annotations.write_text(
+        json.dumps(
+            {
+                "images": [{"id": i} for i in references],
+                "annotations": [{"id": i, "image_id": i, "caption": c} for i, c in references.items()],
+            }
+        )
+    )
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"image_id": 1, "caption": "a red circle on the left"}]))
     assert score_main([str(annotations), str(results)]) == 1
@@ -234,16 +256,23 @@ def test_partial_results_exit_non_zero_unless_allowed(tmp_path, capsys):
     assert "scored 1 of 3 images (partial results)" in capsys.readouterr().out
     written = json.loads(results.with_suffix(".scores.json").read_text())
     assert written["num_images"] == 1 and written["num_reference_images"] == 3
-    assert score_main([str(annotations), str(results), "--allow-partial", "--synthetic-root",
-                       str(tmp_path / "nowhere")]) == 1  # a bad folder is named before the scoring
+    assert (
+        score_main([str(annotations), str(results), "--allow-partial", "--synthetic-root", str(tmp_path / "nowhere")])
+        == 1
+    )  # a bad folder is named before the scoring
     assert "nowhere" in capsys.readouterr().err
 
 
 # -- 5. one line, never a traceback ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device, message", [("gpu", "device=gpu: must be auto, cpu, cuda or cuda:N"),
-                                             ("cuda", "asks for CUDA but no CUDA device is available")])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu", "device=gpu: must be auto, cpu, cuda or cuda:N"),
+        ("cuda", "asks for CUDA but no CUDA device is available"),
+    ],
+)
 def test_predict_on_a_device_that_is_not_there_says_one_line(checkpoint, photo, device, message):
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -259,17 +288,24 @@ def broken_checkpoints(checkpoint: Path, folder: Path) -> dict[str, tuple[Path, 
     config["model"]["decoder"]["hidden_dim"] *= 2
     mismatch = folder / "mismatch.pt"
     save_checkpoint({**state, "config": config}, mismatch)
-    return {"empty vocabulary": (empty_vocab, "has an empty vocabulary"),
-            "config against weights": (mismatch, "its weights do not fit the model its config describes"),
-            "a folder": (folder, "is a folder, not a checkpoint file")}
+    return {
+        "empty vocabulary": (empty_vocab, "has an empty vocabulary"),
+        "config against weights": (mismatch, "its weights do not fit the model its config describes"),
+        "a folder": (folder, "is a folder, not a checkpoint file"),
+    }
 
 
 def test_broken_checkpoints_are_one_line_in_predict_and_eval(checkpoint, photo, tmp_path):
     for name, (path, message) in broken_checkpoints(checkpoint, tmp_path).items():
-        one_line_error(run_cli("captioning.predict", f"checkpoint={path}", f"inputs=[{photo}]", "device=cpu"), 2,
-                       message)
-        result = run_cli("captioning.evaluate", f"checkpoint={path}", "device=cpu",
-                         f"hydra.run.dir={tmp_path / ('eval_' + path.stem)}")
+        one_line_error(
+            run_cli("captioning.predict", f"checkpoint={path}", f"inputs=[{photo}]", "device=cpu"), 2, message
+        )
+        result = run_cli(
+            "captioning.evaluate",
+            f"checkpoint={path}",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / ('eval_' + path.stem)}",
+        )
         assert result.returncode == 2 and "Traceback" not in result.stderr, (name, result.stderr[-2000:])
         assert message in result.stderr, (name, result.stderr[-2000:])
 
@@ -287,9 +323,14 @@ def test_a_run_folder_copied_elsewhere_captions_with_the_cache_moved_away(tiny_d
     monkeypatch.setenv("CAPTIONING_CACHE", str(cache))
     off = ("model.encoder.pretrain=null", "model.decoder.attention=false")
     overrides = [o for o in tiny_overrides(tiny_data_root) if o not in off] + [
-        "model.encoder.pretrain.epochs=1", "model.encoder.pretrain.batch_size=20",
-        "model.encoder.pretrain.extra_images=0", "trainer.max_steps=2", "trainer.val_every_n_steps=2",
-        "trainer.scoring=deferred", "trainer.evaluate_after_training=false"]
+        "model.encoder.pretrain.epochs=1",
+        "model.encoder.pretrain.batch_size=20",
+        "model.encoder.pretrain.extra_images=0",
+        "trainer.max_steps=2",
+        "trainer.val_every_n_steps=2",
+        "trainer.scoring=deferred",
+        "trainer.evaluate_after_training=false",
+    ]
     train(compose(overrides), tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert str(cache) in state["config"]["model"]["encoder"]["weights"]  # what the config says: the cache
@@ -319,8 +360,13 @@ def test_predict_captions_every_readable_input_and_reports_failures_in_order(che
     (folder / "b_broken.jpg").write_bytes(b"not a jpeg")
     shutil.copy(photo, folder / "c.png")
     missing = tmp_path / "missing.jpg"
-    result = run_cli("captioning.predict", f"checkpoint={checkpoint}", f"inputs=[{missing},{folder},{photo}]",
-                     "device=cpu", "batch_size=2")
+    result = run_cli(
+        "captioning.predict",
+        f"checkpoint={checkpoint}",
+        f"inputs=[{missing},{folder},{photo}]",
+        "device=cpu",
+        "batch_size=2",
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [Path(r["file"]).name for r in rows] == ["missing.jpg", "a.png", "b_broken.jpg", "c.png", "photo.png"]
@@ -330,8 +376,11 @@ def test_predict_captions_every_readable_input_and_reports_failures_in_order(che
     assert summary.count("missing.jpg") == 1 and summary.count("b_broken.jpg") == 1
     good = run_cli("captioning.predict", f"checkpoint={checkpoint}", f"inputs=[{photo}]", "device=cpu")
     assert good.returncode == 0 and good.stderr.strip() == "", good.stderr
-    one_line_error(run_cli("captioning.predict", f"checkpoint={checkpoint}", f"inputs=[{missing}]", "device=cpu"), 2,
-                   "no such file or folder")
+    one_line_error(
+        run_cli("captioning.predict", f"checkpoint={checkpoint}", f"inputs=[{missing}]", "device=cpu"),
+        2,
+        "no such file or folder",
+    )
 
 
 # -- 8. no silent writes into a named data folder --------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Every COCO command of the README and the docs pages, composed as Hydra would: the COCO preset's lengths, and a
 schedule that really decays (epsilon at the last step below 0.9)."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,9 +9,9 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import compose
 
 from captioning.schedules import build_schedule_from_config
-from conftest import compose
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -20,8 +21,11 @@ COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval
 def readme_coco_commands() -> list[str]:
     """The COCO training commands of README.md and docs/*.md."""
     text = "\n".join(page.read_text() for page in PAGES).replace("\\\n", " ")
-    lines = [line.strip() for line in text.splitlines()
-             if re.search(r"(captioning-train|captioning\.train)\b", line) and "coco" in line]
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if re.search(r"(captioning-train|captioning\.train)\b", line) and "coco" in line
+    ]
     return list(dict.fromkeys(lines))  # a command shown on two pages is composed once
 
 
@@ -59,15 +63,23 @@ def test_each_readme_coco_command_trains_at_coco_length_with_a_decaying_schedule
 def test_a_schedule_that_ends_near_one_warns_at_start_up(tiny_data_root, tmp_path, caplog):
     import logging
 
-    from captioning.training.caption_task import setup
     from conftest import tiny_overrides
 
+    from captioning.training.caption_task import setup
+
     with caplog.at_level(logging.WARNING):
-        setup(compose(tiny_overrides(tiny_data_root) + ["trainer.scoring=deferred", "experiment=scheduled_sampling"]),
-              tmp_path).close()
+        setup(
+            compose(tiny_overrides(tiny_data_root) + ["trainer.scoring=deferred", "experiment=scheduled_sampling"]),
+            tmp_path,
+        ).close()
     assert any("almost pure teacher forcing" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        setup(compose(tiny_overrides(tiny_data_root) + ["trainer.scoring=deferred", "experiment=scheduled_sampling",
-                                                          "inverse_sigmoid_k=2"]), tmp_path).close()
+        setup(
+            compose(
+                tiny_overrides(tiny_data_root)
+                + ["trainer.scoring=deferred", "experiment=scheduled_sampling", "inverse_sigmoid_k=2"]
+            ),
+            tmp_path,
+        ).close()
     assert not any("almost pure teacher forcing" in r.getMessage() for r in caplog.records)

@@ -1,4 +1,5 @@
 """Exposure-bias probe: teacher-forced vs free-running NLL/accuracy of the reference words, per position."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from captioning.data.build import reference_loader
-from captioning.metrics.reference_likelihood import SUMMARY_KEYS, ReferenceLikelihoodReport, reference_likelihood_probe, probe_captions
+from captioning.metrics.reference_likelihood import (
+    SUMMARY_KEYS,
+    ReferenceLikelihoodReport,
+    probe_captions,
+    reference_likelihood_probe,
+)
 from captioning.models.captioner import Captioner
 from captioning.models.decoder import RNNDecoder
 from captioning.models.encoder import PrecomputedFeatures
@@ -45,7 +51,7 @@ def caption_oracle(model, feature: torch.Tensor, caption: list[int]) -> dict[str
             state = model.init_state(feature[None])
             token = torch.tensor([model.bos_id])
             nll, correct = [], []
-            for t, word in enumerate(caption):
+            for word in caption:
                 log_probs, state = model.step(token, state)
                 nll.append(-float(log_probs[0, word]))
                 correct.append(int(log_probs[0].argmax()) == word)
@@ -121,7 +127,7 @@ def trained_two_reference_model():
     targets = torch.zeros(2, 2, 6, dtype=torch.long)
     for i, pair in refs.items():
         for j, words in enumerate(pair):
-            targets[i, j, :len(words)] = torch.tensor(words)
+            targets[i, j, : len(words)] = torch.tensor(words)
     torch.manual_seed(0)
     features = torch.randn(2, FEAT)
     model = tiny_model(seed=1)
@@ -158,14 +164,16 @@ def test_greedy_reference_has_no_gap_and_wrong_prefix_raises_nll():
             assert out["correct_free"][n, :k].all()
         else:  # greedy took the other reference: from position 2 on the prefix is wrong, and its words
             # (not its <eos>, which the model may also put after its own caption) become unlikely
-            assert (out["nll_free"][n, 1:k - 1] > out["nll_tf"][n, 1:k - 1] + 1.0).all()
-            assert not out["correct_free"][n, 1:k - 1].any()
+            assert (out["nll_free"][n, 1 : k - 1] > out["nll_tf"][n, 1 : k - 1] + 1.0).all()
+            assert not out["correct_free"][n, 1 : k - 1].any()
     assert sorted(n // 2 for n in followed) == [0, 1]  # exactly one followed reference per image
 
     report = reference_likelihood_probe(model, [batch], "cpu", MAX_LEN)
     summary = report.summary()
     mask = captions != 0
-    assert summary["reference_likelihood/acc_tf"] == 14 / 16  # 16 tokens; at position 1 one reference per image is missed
+    assert (
+        summary["reference_likelihood/acc_tf"] == 14 / 16
+    )  # 16 tokens; at position 1 one reference per image is missed
     assert summary["reference_likelihood/acc_free"] == pytest.approx(float(out["correct_free"][mask].float().mean()))
     expected_free = float(out["nll_free"][mask].sum()) / int(mask.sum())
     assert summary["reference_likelihood/nll_free"] == pytest.approx(expected_free, rel=1e-5)
@@ -184,8 +192,9 @@ def test_padding_positions_and_rows_are_ignored():
     b, c, length = batch["targets"].shape
     padded = torch.zeros(b, c + 1, length + 3, dtype=torch.long)  # an all-padding caption, extra pad columns
     padded[:, :c, :length] = batch["targets"]
-    report_padded = reference_likelihood_probe(model, [{"images": batch["images"], "targets": padded}], "cpu",
-                                        MAX_LEN + 3)
+    report_padded = reference_likelihood_probe(
+        model, [{"images": batch["images"], "targets": padded}], "cpu", MAX_LEN + 3
+    )
     assert report_padded.per_position["tokens"] == report.per_position["tokens"]
     assert report_padded.captions == report.captions == b * c
     for key in PER_POSITION_KEYS - {"position", "tokens"}:
@@ -197,15 +206,23 @@ def test_padding_positions_and_rows_are_ignored():
 
 def test_report_keys_json_plot_and_mode(tmp_path):
     model = tiny_model().eval()
-    report = reference_likelihood_probe(model, [random_batch(2, 2, seed=5), {"size": 0, "bad_images": []}], "cpu",
-                                 MAX_LEN)
+    report = reference_likelihood_probe(
+        model, [random_batch(2, 2, seed=5), {"size": 0, "bad_images": []}], "cpu", MAX_LEN
+    )
     assert not model.training  # eval stays eval
     summary = report.summary()
-    assert set(summary) == set(SUMMARY_KEYS) == {f"reference_likelihood/{m}_{k}" for m in ("nll", "acc")
-                                                 for k in ("tf", "free", "gap")}
+    assert (
+        set(summary)
+        == set(SUMMARY_KEYS)
+        == {f"reference_likelihood/{m}_{k}" for m in ("nll", "acc") for k in ("tf", "free", "gap")}
+    )
     assert all(math.isfinite(v) for v in summary.values())
-    assert summary["reference_likelihood/nll_gap"] == pytest.approx(summary["reference_likelihood/nll_free"] - summary["reference_likelihood/nll_tf"])
-    assert summary["reference_likelihood/acc_gap"] == pytest.approx(summary["reference_likelihood/acc_tf"] - summary["reference_likelihood/acc_free"])
+    assert summary["reference_likelihood/nll_gap"] == pytest.approx(
+        summary["reference_likelihood/nll_free"] - summary["reference_likelihood/nll_tf"]
+    )
+    assert summary["reference_likelihood/acc_gap"] == pytest.approx(
+        summary["reference_likelihood/acc_tf"] - summary["reference_likelihood/acc_free"]
+    )
     assert set(report.per_position) == PER_POSITION_KEYS
     assert len({len(v) for v in report.per_position.values()}) == 1
     data = json.loads(json.dumps(report.to_json()))
@@ -228,7 +245,9 @@ def test_clear_errors_and_mode_restored_after_one():
         reference_likelihood_probe(model, [batch], "cpu", max_len=batch["targets"].shape[2] - 2)
     assert model.training
     with pytest.raises(ValueError, match=r"\(B, C, L\)"):
-        reference_likelihood_probe(model, [{"images": batch["images"], "targets": batch["targets"][:, 0]}], "cpu", MAX_LEN)
+        reference_likelihood_probe(
+            model, [{"images": batch["images"], "targets": batch["targets"][:, 0]}], "cpu", MAX_LEN
+        )
     with pytest.raises(ValueError, match="'targets'"):
         reference_likelihood_probe(model, [{"images": batch["images"]}], "cpu", MAX_LEN)
     with pytest.raises(ValueError, match="no reference token"):
@@ -243,16 +262,26 @@ def test_reference_loader_yields_every_reference_once(tmp_path):
     from captioning.data.text import training_tokens
     from captioning.data.vocab import Vocabulary
 
-    captions = {1: ["a red cube", "the red cube on grass", "zzz qqq"],  # the last: only unknown words
-                2: ["a blue ball", "a ball"]}
+    captions = {
+        1: ["a red cube", "the red cube on grass", "zzz qqq"],  # the last: only unknown words
+        2: ["a blue ball", "a ball"],
+    }
     records = []
     for image_id, caps in captions.items():
         path = tmp_path / f"{image_id}.png"
         Image.new("RGB", (40, 36), (image_id * 60, 20, 90)).save(path)
         records.append(ImageRecord(image_id, path, "val", caps))
     vocab = Vocabulary.build([training_tokens(c) for caps in captions.values() for c in caps[:2]], 0)
-    cfg = OmegaConf.create({"max_len": 4, "image_size": 32, "resize_size": None, "max_image_pixels": 10 ** 6,
-                            "eval_batch_size": 8, "num_workers": 0})
+    cfg = OmegaConf.create(
+        {
+            "max_len": 4,
+            "image_size": 32,
+            "resize_size": None,
+            "max_image_pixels": 10**6,
+            "eval_batch_size": 8,
+            "num_workers": 0,
+        }
+    )
     batches = list(reference_loader(records, vocab, cfg))
     assert len(batches) == 1
     targets = batches[0]["targets"]  # (2 images, 2 captions each after skipping "zzz qqq", 5)

@@ -1,5 +1,6 @@
 """Runs that survive a cluster: checkpoints on their own clock, one generation kept back, non-finite steps
 skipped or stopped, an unwritable or full run folder found early (CPU, tiny data, no Java: deferred scoring)."""
+
 from __future__ import annotations
 
 import errno
@@ -9,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import compose, preempt_run_during_step, tiny_overrides
 
 from captioning.evaluation import validation
 from captioning.runtime.checkpoint import CheckpointWriteError, load_checkpoint, previous_path
@@ -16,7 +18,6 @@ from captioning.training import engine
 from captioning.training.engine import NonFiniteLossError
 from captioning.training.objectives import CrossEntropyObjective
 from captioning.training.recipe import train
-from conftest import compose, preempt_run_during_step, tiny_overrides
 
 DEFERRED = ["trainer.scoring=deferred", "trainer.evaluate_after_training=false", "trainer.log_every_n_steps=1"]
 
@@ -30,8 +31,17 @@ def params(path):
 
 
 def test_checkpoints_by_steps_keep_one_generation_back(tiny_data_root, tmp_path):
-    train(compose(overrides(tiny_data_root, "trainer.max_steps=5", "trainer.val_every_n_steps=100",
-                            "trainer.checkpoint_every_n_steps=2")), tmp_path)
+    train(
+        compose(
+            overrides(
+                tiny_data_root,
+                "trainer.max_steps=5",
+                "trainer.val_every_n_steps=100",
+                "trainer.checkpoint_every_n_steps=2",
+            )
+        ),
+        tmp_path,
+    )
     last = tmp_path / "checkpoints" / "last.pt"
     # validation at the last step (5) saves last.pt; the step cadence saved at 2 and 4 before it
     assert load_checkpoint(last)["step"] == 5 and load_checkpoint(previous_path(last))["step"] == 4
@@ -60,13 +70,21 @@ def test_no_usable_checkpoint_says_what_to_do(tiny_data_root, tmp_path):
     train(cfg, tmp_path)
     for name in ("last.pt", "last.prev.pt", "best.pt"):
         (tmp_path / "checkpoints" / name).write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=r"no usable checkpoint.*last\.pt.*last\.prev\.pt.*best\.pt.*trainer\.resume=never"):
+    with pytest.raises(
+        ValueError, match=r"no usable checkpoint.*last\.pt.*last\.prev\.pt.*best\.pt.*trainer\.resume=never"
+    ):
         train(cfg, tmp_path)
 
 
 def test_a_diverging_run_stops_with_the_step_and_keeps_only_finite_numbers(tiny_data_root, tmp_path):
-    diverging = overrides(tiny_data_root, "optim.optimizer.lr=1e20", "optim.grad_clip_norm=null", "trainer.max_steps=40",
-                          "trainer.val_every_n_steps=5", "trainer.max_nonfinite_in_a_row=3")
+    diverging = overrides(
+        tiny_data_root,
+        "optim.optimizer.lr=1e20",
+        "optim.grad_clip_norm=null",
+        "trainer.max_steps=40",
+        "trainer.val_every_n_steps=5",
+        "trainer.max_nonfinite_in_a_row=3",
+    )
     cfg = compose(diverging)
     with pytest.raises(NonFiniteLossError, match=r"not finite at step \d+ \(loss (nan|inf)\).*learning rate"):
         train(cfg, tmp_path)
@@ -114,8 +132,16 @@ def test_one_nonfinite_step_is_skipped_and_counted(tiny_data_root, tmp_path, mon
 
 
 def test_on_nonfinite_stop_ends_at_the_first(tiny_data_root, tmp_path):
-    cfg = compose(overrides(tiny_data_root, "optim.optimizer.lr=1e20", "optim.grad_clip_norm=null",
-                            "trainer.on_nonfinite=stop", "trainer.max_steps=40", "trainer.val_every_n_steps=40"))
+    cfg = compose(
+        overrides(
+            tiny_data_root,
+            "optim.optimizer.lr=1e20",
+            "optim.grad_clip_norm=null",
+            "trainer.on_nonfinite=stop",
+            "trainer.max_steps=40",
+            "trainer.val_every_n_steps=40",
+        )
+    )
     with pytest.raises(NonFiniteLossError, match="trainer.on_nonfinite=stop"):
         train(cfg, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -151,8 +177,9 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny_data_root, 
 
 
 @pytest.mark.java
-def test_a_scorer_that_dies_is_restarted_once_then_the_validation_is_recorded_as_failed(tiny_data_root, tmp_path,
-                                                                                       monkeypatch):
+def test_a_scorer_that_dies_is_restarted_once_then_the_validation_is_recorded_as_failed(
+    tiny_data_root, tmp_path, monkeypatch
+):
     real_score, calls = validation.score, {"n": 0}
 
     def flaky(references, predictions):  # the 1st validation: dies once; the 2nd: dies twice
@@ -162,12 +189,17 @@ def test_a_scorer_that_dies_is_restarted_once_then_the_validation_is_recorded_as
         return real_score(references, predictions)
 
     monkeypatch.setattr(validation, "score", flaky)
-    cfg = compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=4", "trainer.val_every_n_steps=2",
-                                                    "trainer.evaluate_after_training=false"])
+    cfg = compose(
+        tiny_overrides(tiny_data_root)
+        + ["trainer.max_steps=4", "trainer.val_every_n_steps=2", "trainer.evaluate_after_training=false"]
+    )
     summary = train(cfg, tmp_path)
     assert summary["steps"] == 4 and summary["best_step"] == 2
-    validations = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-                   if "val/reference_likelihood/nll_tf" in r]
+    validations = [
+        r
+        for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+        if "val/reference_likelihood/nll_tf" in r
+    ]
     assert "val/CIDEr" in validations[0] and "val/scoring_failed" not in validations[0]  # restarted, scored
     assert validations[1]["val/scoring_failed"] == 1.0 and "val/CIDEr" not in validations[1]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 4
@@ -178,8 +210,14 @@ def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_data_root, t
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n{"step": 2, "train/loss": 9.0}\n')
-    train(compose(overrides(tiny_data_root, "trainer.max_steps=4", "trainer.val_every_n_steps=4",
-                            "trainer.log_every_n_steps=1")), tmp_path)
+    train(
+        compose(
+            overrides(
+                tiny_data_root, "trainer.max_steps=4", "trainer.val_every_n_steps=4", "trainer.log_every_n_steps=1"
+            )
+        ),
+        tmp_path,
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
     assert all(r["train/loss"] != 9.0 for r in records if "train/loss" in r)
@@ -214,8 +252,15 @@ def test_a_run_resumed_between_two_records_logs_the_uninterrupted_records(tiny_d
         finally:
             task.train_forward = forward
 
-    cfg = compose(overrides(tiny_data_root, "trainer.max_steps=9", "trainer.val_every_n_steps=9",
-                            "trainer.log_every_n_steps=3", "trainer.checkpoint_every_n_steps=4"))
+    cfg = compose(
+        overrides(
+            tiny_data_root,
+            "trainer.max_steps=9",
+            "trainer.val_every_n_steps=9",
+            "trainer.log_every_n_steps=3",
+            "trainer.checkpoint_every_n_steps=4",
+        )
+    )
     with monkeypatch.context() as patch:
         patch.setattr(CaptionTask, "step", step)
         train(cfg, tmp_path / "straight")
@@ -227,8 +272,10 @@ def test_a_run_resumed_between_two_records_logs_the_uninterrupted_records(tiny_d
         train(cfg, tmp_path / "resumed")
 
     def records(run):
-        return [{k: v for k, v in r.items() if k not in TIMING}
-                for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+        return [
+            {k: v for k, v in r.items() if k not in TIMING}
+            for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        ]
 
     straight = records("straight")
     assert [r["step"] for r in straight if "train/lr" in r] == [3, 6, 9]

@@ -1,5 +1,6 @@
 """Scene truth checker and prefix oracle (captioning.scenes.grammar), scene metrics (captioning.scenes.truth)
 and exposure bias against the oracle (captioning.scenes.oracle_exposure)."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioning.scenes import grammar
-from captioning.scenes.grammar import (COLORS, RELATION_TO_IT, RELATION_WORDS, SHAPE_WORDS, SIZE_WORDS,
-                                           SceneOracle, check_caption, tokenize)
-from captioning.scenes.generator import (Scene, SceneObject, caption_scene, generate_synthetic, is_synthetic_root,
-                                       load_scenes, sample_scene)
 from captioning.data.vocab import SPECIALS, Vocabulary
+from captioning.scenes import grammar
+from captioning.scenes.generator import (
+    Scene,
+    SceneObject,
+    caption_scene,
+    generate_synthetic,
+    is_synthetic_root,
+    load_scenes,
+    sample_scene,
+)
+from captioning.scenes.grammar import (
+    COLORS,
+    RELATION_TO_IT,
+    RELATION_WORDS,
+    SHAPE_WORDS,
+    SIZE_WORDS,
+    SceneOracle,
+    check_caption,
+    tokenize,
+)
 from captioning.scenes.oracle_exposure import PER_POSITION_KEYS, SWAP_KEYS, oracle_exposure
 from captioning.scenes.truth import check_captions, scene_metrics
 
@@ -33,14 +49,16 @@ def scene(layout: str, *objects: SceneObject, position: str | None = None) -> Sc
 
 PAIR = scene("horizontal", obj("circle", "red", "large"), obj("square", "blue", "small"))  # circle left of square
 SINGLE = scene("single", obj("star", "green", "small"), position="left")
-COLUMN = scene("vertical", obj("triangle", "yellow", "small"), obj("cross", "white", "large"),
-               obj("diamond", "black", "small"))  # triangle above cross above diamond
+COLUMN = scene(
+    "vertical", obj("triangle", "yellow", "small"), obj("cross", "white", "large"), obj("diamond", "black", "small")
+)  # triangle above cross above diamond
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    return generate_synthetic(tmp_path_factory.mktemp("scene") / "coco", num_train=200, num_val=50, num_test=50,
-                              image_size=32, seed=11)
+    return generate_synthetic(
+        tmp_path_factory.mktemp("scene") / "coco", num_train=200, num_val=50, num_test=50, image_size=32, seed=11
+    )
 
 
 def _references(root: Path) -> list[tuple[int, str, list[str]]]:
@@ -51,6 +69,7 @@ def _references(root: Path) -> list[tuple[int, str, list[str]]]:
 
 # ---------------------------------------------------------------------------------------------------
 # Loader
+
 
 def test_load_scenes_and_is_synthetic_root(data_root, tmp_path):
     scenes = load_scenes(data_root)
@@ -67,6 +86,7 @@ def test_load_scenes_and_is_synthetic_root(data_root, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # Every reference is true; every prefix of it is a true prefix
+
 
 def test_checker_accepts_every_reference_of_every_split(data_root):
     scenes = load_scenes(data_root)
@@ -148,13 +168,14 @@ def _relation_swaps(tokens: list[str]) -> list[tuple[int, str]]:
         for value, phrase in phrases:
             n = len(phrase)
             for i in range(len(tokens) - n + 1):
-                if tuple(tokens[i:i + n]) != phrase:
+                if tuple(tokens[i : i + n]) != phrase:
                     continue
-                after = tokens[i + n:i + n + 2]
+                after = tokens[i + n : i + n + 2]
                 if at_end != (i + n == len(tokens)):
                     continue
-                if not at_end and (after[:1] not in (["a"], ["an"], ["the"]) or after[1:] in (["image"], ["picture"],
-                                                                                           ["other"])):
+                if not at_end and (
+                    after[:1] not in (["a"], ["an"], ["the"]) or after[1:] in (["image"], ["picture"], ["other"])
+                ):
                     continue
                 for other, candidate in phrases:
                     diff = [k for k in range(n) if len(candidate) == n and candidate[k] != phrase[k]]
@@ -170,8 +191,9 @@ def _corruptions(tokens: list[str], target: Scene) -> list[tuple[int, str, str]]
     for i, word in enumerate(tokens):
         if word in COLORS:
             article = tokens[i - 1] if i and tokens[i - 1] in ("a", "an") else None
-            out += [(i, c, "colour") for c in COLORS
-                    if c != word and (article is None or grammar._article(c) == article)]
+            out += [
+                (i, c, "colour") for c in COLORS if c != word and (article is None or grammar._article(c) == article)
+            ]
         elif word in SHAPE_OF:
             out += [(i, w, "shape") for w, s in SHAPE_OF.items() if s != SHAPE_OF[word]]
         elif word in SIZE_OF:
@@ -196,7 +218,7 @@ def test_single_word_corruptions_are_rejected_with_the_right_claim_kind():
         for raw in caption_scene(target, rng)[:3]:
             tokens = tokenize(raw)
             for i, new, kind in _corruptions(tokens, target)[::3]:
-                corrupted = tokens[:i] + [new] + tokens[i + 1:]
+                corrupted = tokens[:i] + [new] + tokens[i + 1 :]
                 check = check_caption(corrupted, target, oracle)
                 assert check.grammatical and not check.correct, (corrupted, check)
                 assert [c.kind for c in check.false_claims] == [kind], (corrupted, check.claims)
@@ -207,7 +229,7 @@ def test_single_word_corruptions_are_rejected_with_the_right_claim_kind():
                 assert oracle.is_prefix(corrupted[:i]) and not oracle.is_caption(corrupted)
                 assert check.true_prefix_length >= i
                 if new not in scene_words:
-                    assert not oracle.is_prefix(corrupted[:i + 1]) and check.true_prefix_length == i
+                    assert not oracle.is_prefix(corrupted[: i + 1]) and check.true_prefix_length == i
                 tried[kind] += 1
     assert min(tried[k] for k in ("colour", "shape", "size", "relation")) >= 30, tried
 
@@ -217,12 +239,12 @@ def test_single_word_corruptions_are_rejected_with_the_right_claim_kind():
 
 HAND_SCENES = {1: PAIR, 2: SINGLE, 3: COLUMN, 4: PAIR, 5: SINGLE, 6: PAIR}
 HAND_CAPTIONS = {
-    1: "A big red circle to the left of a green square.",        # colour of object 2 false
-    2: "a small green star on the left",                          # true
+    1: "A big red circle to the left of a green square.",  # colour of object 2 false
+    2: "a small green star on the left",  # true
     3: "a white cross between a yellow triangle and a black star",  # shape of object 3 false (a hallucinated star)
-    4: "a red circle and and a blue square",                      # not a sentence of the grammar
-    5: "two shapes : a green star and a red circle",               # a two-object sentence about one object
-    6: "a blue square to the left of a red circle",               # relation false
+    4: "a red circle and and a blue square",  # not a sentence of the grammar
+    5: "two shapes : a green star and a red circle",  # a two-object sentence about one object
+    6: "a blue square to the left of a red circle",  # relation false
 }
 
 
@@ -230,8 +252,14 @@ def test_hand_made_captions_get_the_right_verdicts():
     checks = check_captions(HAND_CAPTIONS, HAND_SCENES)
     assert {i: c.correct for i, c in checks.items()} == {1: False, 2: True, 3: False, 4: False, 5: False, 6: False}
     assert {i: c.grammatical for i, c in checks.items()} == {1: True, 2: True, 3: True, 4: False, 5: True, 6: True}
-    assert {i: c.template for i, c in checks.items()} == {1: "pair_plain", 2: "one_position", 3: "tri_between",
-                                                          4: None, 5: "pair_count", 6: "pair_plain"}
+    assert {i: c.template for i, c in checks.items()} == {
+        1: "pair_plain",
+        2: "one_position",
+        3: "tri_between",
+        4: None,
+        5: "pair_count",
+        6: "pair_plain",
+    }
     assert checks[1].reason == "colour of object 2: said green, is blue"
     assert checks[2].reason is None
     assert checks[3].reason == "shape of object 3: said star, is diamond"
@@ -240,24 +268,32 @@ def test_hand_made_captions_get_the_right_verdicts():
     assert checks[6].reason == "relation of object 2 to object 1: said to the left of, is to the right of"
     assert checks[3].named == {"cross", "triangle", "star"} and checks[5].named == {"star", "circle"}
     assert [(c.kind, c.ok) for c in checks[1].claims] == [
-        ("count", True), ("colour", True), ("shape", True), ("size", True), ("relation", True), ("colour", False),
-        ("shape", True)]
+        ("count", True),
+        ("colour", True),
+        ("shape", True),
+        ("size", True),
+        ("relation", True),
+        ("colour", False),
+        ("shape", True),
+    ]
 
 
 def test_scene_metrics_on_a_hand_made_set():
     metrics = scene_metrics(HAND_CAPTIONS, HAND_SCENES)
     expected = {
-        "scene/captions": 6.0, "scene/correct": 1 / 6, "scene/grammatical": 5 / 6,
-        "scene/count_precision": 4 / 5,      # 1, 2, 3, 6 right; 5 (two objects said, one there) wrong
-        "scene/colour_precision": 7 / 8,     # 1: 1 of 2, 2: 1, 3: 3, 6: 2 (5's claims are not scored)
-        "scene/shape_precision": 7 / 8,      # 1: 2, 2: 1, 3: 2 of 3, 6: 2
-        "scene/size_precision": 2 / 2,       # 'big' (1), 'small' (2)
-        "scene/relation_precision": 1 / 2,   # 1 right, 6 wrong
-        "scene/position_precision": 1 / 1,   # 2
-        "scene/order_precision": NAN,        # no caption states an arrangement
+        "scene/captions": 6.0,
+        "scene/correct": 1 / 6,
+        "scene/grammatical": 5 / 6,
+        "scene/count_precision": 4 / 5,  # 1, 2, 3, 6 right; 5 (two objects said, one there) wrong
+        "scene/colour_precision": 7 / 8,  # 1: 1 of 2, 2: 1, 3: 3, 6: 2 (5's claims are not scored)
+        "scene/shape_precision": 7 / 8,  # 1: 2, 2: 1, 3: 2 of 3, 6: 2
+        "scene/size_precision": 2 / 2,  # 'big' (1), 'small' (2)
+        "scene/relation_precision": 1 / 2,  # 1 right, 6 wrong
+        "scene/position_precision": 1 / 1,  # 2
+        "scene/order_precision": NAN,  # no caption states an arrangement
         "scene/hallucinated_objects": 2 / 12,  # the star of 3 and the circle of 5, of 2+1+3+2+2+2 named shapes
         "scene/hallucinated_captions": 2 / 6,
-        "scene/omitted_objects": 1 / 11,     # the diamond of 3, of 2+1+3+2+1+2 image objects
+        "scene/omitted_objects": 1 / 11,  # the diamond of 3, of 2+1+3+2+1+2 image objects
     }
     assert metrics.keys() == expected.keys()
     for key, value in expected.items():
@@ -279,6 +315,7 @@ def test_eos_rule_of_the_oracle():
 
 # ---------------------------------------------------------------------------------------------------
 # Exposure bias against the oracle, on a scripted model whose errors are known
+
 
 class ScriptedModel:
     """Next word = script[image][words fed so far] ('<eos>' for any prefix not in the script). The images tensor
@@ -318,7 +355,7 @@ def _script(*captions: str) -> dict[tuple[str, ...], str]:
     return script
 
 
-REF_7 = "a green star on the left"            # SINGLE: true
+REF_7 = "a green star on the left"  # SINGLE: true
 REF_8 = "a red circle left of a blue square"  # PAIR: true
 
 
@@ -374,12 +411,19 @@ def test_oracle_exposure_gives_the_known_rates_of_a_scripted_model(tmp_path):
     _assert_lists(s["ref_correct"], [0, 0, 0, 0.5, 1, 1])
     _assert_lists(s["gap"], [0, 0, 0, 0.5, 1, 1])
     summary = report.summary()
-    expected = {"exposure_oracle/error_tf": 1 / 16, "exposure_oracle/error_free": 2 / 12,
-                "exposure_oracle/excess_error": 1 / 12,  # t=7: 1 own prefix, excess 1; t=1..7: 12 own prefixes
-                "exposure_oracle/accerr": 1.0,
-                "exposure_oracle/exaccerr": 2.0, "exposure_oracle/free_correct": 0.0,
-                "exposure_oracle/swap_own_correct": 0.0, "exposure_oracle/swap_ref_correct": 3 / 10,
-                "exposure_oracle/swap_gap": 3 / 10, "exposure_oracle/images": 2.0, "exposure_oracle/references": 2.0}
+    expected = {
+        "exposure_oracle/error_tf": 1 / 16,
+        "exposure_oracle/error_free": 2 / 12,
+        "exposure_oracle/excess_error": 1 / 12,  # t=7: 1 own prefix, excess 1; t=1..7: 12 own prefixes
+        "exposure_oracle/accerr": 1.0,
+        "exposure_oracle/exaccerr": 2.0,
+        "exposure_oracle/free_correct": 0.0,
+        "exposure_oracle/swap_own_correct": 0.0,
+        "exposure_oracle/swap_ref_correct": 3 / 10,
+        "exposure_oracle/swap_gap": 3 / 10,
+        "exposure_oracle/images": 2.0,
+        "exposure_oracle/references": 2.0,
+    }
     assert summary.keys() == expected.keys()
     for key, value in expected.items():
         assert summary[key] == pytest.approx(value), key
@@ -395,8 +439,9 @@ def test_oracle_exposure_of_a_model_that_follows_the_references():
     model, vocab = _exposure_setup()
     model.scripts = {7: _script(REF_7), 8: _script(REF_8)}
     batches = [(torch.tensor([[7.0]]), [7]), (torch.tensor([[8.0]]), [8])]  # two batches: counts add up
-    report = oracle_exposure(model, vocab, batches, {7: SINGLE, 8: PAIR}, {7: [REF_7], 8: [REF_8]}, max_len=16,
-                             prefix_lengths=[2, 6, 7])
+    report = oracle_exposure(
+        model, vocab, batches, {7: SINGLE, 8: PAIR}, {7: [REF_7], 8: [REF_8]}, max_len=16, prefix_lengths=[2, 6, 7]
+    )
     summary = report.summary()
     assert summary["exposure_oracle/error_tf"] == 0 and summary["exposure_oracle/error_free"] == 0
     assert summary["exposure_oracle/free_correct"] == 1.0 and summary["exposure_oracle/accerr"] == 0

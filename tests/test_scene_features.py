@@ -1,5 +1,6 @@
 """The scene-label pretrained encoder and its feature cache (captioning.scenes.pretraining), and the statistics of
 tools/schedule_table.py on hand-made numbers."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,20 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from captioning.errors import ConfigError
-from captioning.scenes import pretraining as scene_features
-from captioning.data.features import FeatureStore
-from captioning.scenes.generator import Scene, SceneObject
 from conftest import compose, tiny_overrides
 
-spec = importlib.util.spec_from_file_location("schedule_table",
-                                              Path(__file__).parent.parent / "tools" / "schedule_table.py")
+from captioning.data.features import FeatureStore
+from captioning.errors import ConfigError
+from captioning.scenes import pretraining as scene_features
+from captioning.scenes.generator import Scene, SceneObject
+
+spec = importlib.util.spec_from_file_location(
+    "schedule_table", Path(__file__).parent.parent / "tools" / "schedule_table.py"
+)
 schedule_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(schedule_table)
 
-QUICK = ["model.encoder.pretrain.epochs=1", "model.encoder.pretrain.batch_size=20",
-         "model.encoder.pretrain.extra_images=40"]
+QUICK = [
+    "model.encoder.pretrain.epochs=1",
+    "model.encoder.pretrain.batch_size=20",
+    "model.encoder.pretrain.extra_images=40",
+]
 
 
 def pretraining(root) -> list[str]:
@@ -59,14 +64,18 @@ def test_pretraining_precision_is_the_forward_pass_dtype(precision, dtype):
     torch.manual_seed(0)
     backbone, feature_dim = headless_backbone("resnet18", None, "grid")
     seen = []
-    backbone.conv1.register_forward_hook(lambda module, args, output: seen.append(
-        (module.training, output.dtype, output.is_contiguous(memory_format=torch.channels_last))))
+    backbone.conv1.register_forward_hook(
+        lambda module, args, output: seen.append(
+            (module.training, output.dtype, output.is_contiguous(memory_format=torch.channels_last))
+        )
+    )
     labels = torch.full((8, len(scene_features._heads())), -1)
     labels[:, 0] = torch.arange(8) % 3  # the count head only
     settings = {**scene_features.DEFAULTS, "epochs": 1, "batch_size": 4, "precision": precision}
     pixels = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
-    history, head = scene_features.pretrain(backbone, feature_dim, pixels, labels, list(range(8)), [], settings,
-                                            torch.device("cpu"))
+    history, head = scene_features.pretrain(
+        backbone, feature_dim, pixels, labels, list(range(8)), [], settings, torch.device("cpu")
+    )
     assert [d for training, d, _ in seen if training] == [dtype, dtype]  # two training steps
     assert all(channels_last for training, _, channels_last in seen if training)  # the layout the encoders had
     assert head.weight.dtype == torch.float32 and math.isfinite(history[0]["loss"])
@@ -74,8 +83,12 @@ def test_pretraining_precision_is_the_forward_pass_dtype(precision, dtype):
 
 def test_scene_labels_and_their_mirror_image():
     names = list(scene_features._heads())
-    row = Scene((120, 120, 120), "horizontal", None,
-                [_obj("circle", "red", "large", 0.2), _obj("star", "blue", "small", 0.5), _obj("cross", "white", cx=0.8)])
+    row = Scene(
+        (120, 120, 120),
+        "horizontal",
+        None,
+        [_obj("circle", "red", "large", 0.2), _obj("star", "blue", "small", 0.5), _obj("cross", "white", cx=0.8)],
+    )
     single = Scene((120, 120, 120), "single", "left", [_obj("square", "green", "large", 0.25)])
     column = Scene((120, 120, 120), "vertical", None, [_obj("triangle", "black"), _obj("diamond", "orange")])
     labels = scene_features.scene_labels([row, single, column])
@@ -97,13 +110,15 @@ def test_pretraining_makes_valid_feature_stores_of_the_encoder_it_saves(pretrain
     """The default feed=labels store holds the heads' probabilities; the features store the backbone's features; the
     encoder rebuilt from the saved files (as captioning-predict does) computes both again from the JPEGs."""
     from captioning.data.build import eval_dataset, load_records
-    from captioning.scenes.pretraining import prepare_inputs
     from captioning.models.captioner import build_image_encoder
+    from captioning.scenes.pretraining import prepare_inputs
 
     cfg, prepared = pretrained
     entry = Path(prepared.data.features).parent
     assert entry.parent == (cache / "scene_encoders").resolve() and scene_features.is_complete(entry)
-    assert prepared.data.features == str(entry / "labels") and prepared.model.encoder.label_head == str(entry / "head.pth")
+    assert prepared.data.features == str(entry / "labels") and prepared.model.encoder.label_head == str(
+        entry / "head.pth"
+    )
     assert prepared.model.encoder.weights == str(entry / "encoder.pth") and prepared.model.encoder.trainable is False
     assert cfg.data.features is None and cfg.model.encoder.weights is None  # the input config is left alone
     records = load_records(prepared.data)
@@ -191,8 +206,9 @@ def test_the_same_settings_build_the_same_encoder_whatever_the_run_did_before(ti
     assert (features[0] == features[1]).all()
 
 
-def test_the_encoder_starts_from_torchvisions_initialisation_under_the_pretraining_seed(tiny_data_root, cache,
-                                                                                       monkeypatch):
+def test_the_encoder_starts_from_torchvisions_initialisation_under_the_pretraining_seed(
+    tiny_data_root, cache, monkeypatch
+):
     """The pretraining builds its backbone with models/' builder, first thing after seeding: the weights it starts
     from are torchvision's for that seed (classifier removed), and the head then draws next from the same stream,
     so the same settings give the same encoder across releases (a change of builder or of draw order shows here)."""
@@ -233,17 +249,29 @@ def test_nothing_changes_without_pretraining_or_with_own_features(tiny_data_root
     assert not cache.exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["model.encoder.weights=DEFAULT"], "model.encoder.weights cannot be used"),
-    (["model.encoder.trainable=false", "model.encoder.unfreeze_after_steps=3"], "unfreeze_after_steps cannot"),
-    (["model.encoder.pretrain.task=imagenet"], "model.encoder.pretrain.task must be one of"),
-    (["model.encoder.pretrain.epochs=0"], "model.encoder.pretrain.epochs must be an integer >= 1"),
-    (["model.encoder.pretrain.hflip=2"], r"model.encoder.pretrain.hflip must be in \[0, 1\]"),
-    (["+model.encoder.pretrain.steps=10"], "model.encoder.pretrain.steps is not a pretraining setting"),
-    (["model.encoder.pretrain.feed=logits"], r"model.encoder.pretrain.feed must be one of \['labels', 'features', 'true_labels'\]"),
-    (["model.encoder.pretrain.precision=fp16"], r"model.encoder.pretrain.precision must be one of \['auto', 'fp32'"),
-    (["model.encoder.label_head=/x/head.pth"], "model.encoder.label_head cannot be used with model.encoder.pretrain"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["model.encoder.weights=DEFAULT"], "model.encoder.weights cannot be used"),
+        (["model.encoder.trainable=false", "model.encoder.unfreeze_after_steps=3"], "unfreeze_after_steps cannot"),
+        (["model.encoder.pretrain.task=imagenet"], "model.encoder.pretrain.task must be one of"),
+        (["model.encoder.pretrain.epochs=0"], "model.encoder.pretrain.epochs must be an integer >= 1"),
+        (["model.encoder.pretrain.hflip=2"], r"model.encoder.pretrain.hflip must be in \[0, 1\]"),
+        (["+model.encoder.pretrain.steps=10"], "model.encoder.pretrain.steps is not a pretraining setting"),
+        (
+            ["model.encoder.pretrain.feed=logits"],
+            r"model.encoder.pretrain.feed must be one of \['labels', 'features', 'true_labels'\]",
+        ),
+        (
+            ["model.encoder.pretrain.precision=fp16"],
+            r"model.encoder.pretrain.precision must be one of \['auto', 'fp32'",
+        ),
+        (
+            ["model.encoder.label_head=/x/head.pth"],
+            "model.encoder.label_head cannot be used with model.encoder.pretrain",
+        ),
+    ],
+)
 def test_contradicting_settings_name_the_key(tiny_data_root, cache, extra, message):
     from captioning.scenes.pretraining import prepare_inputs
 
@@ -257,18 +285,27 @@ def test_a_run_trains_on_the_cached_features_and_predicts_from_images(tiny_data_
     from captioning.predict import predict
     from captioning.training.recipe import train
 
-    overrides = pretraining(tiny_data_root) + ["trainer.max_steps=4", "trainer.val_every_n_steps=2",
-                                                          "trainer.scoring=deferred"]
+    overrides = pretraining(tiny_data_root) + [
+        "trainer.max_steps=4",
+        "trainer.val_every_n_steps=2",
+        "trainer.scoring=deferred",
+    ]
     summary = train(compose(overrides), tmp_path / "run")
     assert summary["steps"] == 4
     checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
     config = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
     assert config["data"]["features"] and config["model"]["encoder"]["weights"].endswith("encoder.pth")
-    evaluation = evaluate_checkpoint(checkpoint, "test", compose([], config_name="eval").decode,
-                                     device=torch.device("cpu"), score_now=False)
+    evaluation = evaluate_checkpoint(
+        checkpoint, "test", compose([], config_name="eval").decode, device=torch.device("cpu"), score_now=False
+    )
     assert len(evaluation.captions) == 10
-    rows = predict(checkpoint, [tiny_data_root / "val2014"], compose([], config_name="predict").decode, "cpu",
-                   output=tmp_path / "out.jsonl")
+    rows = predict(
+        checkpoint,
+        [tiny_data_root / "val2014"],
+        compose([], config_name="predict").decode,
+        "cpu",
+        output=tmp_path / "out.jsonl",
+    )
     assert len(rows) == len(list((tiny_data_root / "val2014").glob("*.jpg"))) and all("captions" in r for r in rows)
 
 
@@ -307,11 +344,25 @@ def test_schedule_length_and_table_from_finished_runs(tmp_path, capsys):
         for seed, value in enumerate(cider):
             out = schedule_table.run_dir(tmp_path / "sweep", row, seed)
             out.mkdir(parents=True)
-            (out / "test_metrics.json").write_text(json.dumps({"test/CIDEr": value, "test/BLEU-4": 0.2,
-                                                               "test/METEOR": 0.2, "test/scene/correct": 0.9}))
-    code = schedule_table.main(["--table-only", "--seeds", "4", "--rows", "baseline",
-                                "scheduled_sampling", "--sweep-dir", str(tmp_path / "sweep"), "--out-dir",
-                                str(tmp_path / "out"), "--name", "t"])
+            (out / "test_metrics.json").write_text(
+                json.dumps({"test/CIDEr": value, "test/BLEU-4": 0.2, "test/METEOR": 0.2, "test/scene/correct": 0.9})
+            )
+    code = schedule_table.main(
+        [
+            "--table-only",
+            "--seeds",
+            "4",
+            "--rows",
+            "baseline",
+            "scheduled_sampling",
+            "--sweep-dir",
+            str(tmp_path / "sweep"),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--name",
+            "t",
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "out" / "t.json").read_text())
     cell = result["table"]["scheduled_sampling"]["CIDEr"]

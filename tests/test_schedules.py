@@ -263,8 +263,17 @@ def test_valid_sampling_options_pass():
 
 
 def test_build_schedule_from_config():
-    cfg = dict(name="exponential", k=0.9, eps_min=0.0, unit="step", warmup_steps=0,
-               token_source="sample", granularity="token", temperature=1.0, mode="exact")
+    cfg = dict(
+        name="exponential",
+        k=0.9,
+        eps_min=0.0,
+        unit="step",
+        warmup_steps=0,
+        token_source="sample",
+        granularity="token",
+        temperature=1.0,
+        mode="exact",
+    )
     assert prob(build_schedule_from_config(cfg), step=2) == pytest.approx(0.81)
     with pytest.raises(ValueError, match=r"schedule\.mode"):
         build_schedule_from_config({**cfg, "mode": "fast"})
@@ -277,5 +286,6 @@ def test_build_schedule_from_config():
         build_schedule_from_config({"name": "teacher_forcing", "k": 5})
     assert build_schedule_from_config({"name": "teacher_forcing"}).name == "teacher_forcing"
     # sampling options default when absent (sample, token, 1.0, exact)
-    assert prob(build_schedule_from_config({k: v for k, v in cfg.items() if k != "token_source"}), 2) == \
-        pytest.approx(0.81)
+    assert prob(build_schedule_from_config({k: v for k, v in cfg.items() if k != "token_source"}), 2) == pytest.approx(
+        0.81
+    )

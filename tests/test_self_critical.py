@@ -1,9 +1,11 @@
 """Self-critical sequence training: the loss's direction, sampling, the baselines, learning on a toy task, building
 from the config, and config checks that name their key."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose, tiny_overrides
 from omegaconf import OmegaConf
 
 from captioning.config import ConfigError, validate_train_config
@@ -13,9 +15,15 @@ from captioning.models.captioner import Captioner, build_captioner
 from captioning.models.decoder import RNNDecoder
 from captioning.models.encoder import PrecomputedFeatures
 from captioning.training.objectives import CrossEntropyObjective, build_objective
-from captioning.training.self_critical import (ReferenceRows, SelfCriticalObjective, leave_one_out_mean,
-                                               reference_sets, sample_log_probs, sample_tokens, self_critical_loss)
-from conftest import compose, tiny_overrides
+from captioning.training.self_critical import (
+    ReferenceRows,
+    SelfCriticalObjective,
+    leave_one_out_mean,
+    reference_sets,
+    sample_log_probs,
+    sample_tokens,
+    self_critical_loss,
+)
 
 PAD, BOS, EOS = Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.eos_id
 
@@ -75,7 +83,7 @@ def test_log_probs_are_masked_after_eos_and_match_the_step_interface():
     state, token = model.state_from_features(features), torch.full((2,), BOS)
     for t in range(2):  # the first two tokens, step by step
         log_p, state = model.step(token, state)
-        assert torch.allclose(got[:, t], log_p.gather(1, samples[:, t:t + 1])[:, 0], atol=1e-5)
+        assert torch.allclose(got[:, t], log_p.gather(1, samples[:, t : t + 1])[:, 0], atol=1e-5)
         token = samples[:, t]
 
 
@@ -111,7 +119,7 @@ def test_shared_dropout_masks_make_the_loss_see_the_sampling_distribution():
     token = torch.full((6,), BOS)
     for t in range(5):
         hidden, state = model.step_hidden(token, state, (masks.inputs[:, t + 1], masks.outputs[:, t]))
-        log_p = torch.log_softmax(model.project(hidden), -1).gather(1, samples[:, t:t + 1])[:, 0]
+        log_p = torch.log_softmax(model.project(hidden), -1).gather(1, samples[:, t : t + 1])[:, 0]
         real = samples[:, t] != PAD
         assert torch.allclose(fused[real, t], log_p[real], atol=1e-5)
         token = samples[:, t]
@@ -127,8 +135,9 @@ def test_toy_task_raises_the_mean_reward(baseline):
     targets = torch.zeros(len(features), 1, 2, dtype=torch.long)  # unused after start_step
     rewards = []
     for step in range(60):
-        loss, stats = objective(features, targets, image_ids=torch.arange(len(features)),
-                                **objective.step_settings(step, 0))
+        loss, stats = objective(
+            features, targets, image_ids=torch.arange(len(features)), **objective.step_settings(step, 0)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -197,8 +206,16 @@ def test_init_from_loads_the_model_weights_and_checks_the_vocabulary(tiny_data_r
     cfg, records, vocab = tiny_parts(tiny_data_root)
     source = build_captioner(cfg.model, len(vocab))
     path = tmp_path / "ce.pt"
-    torch.save({"model": source.state_dict(), "vocab": vocab.state_dict(), "config": {}, "step": 7,
-                "optimizer": {"not": "used"}}, path)
+    torch.save(
+        {
+            "model": source.state_dict(),
+            "vocab": vocab.state_dict(),
+            "config": {},
+            "step": 7,
+            "optimizer": {"not": "used"},
+        },
+        path,
+    )
     cfg.objective.init_from = str(path)
     validate_train_config(cfg)
     torch.manual_seed(123)
@@ -215,19 +232,22 @@ def test_init_from_loads_the_model_weights_and_checks_the_vocabulary(tiny_data_r
         build_objective(cfg, model, cuda_graphs=False, records=records["train"], vocab=vocab)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("objective.baseline=beam", "objective.baseline"),
-    ("objective.samples_per_image=0", "objective.samples_per_image"),
-    ("objective.temperature=0", "objective.temperature"),
-    ("objective.temperature=-1.5", "objective.temperature"),
-    ("objective.max_len=0", "objective.max_len"),
-    ("objective.init_from=/nonexistent/ce.pt", "objective.init_from"),
-    ("objective.start_step=-1", "objective.start_step"),
-    ("objective.reward.cider_d=-1", "objective.reward.cider_d"),
-    ("objective.reward_eos=maybe", "objective.reward_eos"),
-    ("+objective.reward.meteor=1", "objective.reward.meteor"),
-    ("+objective.samples=3", "objective.samples"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("objective.baseline=beam", "objective.baseline"),
+        ("objective.samples_per_image=0", "objective.samples_per_image"),
+        ("objective.temperature=0", "objective.temperature"),
+        ("objective.temperature=-1.5", "objective.temperature"),
+        ("objective.max_len=0", "objective.max_len"),
+        ("objective.init_from=/nonexistent/ce.pt", "objective.init_from"),
+        ("objective.start_step=-1", "objective.start_step"),
+        ("objective.reward.cider_d=-1", "objective.reward.cider_d"),
+        ("objective.reward_eos=maybe", "objective.reward_eos"),
+        ("+objective.reward.meteor=1", "objective.reward.meteor"),
+        ("+objective.samples=3", "objective.samples"),
+    ],
+)
 def test_bad_values_name_their_key(tiny_data_root, override, key):
     cfg = compose(tiny_overrides(tiny_data_root) + ["objective=self_critical", override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -249,23 +269,35 @@ def test_mean_baseline_needs_two_samples_and_some_reward_weight(tiny_data_root):
 def test_resume_of_a_self_critical_run_equals_the_straight_run(tiny_data_root, tmp_path, monkeypatch):
     """Cross-entropy for 3 steps, then self-critical; a SIGTERM during step 5 (self-critical, mid-epoch); the
     restarted run ends with the straight run's weights, losses and reward statistics, bit for bit."""
+    from conftest import preempt_run_during_step
+
     from captioning.loggers.jsonl import read_jsonl
     from captioning.runtime.checkpoint import load_checkpoint
     from captioning.training.recipe import train
-    from conftest import preempt_run_during_step
 
     overrides = tiny_overrides(tiny_data_root) + [
-        "objective=self_critical", "objective.start_step=3", "objective.samples_per_image=3", "objective.max_len=6",
-        "trainer.max_steps=8", "trainer.val_every_n_steps=4", "trainer.log_every_n_steps=1", "data.batch_size=4",
-        "trainer.evaluate_after_training=false", "trainer.scoring=deferred"]
+        "objective=self_critical",
+        "objective.start_step=3",
+        "objective.samples_per_image=3",
+        "objective.max_len=6",
+        "trainer.max_steps=8",
+        "trainer.val_every_n_steps=4",
+        "trainer.log_every_n_steps=1",
+        "data.batch_size=4",
+        "trainer.evaluate_after_training=false",
+        "trainer.scoring=deferred",
+    ]
     straight = train(compose(overrides), tmp_path / "straight")
     first = preempt_run_during_step(monkeypatch, compose(overrides), tmp_path / "resumed", 5)
     assert first["preempted"] and first["steps"] == 5
     assert train(compose(overrides), tmp_path / "resumed")["steps"] == straight["steps"] == 8
 
     def train_records(run):  # without the timings (throughput, data wait)
-        return [{k: v for k, v in r.items() if not k.endswith(("_per_s", "data_wait_fraction"))}
-                for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
+        return [
+            {k: v for k, v in r.items() if not k.endswith(("_per_s", "data_wait_fraction"))}
+            for r in read_jsonl(tmp_path / run / "metrics.jsonl")
+            if "train/loss" in r
+        ]
 
     records = train_records("straight")
     assert [r["step"] for r in records] == list(range(1, 9))

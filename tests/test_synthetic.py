@@ -17,9 +17,19 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from captioning.scenes import generator as synthetic, grammar as scene_grammar
-from captioning.scenes.generator import (COLORS, caption_scene, draw_scene, ensure_synthetic, generate_synthetic,
-                                       is_synthetic_root, load_scenes, sample_scene, tokenize)
+from captioning.scenes import generator as synthetic
+from captioning.scenes import grammar as scene_grammar
+from captioning.scenes.generator import (
+    COLORS,
+    caption_scene,
+    draw_scene,
+    ensure_synthetic,
+    generate_synthetic,
+    is_synthetic_root,
+    load_scenes,
+    sample_scene,
+    tokenize,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(num_train=30, num_val=5, num_test=5, image_size=32, seed=3)
@@ -49,12 +59,16 @@ def _objects(root: Path) -> dict:
 
 
 def _all_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and p.name != synthetic.LOCK_FILE}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != synthetic.LOCK_FILE
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Determinism and layout
+
 
 def test_generation_is_byte_identical(root, tmp_path):
     again = generate_synthetic(tmp_path / "again", **SMALL)
@@ -75,8 +89,12 @@ GOLDEN_JSON_SHA256 = "e95d2e6b498563e9b23e07108aa236f06ebd60e991d0648a2615021577
 
 def test_captions_and_metadata_are_those_of_format_version_1(root):
     digest = hashlib.sha256()
-    for name in ("dataset_coco.json", "annotations/captions_train2014.json", "annotations/captions_val2014.json",
-                 "synthetic_objects.json"):
+    for name in (
+        "dataset_coco.json",
+        "annotations/captions_train2014.json",
+        "annotations/captions_val2014.json",
+        "synthetic_objects.json",
+    ):
         digest.update((root / name).read_bytes())
     assert synthetic.FORMAT_VERSION == 1
     assert digest.hexdigest() == GOLDEN_JSON_SHA256
@@ -101,8 +119,9 @@ def test_load_scenes_gives_back_the_generated_scenes(root):
             drawn = sample_scene(random.Random(f"synthetic-v{synthetic.FORMAT_VERSION}:{seed}:{code}:{index}"))
             scene = loaded[synthetic._cocoid(code, index, seed)]
             assert (scene.layout, scene.position, scene.background) == (drawn.layout, drawn.position, drawn.background)
-            assert [(o.shape, o.color, o.size) for o in scene.objects] == [(o.shape, o.color, o.size)
-                                                                         for o in drawn.objects]
+            assert [(o.shape, o.color, o.size) for o in scene.objects] == [
+                (o.shape, o.color, o.size) for o in drawn.objects
+            ]
             for a, b in zip(scene.objects, drawn.objects):
                 size = SMALL["image_size"]
                 assert abs(a.cx - b.cx) * size <= 0.01 and abs(a.cy - b.cy) * size <= 0.01
@@ -119,8 +138,21 @@ def test_load_scenes_gives_back_the_generated_scenes(root):
 def test_public_names_survive_and_come_from_the_grammar():
     for name in synthetic.__all__:
         assert hasattr(synthetic, name), name
-    for name in ("SHAPE_WORDS", "SIZE_WORDS", "RELATION_WORDS", "RELATION_TO_IT", "POSITION_WORDS", "VERBS",
-                 "THINGS", "PICTURE", "GREY", "TEMPLATES", "COLORS", "SHAPES", "tokenize"):
+    for name in (
+        "SHAPE_WORDS",
+        "SIZE_WORDS",
+        "RELATION_WORDS",
+        "RELATION_TO_IT",
+        "POSITION_WORDS",
+        "VERBS",
+        "THINGS",
+        "PICTURE",
+        "GREY",
+        "TEMPLATES",
+        "COLORS",
+        "SHAPES",
+        "tokenize",
+    ):
         assert getattr(synthetic, name) is getattr(scene_grammar, name), name  # one copy, shared with the checker
     rng = random.Random(5)
     scene = sample_scene(rng)
@@ -222,21 +254,58 @@ def test_drawn_colours_match_metadata(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Captions: length, vocabulary, truth
 
+
 def _scene_objects(scene) -> list[dict]:
     """Scene objects as the metadata dicts written to synthetic_objects.json (bbox as image fractions)."""
-    return [{"shape": o.shape, "color": o.color, "size": o.size,
-             "bbox": [o.cx - o.extent / 2, o.cy - o.extent / 2, o.extent, o.extent]} for o in scene.objects]
+    return [
+        {
+            "shape": o.shape,
+            "color": o.color,
+            "size": o.size,
+            "bbox": [o.cx - o.extent / 2, o.cy - o.extent / 2, o.extent, o.extent],
+        }
+        for o in scene.objects
+    ]
 
 
-SHAPE_OF = {"circle": "circle", "disc": "circle", "round": "circle", "square": "square", "box": "square",
-            "triangle": "triangle", "star": "star", "cross": "cross", "diamond": "diamond"}
+SHAPE_OF = {
+    "circle": "circle",
+    "disc": "circle",
+    "round": "circle",
+    "square": "square",
+    "box": "square",
+    "triangle": "triangle",
+    "star": "star",
+    "cross": "cross",
+    "diamond": "diamond",
+}
 SIZE_OF = {"large": "large", "big": "large", "small": "small", "little": "small", "tiny": "small"}
-RELATIONS = {"to the left of": "left", "left of": "left", "on the left of": "left",
-             "to the right of": "right", "right of": "right", "on the right of": "right",
-             "above": "above", "on top of": "above", "over": "above",
-             "below": "below", "under": "below", "beneath": "below", "underneath": "below"}
-TO_IT = {"to its left": "left", "on its left": "left", "to its right": "right", "on its right": "right",
-         "above it": "above", "over it": "above", "below it": "below", "under it": "below", "beneath it": "below"}
+RELATIONS = {
+    "to the left of": "left",
+    "left of": "left",
+    "on the left of": "left",
+    "to the right of": "right",
+    "right of": "right",
+    "on the right of": "right",
+    "above": "above",
+    "on top of": "above",
+    "over": "above",
+    "below": "below",
+    "under": "below",
+    "beneath": "below",
+    "underneath": "below",
+}
+TO_IT = {
+    "to its left": "left",
+    "on its left": "left",
+    "to its right": "right",
+    "on its right": "right",
+    "above it": "above",
+    "over it": "above",
+    "below it": "below",
+    "under it": "below",
+    "beneath it": "below",
+}
 FILLER = {"is", "sits", "lies", "placed", "which", "a", "an", "the"}
 
 
@@ -247,7 +316,7 @@ def _center(obj):
 
 def _holds(rel: str, a: dict, b: dict) -> bool:
     """Is a {rel} b? Fully separated on the axis, and clearly more along that axis than across it."""
-    (ax, ay, aw, ah), (bx, by, bw, bh) = a["bbox"], b["bbox"]
+    (ax, ay, aw, ah), (bx, by, _, _) = a["bbox"], b["bbox"]
     (acx, acy), (bcx, bcy) = _center(a), _center(b)
     if rel == "left":
         return ax + aw <= bx and abs(acy - bcy) < abs(acx - bcx)
@@ -268,7 +337,7 @@ def _mentions(toks: list[str], objects: list[dict]) -> list[tuple[int, int, dict
     for i, t in enumerate(toks):
         if t not in SHAPE_OF:
             continue
-        if t == "round" and toks[i + 1:i + 2] != ["shape"]:
+        if t == "round" and toks[i + 1 : i + 2] != ["shape"]:
             return None
         obj = by_shape.get(SHAPE_OF[t])
         if obj is None:
@@ -332,17 +401,22 @@ def caption_claims_hold(caption: str, objects: list[dict]) -> tuple[bool, int]:
             claims += 1
             if not lo < _center(a)[axis] < hi:
                 return False, claims
-    tail = " ".join(toks[mentions[-1][1]:]) if mentions else ""
+    tail = " ".join(toks[mentions[-1][1] :]) if mentions else ""
     if tail in TO_IT:  # "B with A to its left": A is left of B
-        if len(mentions) != 2 or _strip(toks[mentions[0][1]:mentions[1][0]]) != "with":
+        if len(mentions) != 2 or _strip(toks[mentions[0][1] : mentions[1][0]]) != "with":
             return False, claims
         claims += 1
         if not _holds(TO_IT[tail], mentions[1][2], mentions[0][2]):
             return False, claims
 
     listed = [m[2] for m in mentions] if len(mentions) == n else None  # all objects, in mention order
-    for phrase, rels in (("from left to right", ["left"]), ("from top to bottom", ["above"]),
-                         ("in a row", ["left"]), ("in a column", ["above"]), ("in a line", ["left", "above"])):
+    for phrase, rels in (
+        ("from left to right", ["left"]),
+        ("from top to bottom", ["above"]),
+        ("in a row", ["left"]),
+        ("in a column", ["above"]),
+        ("in a line", ["left", "above"]),
+    ):
         if phrase in text and n > 1:
             claims += 1
             if phrase.startswith("from") and listed is None:
@@ -370,10 +444,16 @@ def caption_claims_hold(caption: str, objects: list[dict]) -> tuple[bool, int]:
             return False, claims
 
     # Absolute sides: "on the left there is X", "and on the right X", "X on the left side of the image".
-    for side, axis, extreme in (("on the left", 0, min), ("on the right", 0, max), ("at the top", 1, min),
-                                ("near the top", 1, min), ("at the bottom", 1, max), ("near the bottom", 1, max)):
+    for side, axis, extreme in (
+        ("on the left", 0, min),
+        ("on the right", 0, max),
+        ("at the top", 1, min),
+        ("near the top", 1, min),
+        ("at the bottom", 1, max),
+        ("near the bottom", 1, max),
+    ):
         for match in re.finditer(rf"\b{side}\b", text):
-            start = len(text[:match.start()].split())
+            start = len(text[: match.start()].split())
             after = start + len(side.split())
             rest = toks[after:]
             if rest[:1] == ["side"]:
@@ -406,15 +486,23 @@ def test_truth_checker_rejects_false_captions():
     assert caption_claims_hold("a blue square with a red circle to its left", objects) == (True, 1)
     assert caption_claims_hold("a red circle and a blue box , the circle is left of the box", objects)[0]
     assert caption_claims_hold("on the left there is a red disc and on the right a blue box", objects)[0]
-    for false in ["a red circle to the right of a blue square", "a blue box above a red circle",
-                  "a green circle left of a blue square", "a small red circle left of a blue square",
-                  "three shapes : a red circle , a blue square and a star", "a blue square with a red circle to its right",
-                  "a single red circle", "on the left there is a blue box and on the right a red disc",
-                  "a red circle and a blue box , the box is left of the circle",
-                  "a red circle and a blue square one above the other"]:
+    for false in [
+        "a red circle to the right of a blue square",
+        "a blue box above a red circle",
+        "a green circle left of a blue square",
+        "a small red circle left of a blue square",
+        "three shapes : a red circle , a blue square and a star",
+        "a blue square with a red circle to its right",
+        "a single red circle",
+        "on the left there is a blue box and on the right a red disc",
+        "a red circle and a blue box , the box is left of the circle",
+        "a red circle and a blue square one above the other",
+    ]:
         assert not caption_claims_hold(false, objects)[0], false
-    top, mid, bottom = ({"shape": s, "color": "red", "size": "small", "bbox": [0.42, y, 0.16, 0.16]}
-                        for s, y in (("star", 0.05), ("cross", 0.42), ("diamond", 0.8)))
+    top, mid, bottom = (
+        {"shape": s, "color": "red", "size": "small", "bbox": [0.42, y, 0.16, 0.16]}
+        for s, y in (("star", 0.05), ("cross", 0.42), ("diamond", 0.8))
+    )
     column = [top, mid, bottom]
     assert caption_claims_hold("a red cross between a red star and a red diamond", column) == (True, 1)
     assert not caption_claims_hold("a red star between a red cross and a red diamond", column)[0]
@@ -446,8 +534,28 @@ def test_captions_are_true_bounded_and_varied():
             templates_seen.add(" ".join(t for t in tokenize(caption) if t not in COLORS)[:12])
     assert 50 <= len(vocabulary) <= 120, sorted(vocabulary)
     assert set(COLORS) <= set(vocabulary)
-    assert {"circle", "disc", "square", "box", "triangle", "star", "cross", "diamond", "large", "big", "small",
-            "little", "tiny", "left", "right", "above", "below", "between", "two", "three"} <= set(vocabulary)
+    assert {
+        "circle",
+        "disc",
+        "square",
+        "box",
+        "triangle",
+        "star",
+        "cross",
+        "diamond",
+        "large",
+        "big",
+        "small",
+        "little",
+        "tiny",
+        "left",
+        "right",
+        "above",
+        "below",
+        "between",
+        "two",
+        "three",
+    } <= set(vocabulary)
     assert relational_claims > 3000  # the truth check really exercised relations
     assert len(templates_seen) > 30  # varied word order, not one template
 
@@ -469,6 +577,7 @@ def test_written_captions_match_object_metadata(root):
 
 # ---------------------------------------------------------------------------------------------------
 # ensure_synthetic: reuse, regeneration, locking, safety
+
 
 @pytest.fixture()
 def count_generations(monkeypatch):
@@ -517,12 +626,18 @@ def test_ensure_synthetic_reuses_and_regenerates(tmp_path, count_generations):
 
 def test_ensure_synthetic_concurrent_processes_generate_once(tmp_path):
     root = tmp_path / "coco"
-    code = ("import sys; from captioning.scenes import generator as s; real = s.generate_synthetic\n"
-            "def g(*a, **k):\n    print('GENERATED', flush=True); return real(*a, **k)\n"
-            "s.generate_synthetic = g\n"
-            f"s.ensure_synthetic(sys.argv[1], **{SMALL!r}); print('DONE')")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    code = (
+        "import sys; from captioning.scenes import generator as s; real = s.generate_synthetic\n"
+        "def g(*a, **k):\n    print('GENERATED', flush=True); return real(*a, **k)\n"
+        "s.generate_synthetic = g\n"
+        f"s.ensure_synthetic(sys.argv[1], **{SMALL!r}); print('DONE')"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(root)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     stdout = "".join(out for out, _ in outputs)
@@ -544,8 +659,18 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     assert keep.read_text() == "{}"
 
 
-@pytest.mark.parametrize("bad", [dict(num_train=0), dict(num_val=-1), dict(image_size=8), dict(seed=-1),
-                                 dict(num_test="5"), dict(image_size=32.0), dict(num_train=True)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(num_train=0),
+        dict(num_val=-1),
+        dict(image_size=8),
+        dict(seed=-1),
+        dict(num_test="5"),
+        dict(image_size=32.0),
+        dict(num_train=True),
+    ],
+)
 def test_invalid_arguments_raise(tmp_path, bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
@@ -557,12 +682,14 @@ def test_invalid_arguments_raise(tmp_path, bad):
 # ---------------------------------------------------------------------------------------------------
 # tools/check_coco.py
 
+
 def test_check_coco_passes_on_synthetic(root):
     assert check_coco.check_coco_folder(root) == []
     counts = check_coco.karpathy_split_counts(root / "dataset_coco.json")
     assert counts["train+restval"] == 30 and counts["val"] == 5 and counts["test"] == 5
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "check_coco.py"), str(root)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "check_coco.py"), str(root)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "train+restval: 30" in result.stdout and "real COCO: 113,287" in result.stdout
 
@@ -583,8 +710,9 @@ def test_check_coco_names_missing_image_and_annotation_file(root, tmp_path):
     n_val2014 = sum(e["filepath"] == "val2014" for e in _karpathy(broken))
     assert f"{n_val2014} Karpathy cocoids have no caption annotation" in text and str(entry["cocoid"]) in text
 
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "check_coco.py"), str(broken)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "check_coco.py"), str(broken)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1 and "captions_val2014.json" in result.stdout and entry["filename"] in result.stdout
 
 

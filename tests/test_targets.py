@@ -1,5 +1,6 @@
 """schedule.targets: optimal completion against a brute-force search, the oracle's sets against the scene oracle,
 teacher forcing bit for bit at teacher_forcing_prob = 1, the invalid share on hand-built cases, the config."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,19 +8,26 @@ import random
 
 import pytest
 import torch
+from conftest import compose, tiny_overrides
 
 from captioning.config import ConfigError, validate_train_config
-from captioning.scenes.grammar import SceneOracle, tokenize
-from captioning.scenes.generator import caption_scene, sample_scene
 from captioning.data.vocab import SPECIALS, Vocabulary
 from captioning.models.captioner import Captioner
 from captioning.models.decoder import RNNDecoder
 from captioning.models.encoder import ImageEncoder
+from captioning.scenes.generator import caption_scene, sample_scene
+from captioning.scenes.grammar import SceneOracle, tokenize
 from captioning.schedules import build_schedule, build_schedule_from_config
 from captioning.training.objectives import CrossEntropyObjective, shift_right
-from captioning.training.targets import (INVALID_SHARE, ReferenceTable, SceneTargets, TrainingTargets,
-                                         after_model_token, optimal_completion_sets, prefix_on_reference)
-from conftest import compose, tiny_overrides
+from captioning.training.targets import (
+    INVALID_SHARE,
+    ReferenceTable,
+    SceneTargets,
+    TrainingTargets,
+    after_model_token,
+    optimal_completion_sets,
+    prefix_on_reference,
+)
 
 EOS = 2
 
@@ -62,15 +70,15 @@ def test_optimal_completion_equals_a_brute_force_search(seed):
     for n in range(rows):
         for r in range(g.randint(1, slots)):
             ref = [g.choice(words) for _ in range(g.randint(1, width))]
-            references[n, r, :len(ref)] = torch.tensor(ref)
+            references[n, r, : len(ref)] = torch.tensor(ref)
             lengths[n, r] = len(ref)
         fed[n, 1:] = torch.tensor([g.choice(words + [stranger, EOS]) for _ in range(steps - 1)])
     sets = optimal_completion_sets(fed, references, lengths, vocab_size, EOS)  # (N, T, V)
     assert sets.shape == (rows, steps, vocab_size)
     for n in range(rows):
-        refs = [references[n, r, :lengths[n, r]].tolist() for r in range(slots) if lengths[n, r] >= 0]
+        refs = [references[n, r, : lengths[n, r]].tolist() for r in range(slots) if lengths[n, r] >= 0]
         for t in range(steps):
-            expected = brute_force_first_tokens(fed[n, 1:t + 1].tolist(), refs, words + [stranger], width + 1)
+            expected = brute_force_first_tokens(fed[n, 1 : t + 1].tolist(), refs, words + [stranger], width + 1)
             assert set(sets[n, t].nonzero().flatten().tolist()) == expected, (n, t)
 
 
@@ -96,8 +104,10 @@ def scene_data(count: int = 3, seed: int = 0):
     g = random.Random(seed)
     scenes = {100 + i: sample_scene(g) for i in range(count)}
     captions = {i: [tokenize(c) for c in caption_scene(scene, g)] for i, scene in scenes.items()}
-    words = sorted({w for caps in captions.values() for c in caps for w in c}
-                   | {w for s in scenes.values() for w in SceneOracle(s).words()})
+    words = sorted(
+        {w for caps in captions.values() for c in caps for w in c}
+        | {w for s in scenes.values() for w in SceneOracle(s).words()}
+    )
     return scenes, captions, Vocabulary(list(SPECIALS) + words)
 
 
@@ -116,16 +126,16 @@ def test_oracle_targets_equal_the_oracle_s_next_word_sets():
     fed = torch.zeros(len(rows), steps, dtype=torch.long)
     fed[:, 0] = vocab.bos_id
     for n, row in enumerate(rows):
-        fed[n, 1:1 + len(row)] = torch.tensor([vocab.stoi[w] for w in row])
-        fed[n, 1 + len(row):] = vocab.eos_id
+        fed[n, 1 : 1 + len(row)] = torch.tensor([vocab.stoi[w] for w in row])
+        fed[n, 1 + len(row) :] = vocab.eos_id
     wanted = torch.ones(fed.shape, dtype=torch.bool)
     valid, true_prefix = SceneTargets(scenes, vocab).sets(fed, ids, wanted, len(vocab))
     checked_true = checked_untrue = 0
     for n, image_id in enumerate(ids):
         oracle = SceneOracle(scenes[image_id])
         for t in range(steps):
-            prefix = [vocab.itos[i] for i in fed[n, 1:t + 1].tolist()]
-            is_true = vocab.eos_id not in fed[n, 1:t + 1].tolist() and oracle.is_prefix(prefix)
+            prefix = [vocab.itos[i] for i in fed[n, 1 : t + 1].tolist()]
+            is_true = vocab.eos_id not in fed[n, 1 : t + 1].tolist() and oracle.is_prefix(prefix)
             assert bool(true_prefix[n, t]) == is_true
             expected = set()
             if is_true:
@@ -144,7 +154,7 @@ def scene_batch(vocab, captions, captions_per_image: int = 3):
     targets = torch.zeros(len(ids), captions_per_image, steps, dtype=torch.long)
     for b, image_id in enumerate(ids):
         for c, caption in enumerate(captions[image_id][:captions_per_image]):
-            targets[b, c, :len(caption) + 1] = torch.tensor(vocab.encode(caption, 99) + [vocab.eos_id])
+            targets[b, c, : len(caption) + 1] = torch.tensor(vocab.encode(caption, 99) + [vocab.eos_id])
     images = torch.randn(len(ids), 3, 32, 32, generator=torch.Generator().manual_seed(0))
     return images, targets, torch.tensor(ids)
 
@@ -158,8 +168,10 @@ def tiny_model(vocab_size: int, dropout: float = 0.0) -> Captioner:
 def all_targets(scenes, captions, vocab) -> dict[str, TrainingTargets]:
     table = ReferenceTable({i: [vocab.encode(c, 99) for c in caps] for i, caps in captions.items()}, vocab.pad_id)
     scene_targets = SceneTargets(scenes, vocab)
-    out = {"reference": TrainingTargets("reference", references=table, scenes=scene_targets),
-           "optimal_completion": TrainingTargets("optimal_completion", references=table, scenes=scene_targets)}
+    out = {
+        "reference": TrainingTargets("reference", references=table, scenes=scene_targets),
+        "optimal_completion": TrainingTargets("optimal_completion", references=table, scenes=scene_targets),
+    }
     for untrue in ("repair", "mask"):
         out[f"oracle_{untrue}"] = TrainingTargets("oracle", untrue, table, scene_targets)
     return out
@@ -259,15 +271,15 @@ def test_the_invalid_share_by_the_scene_oracle():
     """Scenes: a row fed another true caption's words judges the reference's word by the oracle; a prefix made
     untrue makes every later reference word invalid."""
     scenes, captions, vocab = scene_data(count=1)
-    (image_id, caps), = captions.items()
+    ((image_id, caps),) = captions.items()
     oracle = SceneOracle(scenes[image_id])
     first, other = caps[0], caps[1]
     steps = 1 + max(len(first), len(other)) + 1
     targets = torch.zeros(2, steps, dtype=torch.long)
-    targets[:, :len(first) + 1] = torch.tensor(vocab.encode(first, 99) + [vocab.eos_id])
+    targets[:, : len(first) + 1] = torch.tensor(vocab.encode(first, 99) + [vocab.eos_id])
     inputs = shift_right(targets, vocab.bos_id)
     fed = inputs.clone()
-    fed[0, 1:len(other) + 1] = torch.tensor(vocab.encode(other, 99))[:steps - 1]  # all model words
+    fed[0, 1 : len(other) + 1] = torch.tensor(vocab.encode(other, 99))[: steps - 1]  # all model words
     fed[1, 1] = vocab.unk_id  # <unk>: untrue from position 1 on
     use_truth = torch.ones(fed.shape, dtype=torch.bool)
     use_truth[0, 1:] = False
@@ -275,7 +287,7 @@ def test_the_invalid_share_by_the_scene_oracle():
     expected_invalid, model_fed = 0, 0
     for t in range(1, len(first) + 1):
         word = vocab.itos[targets[0, t]] if targets[0, t] != vocab.eos_id else None
-        prefix = [vocab.itos[i] for i in fed[0, 1:t + 1].tolist()]
+        prefix = [vocab.itos[i] for i in fed[0, 1 : t + 1].tolist()]
         valid = oracle.is_caption(prefix) if word is None else oracle.is_prefix(prefix + [word])
         expected_invalid += not valid
         model_fed += 1
@@ -289,17 +301,24 @@ def test_the_invalid_share_by_the_scene_oracle():
 
 
 # -- end to end -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("targets", [["schedule.targets=optimal_completion"],
-                                     ["schedule.targets=oracle", "schedule.oracle_untrue=mask"]])
+@pytest.mark.parametrize(
+    "targets", [["schedule.targets=optimal_completion"], ["schedule.targets=oracle", "schedule.oracle_untrue=mask"]]
+)
 def test_a_tiny_run_trains_with_the_targets_and_logs_the_invalid_share(tiny_data_root, tmp_path, targets):
     """On-policy after a teacher-forced warm-up (always_sampling, warmup_steps=2): the share is 0 during the warm-up
     and logged after it, on the scenes by the oracle."""
     from captioning.loggers.jsonl import read_jsonl
     from captioning.training.recipe import train
 
-    overrides = tiny_overrides(tiny_data_root) + ["schedule=always_sampling", "schedule.warmup_steps=2", *targets,
-                                                  "trainer.max_steps=6", "trainer.log_every_n_steps=1",
-                                                  "trainer.scoring=deferred", "trainer.evaluate_after_training=false"]
+    overrides = tiny_overrides(tiny_data_root) + [
+        "schedule=always_sampling",
+        "schedule.warmup_steps=2",
+        *targets,
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "trainer.scoring=deferred",
+        "trainer.evaluate_after_training=false",
+    ]
     train(compose(overrides), tmp_path)
     records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
     shares = {r["step"]: r["train/reference_target_invalid_share"] for r in records}
@@ -309,14 +328,17 @@ def test_a_tiny_run_trains_with_the_targets_and_logs_the_invalid_share(tiny_data
 
 
 # -- the config --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("override,key", [
-    ("schedule=inverse_sigmoid schedule.targets=nearest", "schedule.targets"),
-    ("schedule=linear schedule.oracle_untrue=skip", "schedule.oracle_untrue"),
-    ("schedule=teacher_forcing schedule.targets=best", "schedule.targets"),
-    ("schedule=exponential schedule.min_teacher_forcing_prob=1.5", "schedule.min_teacher_forcing_prob"),
-    ("schedule=constant +schedule.min_teacher_forcing_prob=0.5", "schedule.min_teacher_forcing_prob"),
-    ("data=coco data.root=/x schedule=inverse_sigmoid schedule.targets=oracle", "schedule.targets"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("schedule=inverse_sigmoid schedule.targets=nearest", "schedule.targets"),
+        ("schedule=linear schedule.oracle_untrue=skip", "schedule.oracle_untrue"),
+        ("schedule=teacher_forcing schedule.targets=best", "schedule.targets"),
+        ("schedule=exponential schedule.min_teacher_forcing_prob=1.5", "schedule.min_teacher_forcing_prob"),
+        ("schedule=constant +schedule.min_teacher_forcing_prob=0.5", "schedule.min_teacher_forcing_prob"),
+        ("data=coco data.root=/x schedule=inverse_sigmoid schedule.targets=oracle", "schedule.targets"),
+    ],
+)
 def test_bad_target_and_floor_values_name_their_key(override, key):
     cfg = compose(override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -330,16 +352,19 @@ def test_every_schedule_takes_every_target_option(name, targets):
     validate_train_config(cfg)
 
 
-@pytest.mark.parametrize("name,params", [("inverse_sigmoid", {"k": 10.0}), ("linear", {"c": 0.1, "eps_min": 0.0}),
-                                         ("exponential", {"k": 0.5})])
+@pytest.mark.parametrize(
+    "name,params",
+    [("inverse_sigmoid", {"k": 10.0}), ("linear", {"c": 0.1, "eps_min": 0.0}), ("exponential", {"k": 0.5})],
+)
 @pytest.mark.parametrize("unit", ["step", "epoch"])
 def test_floor_after_decay_and_warm_up_for_every_decaying_schedule(name, params, unit):
     schedule = build_schedule(name, **params, min_teacher_forcing_prob=0.75, warmup_steps=3, unit=unit)
     plain = build_schedule(name, **params, unit=unit)
     for i in range(60):
         step, epoch = (i, 0) if unit == "step" else (0, i)
-        expected = 1.0 if i < 3 else max(0.75, plain.teacher_forcing_prob(*((i - 3, 0) if unit == "step"
-                                                                              else (0, i - 3))))
+        expected = (
+            1.0 if i < 3 else max(0.75, plain.teacher_forcing_prob(*((i - 3, 0) if unit == "step" else (0, i - 3))))
+        )
         assert schedule.teacher_forcing_prob(step, epoch) == expected
     assert schedule.teacher_forcing_prob(10_000, 10_000) == 0.75
     assert "floored at min_teacher_forcing_prob = 0.75" in schedule.describe()
@@ -349,5 +374,8 @@ def test_floor_after_decay_and_warm_up_for_every_decaying_schedule(name, params,
 def test_warm_up_works_for_the_flat_schedules(name):
     cfg = {"name": name, "warmup_steps": 2, "unit": "epoch", **({"p": 0.3} if name == "constant" else {})}
     schedule = build_schedule_from_config(cfg)
-    assert [schedule.teacher_forcing_prob(0, e) for e in range(4)] == [1.0, 1.0, *[0.0 if name == "always_sampling"
-                                                                                   else 0.3] * 2]
+    assert [schedule.teacher_forcing_prob(0, e) for e in range(4)] == [
+        1.0,
+        1.0,
+        *[0.0 if name == "always_sampling" else 0.3] * 2,
+    ]

@@ -1,20 +1,20 @@
 """End to end on tiny synthetic data: train, validate, checkpoint, resume, evaluate (CPU, seconds)."""
+
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose, preempt_run_during_step, requires_java, signal_during_step, tiny_overrides
 
 from captioning.evaluation.evaluate import evaluate_checkpoint
 from captioning.loggers.jsonl import read_jsonl
 from captioning.runtime.checkpoint import load_checkpoint
 from captioning.runtime.preemption import PREEMPTION_EXIT_CODE
 from captioning.training.recipe import train
-from conftest import compose, preempt_run_during_step, requires_java, signal_during_step, tiny_overrides
 
 pytestmark = [requires_java(), pytest.mark.java]
 
@@ -38,8 +38,16 @@ def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
     assert set(best) >= {"model", "optimizer", "lr_scheduler", "scaler", "step", "epoch", "rng", "vocab", "config"}
 
     test = summary["test"]
-    for key in ("test/BLEU-1", "test/BLEU-2", "test/BLEU-3", "test/BLEU-4", "test/METEOR", "test/ROUGE-L",
-                "test/CIDEr", "test/most_common_caption/CIDEr"):
+    for key in (
+        "test/BLEU-1",
+        "test/BLEU-2",
+        "test/BLEU-3",
+        "test/BLEU-4",
+        "test/METEOR",
+        "test/ROUGE-L",
+        "test/CIDEr",
+        "test/most_common_caption/CIDEr",
+    ):
         assert key in test and 0 <= test[key] <= 10
     for key in ("nll_tf", "nll_free", "nll_gap", "acc_tf", "acc_free", "acc_gap"):
         assert f"test/reference_likelihood/{key}" in test and all(f"val/reference_likelihood/{key}" in r for r in val)
@@ -62,8 +70,10 @@ def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
     assert test["test/scene/correct"] == truth["scene/correct"]
     assert test["test/scene/grammatical"] == truth["scene/grammatical"]
     caption = written["most_common_caption"]
-    assert test["test/most_common_caption/scene/correct"] == \
-        scene_metrics({r["image_id"]: caption for r in results}, scenes)["scene/correct"]
+    assert (
+        test["test/most_common_caption/scene/correct"]
+        == scene_metrics({r["image_id"]: caption for r in results}, scenes)["scene/correct"]
+    )
     assert all("val/scene/correct" in r for r in val)
 
     # Evaluating the best checkpoint again reproduces the training run's figures exactly.
@@ -76,12 +86,22 @@ def _param_vector(path):
     return torch.cat([v.flatten().float() for v in state.values()])
 
 
-@pytest.mark.parametrize("schedule", [["schedule=teacher_forcing", "model.decoder.dropout=0.3"],
-                                      ["schedule=inverse_sigmoid", "schedule.k=2"]])
+@pytest.mark.parametrize(
+    "schedule",
+    [["schedule=teacher_forcing", "model.decoder.dropout=0.3"], ["schedule=inverse_sigmoid", "schedule.k=2"]],
+)
 def test_resume_after_preemption_equals_straight_run(tiny_data_root, tmp_path, monkeypatch, schedule):
-    overrides = tiny_overrides(tiny_data_root) + schedule + ["trainer.max_steps=8", "trainer.val_every_n_steps=4",
-                                                             "trainer.log_every_n_steps=1", "data.batch_size=4",
-                                                             "trainer.evaluate_after_training=false"]
+    overrides = (
+        tiny_overrides(tiny_data_root)
+        + schedule
+        + [
+            "trainer.max_steps=8",
+            "trainer.val_every_n_steps=4",
+            "trainer.log_every_n_steps=1",
+            "data.batch_size=4",
+            "trainer.evaluate_after_training=false",
+        ]
+    )
     straight = train(compose(overrides), tmp_path / "straight")
     assert straight["steps"] == 8
 
@@ -96,12 +116,17 @@ def test_resume_after_preemption_equals_straight_run(tiny_data_root, tmp_path, m
         return {r["step"]: r["train/loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r}
 
     assert losses("straight") == losses("resumed")
-    assert torch.equal(_param_vector(tmp_path / "straight" / "checkpoints" / "last.pt"),
-                       _param_vector(tmp_path / "resumed" / "checkpoints" / "last.pt"))
+    assert torch.equal(
+        _param_vector(tmp_path / "straight" / "checkpoints" / "last.pt"),
+        _param_vector(tmp_path / "resumed" / "checkpoints" / "last.pt"),
+    )
     records = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     probs = [r["train/teacher_forcing_prob"] for r in records if "train/loss" in r]
-    assert probs == [r["train/teacher_forcing_prob"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")
-                     if "train/loss" in r]  # the schedule position survives the resume
+    assert probs == [
+        r["train/teacher_forcing_prob"]
+        for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+        if "train/loss" in r
+    ]  # the schedule position survives the resume
 
 
 def test_sigusr1_saves_then_hands_over_to_the_launchers_handler(tiny_data_root, tmp_path, monkeypatch):
@@ -146,7 +171,9 @@ def test_deferred_scoring_needs_no_java_and_scores_the_same_later(tiny_data_root
     from omegaconf import OmegaConf
 
     OmegaConf.save(compose(overrides + ["trainer.scoring=deferred"]), deferred_dir / ".hydra" / "config.yaml")
-    spec = importlib.util.spec_from_file_location("score_runs", Path(__file__).parent.parent / "tools" / "score_runs.py")
+    spec = importlib.util.spec_from_file_location(
+        "score_runs", Path(__file__).parent.parent / "tools" / "score_runs.py"
+    )
     score_runs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(score_runs)
     assert score_runs.main([str(tmp_path / "sweep")]) == 0
@@ -156,25 +183,39 @@ def test_deferred_scoring_needs_no_java_and_scores_the_same_later(tiny_data_root
             assert scored[key] == pytest.approx(value, abs=1e-12), key
     val_now = [r for r in read_jsonl(tmp_path / "now" / "metrics.jsonl") if "val/CIDEr" in r]
     val_later = [r for r in read_jsonl(deferred_dir / "metrics.jsonl") if "val/CIDEr" in r]
-    assert [(r["step"], r["val/CIDEr"], r["train/teacher_forcing_prob"]) for r in val_now] == \
-        [(r["step"], r["val/CIDEr"], r["train/teacher_forcing_prob"]) for r in val_later]
+    assert [(r["step"], r["val/CIDEr"], r["train/teacher_forcing_prob"]) for r in val_now] == [
+        (r["step"], r["val/CIDEr"], r["train/teacher_forcing_prob"]) for r in val_later
+    ]
     assert score_runs.main([str(tmp_path / "sweep")]) == 0  # idempotent: already scored
 
 
 def test_encoder_unfreezes_after_n_steps_with_its_own_learning_rate(tiny_data_root, tmp_path):
-    overrides = tiny_overrides(tiny_data_root) + ["model.encoder.trainable=false", "model.encoder.unfreeze_after_steps=3",
-                                                  "optim.encoder_lr=0.05", "trainer.max_steps=3",
-                                                  "trainer.val_every_n_steps=3", "trainer.evaluate_after_training=false"]
+    overrides = tiny_overrides(tiny_data_root) + [
+        "model.encoder.trainable=false",
+        "model.encoder.unfreeze_after_steps=3",
+        "optim.encoder_lr=0.05",
+        "trainer.max_steps=3",
+        "trainer.val_every_n_steps=3",
+        "trainer.evaluate_after_training=false",
+    ]
     train(compose(overrides), tmp_path / "three")
-    initial = {k: v for k, v in load_checkpoint(tmp_path / "three" / "checkpoints" / "last.pt")["model"].items()
-               if k.startswith("encoder.")}
+    initial = {
+        k: v
+        for k, v in load_checkpoint(tmp_path / "three" / "checkpoints" / "last.pt")["model"].items()
+        if k.startswith("encoder.")
+    }
     from captioning.models.captioner import build_captioner
 
     torch.manual_seed(0)
     fresh = build_captioner(compose(overrides).model, 10)
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in initial.items() if "conv" in k)  # frozen: untouched
-    summary = train(compose(overrides[:-3] + ["trainer.max_steps=5", "trainer.val_every_n_steps=5",
-                                              "trainer.evaluate_after_training=false"]), tmp_path / "five")
+    summary = train(
+        compose(
+            overrides[:-3]
+            + ["trainer.max_steps=5", "trainer.val_every_n_steps=5", "trainer.evaluate_after_training=false"]
+        ),
+        tmp_path / "five",
+    )
     assert summary["steps"] == 5
     state = load_checkpoint(tmp_path / "five" / "checkpoints" / "last.pt")
     after = {k: v for k, v in state["model"].items() if k.startswith("encoder.") and "conv" in k}
@@ -183,8 +224,9 @@ def test_encoder_unfreezes_after_n_steps_with_its_own_learning_rate(tiny_data_ro
     assert encoder_group["initial_lr"] == 0.05  # its own rate (then cosine-decayed like the decoder's)
     assert state["optimizer"]["param_groups"][0]["initial_lr"] == 6e-3  # conf/optim/adam.yaml
     records = read_jsonl(tmp_path / "five" / "metrics.jsonl")
-    assert all(0 <= r["train/data_wait_fraction"] <= 1 and r["train/images_per_s"] > 0
-               for r in records if "train/loss" in r)
+    assert all(
+        0 <= r["train/data_wait_fraction"] <= 1 and r["train/images_per_s"] > 0 for r in records if "train/loss" in r
+    )
 
 
 @pytest.mark.slow
@@ -197,8 +239,8 @@ def test_compiled_training_matches_eager(tiny_data_root):
     from captioning.models.decoder import RNNDecoder
     from captioning.models.encoder import PrecomputedFeatures
     from captioning.runtime.distributed import DistInfo
-    from captioning.training.objectives import CrossEntropyObjective
     from captioning.training.engine import wrap_for_training
+    from captioning.training.objectives import CrossEntropyObjective
 
     cfg = compose(tiny_overrides(tiny_data_root) + ["trainer.compile=true"])
     losses = {}
@@ -212,7 +254,10 @@ def test_compiled_training_matches_eager(tiny_data_root):
         generator = torch.Generator().manual_seed(1)
         losses[compiled] = []
         for _ in range(3):
-            features, targets = torch.randn(4, 16, generator=generator), torch.randint(3, 30, (4, 2, 7), generator=generator)
+            features, targets = (
+                torch.randn(4, 16, generator=generator),
+                torch.randint(3, 30, (4, 2, 7), generator=generator),
+            )
             loss, _ = forward(features, targets, 1.0)
             optimizer.zero_grad()
             loss.backward()
@@ -224,8 +269,12 @@ def test_compiled_training_matches_eager(tiny_data_root):
 
 def test_resume_drops_metrics_logged_after_the_checkpoint(tiny_data_root, tmp_path, monkeypatch):
     """After a SIGKILL the log may run ahead of last.pt; the resumed run must not log those steps twice."""
-    overrides = tiny_overrides(tiny_data_root) + ["trainer.max_steps=6", "trainer.val_every_n_steps=3",
-                                                  "trainer.log_every_n_steps=1", "trainer.evaluate_after_training=false"]
+    overrides = tiny_overrides(tiny_data_root) + [
+        "trainer.max_steps=6",
+        "trainer.val_every_n_steps=3",
+        "trainer.log_every_n_steps=1",
+        "trainer.evaluate_after_training=false",
+    ]
     assert preempt_run_during_step(monkeypatch, compose(overrides), tmp_path, 3)["steps"] == 3
     with open(tmp_path / "metrics.jsonl", "a") as f:  # what a run killed at step 5 had logged beyond last.pt
         f.write('{"step": 4, "train/loss": 9.0}\n{"step": 5, "train/loss": 9.0}\n')

@@ -13,6 +13,7 @@ self-critical step: 5 samples per image of up to 15 words + <eos> (16 token step
 greedy baseline, the CIDEr-D reward against 5 references per image (document frequencies over 2,000 reference
 sets), one fused teacher-forced pass with its backward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,9 @@ def build_model(device: torch.device) -> Captioner:
 
 
 def train_step_fn(model, features, targets, teacher_forcing_prob, amp_dtype, compile_mode=None, cuda_graphs=True):
-    loss_module = CrossEntropyObjective(model, token_source="sample", granularity="token", mode="exact",
-                              cuda_graphs=cuda_graphs)
+    loss_module = CrossEntropyObjective(
+        model, token_source="sample", granularity="token", mode="exact", cuda_graphs=cuda_graphs
+    )
     if compile_mode:
         loss_module = torch.compile(loss_module, mode=compile_mode)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -84,9 +86,15 @@ def scst_step_fn(model, features, targets, amp_dtype, compile_mode=None):
     extra = torch.randint(4, VOCAB, (2000 - IMAGES, CAPTIONS, LENGTH - 1), generator=g)
     words = torch.cat([targets[..., :-1].cpu(), extra])  # (2000, C, T-1): words, no <eos>
     reward = CiderD(words.tolist(), VOCAB, model.eos_id, model.pad_id)
-    objective = SelfCriticalObjective(model, reward, ReferenceRows(list(range(len(words)))),
-                                      CrossEntropyObjective(model), baseline="greedy", samples_per_image=CAPTIONS,
-                                      max_len=LENGTH - 1)
+    objective = SelfCriticalObjective(
+        model,
+        reward,
+        ReferenceRows(list(range(len(words)))),
+        CrossEntropyObjective(model),
+        baseline="greedy",
+        samples_per_image=CAPTIONS,
+        max_len=LENGTH - 1,
+    )
     forward = torch.compile(objective, mode=compile_mode) if compile_mode else objective
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     image_ids = torch.arange(IMAGES)
@@ -111,14 +119,29 @@ def end_to_end(device: torch.device, amp_dtype, backbone: str, image_size: int, 
 
     from captioning.data.build import build_vocab, encoded_train_items, make_loader, train_dataset
     from captioning.data.coco import read_coco_karpathy
-    from captioning.scenes.generator import ensure_synthetic
     from captioning.models.encoder import ImageEncoder
+    from captioning.scenes.generator import ensure_synthetic
 
-    root = ensure_synthetic(Path(tempfile.gettempdir()) / f"captioning_bench_{image_size}px", num_train=IMAGES * (steps + 4),
-                            num_val=5, num_test=5, image_size=image_size, seed=0)
-    cfg_data = OmegaConf.create({"image_size": image_size, "resize_size": None, "captions_per_image": CAPTIONS,
-                                 "max_len": LENGTH, "word_count_threshold": 0, "max_image_pixels": 10**9,
-                                 "on_bad_caption": "skip", "features": None})
+    root = ensure_synthetic(
+        Path(tempfile.gettempdir()) / f"captioning_bench_{image_size}px",
+        num_train=IMAGES * (steps + 4),
+        num_val=5,
+        num_test=5,
+        image_size=image_size,
+        seed=0,
+    )
+    cfg_data = OmegaConf.create(
+        {
+            "image_size": image_size,
+            "resize_size": None,
+            "captions_per_image": CAPTIONS,
+            "max_len": LENGTH,
+            "word_count_threshold": 0,
+            "max_image_pixels": 10**9,
+            "on_bad_caption": "skip",
+            "features": None,
+        }
+    )
     records = read_coco_karpathy(root)
     vocab = build_vocab(records["train"], cfg_data)
     dataset = train_dataset(encoded_train_items(records["train"], vocab, cfg_data), vocab, cfg_data, seed=0)
@@ -131,7 +154,9 @@ def end_to_end(device: torch.device, amp_dtype, backbone: str, image_size: int, 
     torch.manual_seed(0)
     model = Captioner(ImageEncoder(backbone, None, trainable=True), RNNDecoder(VOCAB, EMBED, HIDDEN, 1, "lstm", 0.0))
     model = model.to(device).to(memory_format=torch.channels_last).train()
-    loss_module = CrossEntropyObjective(model, token_source="sample", granularity="token", mode="exact", cuda_graphs=True)
+    loss_module = CrossEntropyObjective(
+        model, token_source="sample", granularity="token", mode="exact", cuda_graphs=True
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batches = iter(loader)
 
@@ -146,9 +171,14 @@ def end_to_end(device: torch.device, amp_dtype, backbone: str, image_size: int, 
         optimizer.step()
 
     seconds = timed(step, device, steps, warmup=1)
-    return {"images_per_s": IMAGES / seconds, "captions_per_s": IMAGES * CAPTIONS / seconds,
-            "loader_images_per_s": loader_rate, "loader_workers": workers, "backbone": backbone,
-            "image_size": image_size}
+    return {
+        "images_per_s": IMAGES / seconds,
+        "captions_per_s": IMAGES * CAPTIONS / seconds,
+        "loader_images_per_s": loader_rate,
+        "loader_workers": workers,
+        "backbone": backbone,
+        "image_size": image_size,
+    }
 
 
 def main(argv=None) -> int:
@@ -158,8 +188,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per entry")
-    parser.add_argument("--compile", default=None, metavar="MODE",
-                        help="torch.compile the training steps (default | reduce-overhead | max-autotune)")
+    parser.add_argument(
+        "--compile",
+        default=None,
+        metavar="MODE",
+        help="torch.compile the training steps (default | reduce-overhead | max-autotune)",
+    )
     parser.add_argument("--e2e-backbone", default="resnet50", help="CNN of the train_e2e entry ('none' skips it)")
     parser.add_argument("--e2e-image-size", type=int, default=224)
     parser.add_argument("--e2e-workers", type=int, default=None, help="loader workers (default: CPU count)")
@@ -189,34 +223,57 @@ def main(argv=None) -> int:
     ss_step = train_step_fn(model, features, targets, 0.75, amp_dtype, args.compile)
     ss = timed(ss_step, device, repeats, warmup)
     results["train_tf"] = {"captions_per_s": captions / tf, "seconds_per_step": tf}
-    results["train_ss"] = {"captions_per_s": captions / ss, "seconds_per_step": ss, "teacher_forcing_prob": 0.75,
-                           "compile": args.compile, "cuda_graphs": device.type == "cuda",
-                           "mode": "exact", "granularity": "token", "token_source": "sample",
-                           "cost_vs_train_tf": ss / tf}
+    results["train_ss"] = {
+        "captions_per_s": captions / ss,
+        "seconds_per_step": ss,
+        "teacher_forcing_prob": 0.75,
+        "compile": args.compile,
+        "cuda_graphs": device.type == "cuda",
+        "mode": "exact",
+        "granularity": "token",
+        "token_source": "sample",
+        "cost_vs_train_tf": ss / tf,
+    }
     scst = timed(scst_step_fn(model, features, targets, amp_dtype, args.compile), device, repeats, warmup)
-    results["train_scst"] = {"captions_per_s": captions / scst, "seconds_per_step": scst, "baseline": "greedy",
-                             "samples_per_image": CAPTIONS, "reward": "cider_d", "cost_vs_train_tf": scst / tf}
+    results["train_scst"] = {
+        "captions_per_s": captions / scst,
+        "seconds_per_step": scst,
+        "baseline": "greedy",
+        "samples_per_image": CAPTIONS,
+        "reward": "cider_d",
+        "cost_vs_train_tf": scst / tf,
+    }
     if device.type == "cuda":
         chooser = ss_step.loss_module.chooser
         results["train_ss"]["cuda_graphs_failed"] = chooser.disabled_reason
-        eager = timed(train_step_fn(model, features, targets, 0.75, amp_dtype, args.compile, cuda_graphs=False),
-                      device, repeats, warmup)
-        results["train_ss_eager"] = {"captions_per_s": captions / eager, "seconds_per_step": eager,
-                                     "cost_vs_train_tf": eager / tf}
+        eager = timed(
+            train_step_fn(model, features, targets, 0.75, amp_dtype, args.compile, cuda_graphs=False),
+            device,
+            repeats,
+            warmup,
+        )
+        results["train_ss_eager"] = {
+            "captions_per_s": captions / eager,
+            "seconds_per_step": eager,
+            "cost_vs_train_tf": eager / tf,
+        }
 
     model.eval()
     # Decode to full length: a random model rarely says <eos>, and a bias makes sure (worst case).
     with torch.no_grad():
         model.decoder.out.bias[model.eos_id] = -30.0
     decode_features = torch.randn(DECODE_IMAGES, FEATURE, generator=g).to(device)
-    entries = {"greedy": ("greedy", {"max_len": LENGTH}),
-               "beam3": ("beam", {"max_len": LENGTH, "beam_size": 3}),
-               "dbs6g3": ("diverse_beam", {"max_len": LENGTH, "beam_size": 6, "num_groups": 3,
-                                           "diversity_strength": 0.5})}
+    entries = {
+        "greedy": ("greedy", {"max_len": LENGTH}),
+        "beam3": ("beam", {"max_len": LENGTH, "beam_size": 3}),
+        "dbs6g3": ("diverse_beam", {"max_len": LENGTH, "beam_size": 6, "num_groups": 3, "diversity_strength": 0.5}),
+    }
     for name, (strategy, params) in entries.items():
+
         def run(strategy=strategy, params=params):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 decode(model, decode_features, strategy, **params)
+
         seconds = timed(run, device, max(1, repeats // 2), warmup=1)
         results[name] = {"images_per_s": DECODE_IMAGES / seconds, "seconds_per_500_images": seconds}
     for name in ("beam3", "dbs6g3"):
@@ -225,34 +282,58 @@ def main(argv=None) -> int:
         import os
 
         workers = args.e2e_workers if args.e2e_workers is not None else (os.cpu_count() or 1)
-        results["train_e2e"] = end_to_end(device, amp_dtype, args.e2e_backbone, args.e2e_image_size, workers,
-                                          steps=max(2, repeats // 2))
+        results["train_e2e"] = end_to_end(
+            device, amp_dtype, args.e2e_backbone, args.e2e_image_size, workers, steps=max(2, repeats // 2)
+        )
 
     results["machine"] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": args.precision,
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-        "sizes": {"vocab": VOCAB, "embed": EMBED, "hidden": HIDDEN, "feature": FEATURE, "images": IMAGES,
-                  "captions_per_image": CAPTIONS, "length": LENGTH, "decode_images": DECODE_IMAGES}}
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "sizes": {
+            "vocab": VOCAB,
+            "embed": EMBED,
+            "hidden": HIDDEN,
+            "feature": FEATURE,
+            "images": IMAGES,
+            "captions_per_image": CAPTIONS,
+            "length": LENGTH,
+            "decode_images": DECODE_IMAGES,
+        },
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"{'entry':<10}{'throughput':>16}  ratio   ({results['machine']['device']}, {args.precision})")
     print(f"{'train_tf':<10}{results['train_tf']['captions_per_s']:>12.0f} c/s")
-    print(f"{'train_ss':<10}{results['train_ss']['captions_per_s']:>12.0f} c/s  {results['train_ss']['cost_vs_train_tf']:.2f}x "
-          "the teacher-forcing step's time")
-    print(f"{'train_scst':<10}{results['train_scst']['captions_per_s']:>12.0f} c/s  "
-          f"{results['train_scst']['cost_vs_train_tf']:.2f}x the teacher-forcing step's time (samples/s)")
+    print(
+        f"{'train_ss':<10}{results['train_ss']['captions_per_s']:>12.0f} c/s  "
+        f"{results['train_ss']['cost_vs_train_tf']:.2f}x "
+        "the teacher-forcing step's time"
+    )
+    print(
+        f"{'train_scst':<10}{results['train_scst']['captions_per_s']:>12.0f} c/s  "
+        f"{results['train_scst']['cost_vs_train_tf']:.2f}x the teacher-forcing step's time (samples/s)"
+    )
     if "train_ss_eager" in results:
-        print(f"{'(eager)':<10}{results['train_ss_eager']['captions_per_s']:>12.0f} c/s  "
-              f"{results['train_ss_eager']['cost_vs_train_tf']:.2f}x (the token loop without CUDA graphs)")
+        print(
+            f"{'(eager)':<10}{results['train_ss_eager']['captions_per_s']:>12.0f} c/s  "
+            f"{results['train_ss_eager']['cost_vs_train_tf']:.2f}x (the token loop without CUDA graphs)"
+        )
     print(f"{'greedy':<10}{results['greedy']['images_per_s']:>12.0f} i/s")
     for name in ("beam3", "dbs6g3"):
-        print(f"{name:<10}{results[name]['images_per_s']:>12.0f} i/s  {results[name]['throughput_vs_greedy']:.2f}x "
-              "greedy's throughput")
+        print(
+            f"{name:<10}{results[name]['images_per_s']:>12.0f} i/s  {results[name]['throughput_vs_greedy']:.2f}x "
+            "greedy's throughput"
+        )
     if "train_e2e" in results:
         e2e = results["train_e2e"]
-        print(f"{'train_e2e':<10}{e2e['images_per_s']:>12.1f} i/s  ({e2e['backbone']} at {e2e['image_size']} px; "
-              f"the loader alone: {e2e['loader_images_per_s']:.0f} i/s with {e2e['loader_workers']} workers)")
+        print(
+            f"{'train_e2e':<10}{e2e['images_per_s']:>12.1f} i/s  ({e2e['backbone']} at {e2e['image_size']} px; "
+            f"the loader alone: {e2e['loader_images_per_s']:.0f} i/s with {e2e['loader_workers']} workers)"
+        )
     return 0
 
 

@@ -19,6 +19,7 @@ says `quiet: false`).
 The results file keeps one record per job (a later run of a job replaces its record) with the date, the commit,
 the CPU and torch versions. These are targets checked by a person reading the file, never by the test suite.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,16 +41,20 @@ def machine() -> dict:
     import torch
 
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
+    names = (
+        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.exists()
+        else []
+    )
     model = names[0] if names else platform.processor()
     return {"cpus": os.cpu_count(), "cpu": model, "python": platform.python_version(), "torch": torch.__version__}
 
 
 def commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -61,9 +66,15 @@ def timed(command: list[str], env: dict, log: Path, cwd: Path) -> dict:
     with open(log, "w") as out:
         code = subprocess.call(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - started
-    return {"command": " ".join(command), "returncode": code, "seconds": round(seconds, 1),
-            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
-            "quiet": load_before <= QUIET_LOAD, "log": str(log)}
+    return {
+        "command": " ".join(command),
+        "returncode": code,
+        "seconds": round(seconds, 1),
+        "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+        "quiet": load_before <= QUIET_LOAD,
+        "log": str(log),
+    }
 
 
 MAIN_OVERRIDES = {"main": [], "main_fp32": ["model.encoder.pretrain.precision=fp32"]}
@@ -71,12 +82,19 @@ MAIN_OVERRIDES = {"main": [], "main_fp32": ["model.encoder.pretrain.precision=fp
 
 def main_job(job: str, work: Path, cache: Path, env: dict) -> dict:
     run = work / f"{job}_run"
-    record = timed(["captioning-train", *MAIN_OVERRIDES[job], f"hydra.run.dir={run}"],
-                   {**env, "CAPTIONING_CACHE": str(cache)}, work / f"{job}.log", work)
+    record = timed(
+        ["captioning-train", *MAIN_OVERRIDES[job], f"hydra.run.dir={run}"],
+        {**env, "CAPTIONING_CACHE": str(cache)},
+        work / f"{job}.log",
+        work,
+    )
     if record["returncode"] == 0:
         metrics = json.loads((run / "test_metrics.json").read_text())
-        record["test"] = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float)) and
-                          k.split("/")[-1] in ("BLEU-4", "METEOR", "CIDEr", "correct")}
+        record["test"] = {
+            k: round(v, 4)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and k.split("/")[-1] in ("BLEU-4", "METEOR", "CIDEr", "correct")
+        }
         pretrained = sorted(cache.glob("scene_encoders/*/pretrain.json"))
         if pretrained:
             report = json.loads(pretrained[0].read_text())
@@ -89,8 +107,20 @@ def table_job(work: Path, cache: Path | None, env: dict, extra: list[str]) -> di
     if cache is not None:
         env = {**env, "CAPTIONING_CACHE": str(cache)}
     out_dir = work / "table_results"
-    record = timed([sys.executable, str(REPO / "tools" / "schedule_table.py"), "--sweep-dir", str(work / "table_runs"),
-                    "--out-dir", str(out_dir), *extra], env, work / "table.log", REPO)
+    record = timed(
+        [
+            sys.executable,
+            str(REPO / "tools" / "schedule_table.py"),
+            "--sweep-dir",
+            str(work / "table_runs"),
+            "--out-dir",
+            str(out_dir),
+            *extra,
+        ],
+        env,
+        work / "table.log",
+        REPO,
+    )
     written = sorted(out_dir.glob("schedule_table_*.json"))
     if written:
         table = json.loads(written[0].read_text())
@@ -104,12 +134,21 @@ def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("jobs", nargs="+", choices=[*MAIN_OVERRIDES, "table"])
     parser.add_argument("--out", type=Path, default=REPO / "tools" / "results" / "benchmark_jobs_cpu_2cores.json")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="where runs and logs go (default: a new temp folder)")
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="CAPTIONING_CACHE for the table (default: the main job's fresh cache, else the user's)")
-    parser.add_argument("--table-args", nargs=argparse.REMAINDER, default=[],
-                        help="arguments for tools/schedule_table.py (last on the line)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="where runs and logs go (default: a new temp folder)"
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="CAPTIONING_CACHE for the table (default: the main job's fresh cache, else the user's)",
+    )
+    parser.add_argument(
+        "--table-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="arguments for tools/schedule_table.py (last on the line)",
+    )
     args = parser.parse_args(argv)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="benchmark_jobs_"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -124,13 +163,20 @@ def cli(argv=None) -> int:
             cache = cache or fresh
         else:
             record = table_job(work, cache, env, args.table_args)
-        record.update({"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                       "commit": commit(), "machine": machine()})
+        record.update(
+            {
+                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "commit": commit(),
+                "machine": machine(),
+            }
+        )
         results[job] = record
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"{job}: {record['seconds']:.0f} s (exit {record['returncode']}, quiet {record['quiet']}) -> {args.out}",
-              flush=True)
+        print(
+            f"{job}: {record['seconds']:.0f} s (exit {record['returncode']}, quiet {record['quiet']}) -> {args.out}",
+            flush=True,
+        )
         if record["returncode"]:
             print(f"{job} failed; its log: {record['log']}", file=sys.stderr)
             return 1

@@ -18,6 +18,7 @@ scene grammar. Entries (one optimizer step each: forward, targets, backward, Ada
 Writes {"entries": {name: {"seconds_per_step", "captions_per_s", "cost_vs_teacher_forcing"}}, "machine": {...},
 "command", "commit", "date", "sizes"} and prints a table. Threads are set explicitly (--threads).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from captioning.scenes.grammar import tokenize
-from captioning.scenes.generator import caption_scene, sample_scene
 from captioning.data.vocab import Vocabulary
 from captioning.models.captioner import Captioner
 from captioning.models.decoder import RNNDecoder
 from captioning.models.encoder import PrecomputedFeatures
+from captioning.scenes.generator import caption_scene, sample_scene
+from captioning.scenes.grammar import tokenize
 from captioning.schedules import build_schedule
 from captioning.training.objectives import CrossEntropyObjective
 from captioning.training.targets import ReferenceTable, SceneTargets, TrainingTargets
@@ -58,8 +59,13 @@ def cpu_name() -> str:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -78,7 +84,7 @@ def batch(texts, vocab, ids: list[int], captions: int, length: int) -> torch.Ten
     for b, image_id in enumerate(ids):
         for c, caption in enumerate(texts[image_id][:captions]):
             encoded = vocab.encode(caption, length) + [vocab.eos_id]
-            targets[b, c, :len(encoded)] = torch.tensor(encoded)
+            targets[b, c, : len(encoded)] = torch.tensor(encoded)
     return targets
 
 
@@ -134,22 +140,27 @@ def main(argv=None) -> int:
     image_ids = torch.tensor(ids)
     table = ReferenceTable({i: [vocab.encode(c, args.length) for c in texts[i]] for i in ids}, vocab.pad_id)
     scene_targets = SceneTargets(scenes, vocab)
-    options = {"ss_reference": TrainingTargets("reference", references=table, scenes=scene_targets),
-               "ss_optimal_completion": TrainingTargets("optimal_completion", references=table, scenes=scene_targets),
-               "ss_oracle_repair": TrainingTargets("oracle", "repair", table, scene_targets),
-               "ss_oracle_mask": TrainingTargets("oracle", "mask", table, scene_targets)}
+    options = {
+        "ss_reference": TrainingTargets("reference", references=table, scenes=scene_targets),
+        "ss_optimal_completion": TrainingTargets("optimal_completion", references=table, scenes=scene_targets),
+        "ss_oracle_repair": TrainingTargets("oracle", "repair", table, scene_targets),
+        "ss_oracle_mask": TrainingTargets("oracle", "mask", table, scene_targets),
+    }
     torch.manual_seed(0)
     features = torch.randn(len(ids), args.feature_dim, device=device)
     entries = {}
     for name in ENTRIES:
         torch.manual_seed(0)
-        model = Captioner(PrecomputedFeatures(args.feature_dim),
-                          RNNDecoder(len(vocab), args.embed, args.hidden, 1, "lstm", 0.0)).to(device)
-        objective = CrossEntropyObjective(model, build_schedule("constant", p=args.teacher_forcing_prob),
-                                          targets=options.get(name))
+        model = Captioner(
+            PrecomputedFeatures(args.feature_dim), RNNDecoder(len(vocab), args.embed, args.hidden, 1, "lstm", 0.0)
+        ).to(device)
+        objective = CrossEntropyObjective(
+            model, build_schedule("constant", p=args.teacher_forcing_prob), targets=options.get(name)
+        )
         prob = 1.0 if name == "teacher_forcing" else args.teacher_forcing_prob
-        seconds = timed(step_fn(model, objective, features, targets, image_ids, prob), device, args.repeats,
-                        args.warmup)
+        seconds = timed(
+            step_fn(model, objective, features, targets, image_ids, prob), device, args.repeats, args.warmup
+        )
         entries[name] = {"seconds_per_step": seconds, "captions_per_s": targets.shape[0] * targets.shape[1] / seconds}
     for entry in entries.values():
         entry["cost_vs_teacher_forcing"] = entry["seconds_per_step"] / entries["teacher_forcing"]["seconds_per_step"]
@@ -157,21 +168,38 @@ def main(argv=None) -> int:
     record = {
         "entries": entries,
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "commit": commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "platform": platform.platform()},
-        "sizes": {"vocab": len(vocab), "images": args.images, "captions_per_image": args.captions,
-                  "length": args.length, "embed": args.embed, "hidden": args.hidden, "feature": args.feature_dim,
-                  "teacher_forcing_prob": args.teacher_forcing_prob, "repeats": args.repeats},
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "sizes": {
+            "vocab": len(vocab),
+            "images": args.images,
+            "captions_per_image": args.captions,
+            "length": args.length,
+            "embed": args.embed,
+            "hidden": args.hidden,
+            "feature": args.feature_dim,
+            "teacher_forcing_prob": args.teacher_forcing_prob,
+            "repeats": args.repeats,
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'entry':<24}{'s/step':>10}{'captions/s':>12}  cost vs teacher forcing   ({record['machine']['device']}, "
-          f"{record['machine']['threads']} threads)")
+    print(
+        f"{'entry':<24}{'s/step':>10}{'captions/s':>12}  cost vs teacher forcing   ({record['machine']['device']}, "
+        f"{record['machine']['threads']} threads)"
+    )
     for name, entry in entries.items():
-        print(f"{name:<24}{entry['seconds_per_step']:>10.4f}{entry['captions_per_s']:>12.0f}  "
-              f"{entry['cost_vs_teacher_forcing']:.2f}x")
+        print(
+            f"{name:<24}{entry['seconds_per_step']:>10.4f}{entry['captions_per_s']:>12.0f}  "
+            f"{entry['cost_vs_teacher_forcing']:.2f}x"
+        )
     return 0
 
 

@@ -96,8 +96,10 @@ def check_coco_folder(root: str | Path, karpathy_file: str | Path | None = None)
     karpathy = _load_json(karpathy_path, problems)
     if karpathy is None:
         if karpathy_file is None:
-            problems.append("the Karpathy split file dataset_coco.json (from Karpathy's caption_datasets.zip) "
-                            f"is expected at {karpathy_path}, or pass --karpathy PATH")
+            problems.append(
+                "the Karpathy split file dataset_coco.json (from Karpathy's caption_datasets.zip) "
+                f"is expected at {karpathy_path}, or pass --karpathy PATH"
+            )
         return problems
     images = karpathy.get("images")
     if not isinstance(images, list) or not images:
@@ -123,16 +125,22 @@ def check_coco_folder(root: str | Path, karpathy_file: str | Path | None = None)
             malformed.append(f"entry {k} (cocoid {entry['cocoid']}: no sentences)")
 
     if malformed:
-        problems.append(f"{karpathy_path}: {len(malformed)} malformed image entries (need filepath, filename, "
-                        f"cocoid, split and non-empty sentences): {_examples(malformed)}")
+        problems.append(
+            f"{karpathy_path}: {len(malformed)} malformed image entries (need filepath, filename, "
+            f"cocoid, split and non-empty sentences): {_examples(malformed)}"
+        )
     if bad_splits:
         problems.append(f"{karpathy_path}: unknown split names {dict(bad_splits)}; expected one of {KARPATHY_SPLITS}")
     if missing_files:
-        problems.append(f"{len(missing_files)} of {len(images)} images listed in {karpathy_path} are missing: "
-                        f"{_examples(missing_files)}")
+        problems.append(
+            f"{len(missing_files)} of {len(images)} images listed in {karpathy_path} are missing: "
+            f"{_examples(missing_files)}"
+        )
     if uncaptioned and captioned:  # (if no annotation file loaded, that was reported above)
-        problems.append(f"{len(uncaptioned)} Karpathy cocoids have no caption annotation in "
-                        f"{' or '.join(ANNOTATION_FILES)}: {_examples(uncaptioned)}")
+        problems.append(
+            f"{len(uncaptioned)} Karpathy cocoids have no caption annotation in "
+            f"{' or '.join(ANNOTATION_FILES)}: {_examples(uncaptioned)}"
+        )
     return problems
 
 
@@ -152,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Karpathy splits in {karpathy_path}:")
         for split, n in counts.items():
             expected = REAL_COCO_SIZES.get(split)
-            note = "" if expected is None else (f"  (real COCO: {expected:,}" +
-                                                (")" if n == expected else ", differs)"))
+            note = (
+                "" if expected is None else (f"  (real COCO: {expected:,}" + (")" if n == expected else ", differs)"))
+            )
             print(f"  {split:>14}: {n:,}{note}")
     if problems:
         print(f"{len(problems)} problem(s) in {args.root}:")

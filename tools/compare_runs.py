@@ -7,7 +7,8 @@ Local source: a Hydra multirun folder whose run folders (SWEEP_DIR/0/, SWEEP_DIR
 level deeper, SWEEP_DIR/*/0/) each hold .hydra/config.yaml, metrics.jsonl and, for a finished run,
 test_metrics.json. W&B source: the runs of one group, read through wandb.Api() (config, summary,
 history against the optimizer step `trainer/step` that captioning's W&B logger logs with every record,
-or `step` in older runs; never W&B's `_step`, which counts log calls). Both sources are turned into the same `RunRecord`s, and everything after that
+or `step` in older runs; never W&B's `_step`, which counts log calls). Both sources are turned into the same
+`RunRecord`s, and everything after that
 (grouping, statistics, table, plots) is shared.
 
 Runs are grouped into rows by `experiment_name` when the config has one, else by `schedule.name`.
@@ -30,9 +31,10 @@ import json
 import math
 import re
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from captioning.loggers.jsonl import read_jsonl
 from captioning.loggers.wandb_logger import STEP_METRIC
@@ -98,8 +100,11 @@ def find_run_dirs(sweep_dir: Path) -> list[Path]:
             found.append(child)
             continue
         for grandchild in child.iterdir():
-            if (grandchild.is_dir() and not grandchild.name.startswith(".")
-                    and (grandchild / ".hydra" / "config.yaml").is_file()):
+            if (
+                grandchild.is_dir()
+                and not grandchild.name.startswith(".")
+                and (grandchild / ".hydra" / "config.yaml").is_file()
+            ):
                 found.append(grandchild)
     return sorted(found, key=lambda p: _natural_key(p.relative_to(sweep_dir)))
 
@@ -187,9 +192,11 @@ def wandb_curve(run: Any, key: str, samples: int) -> list[dict[str, Any]]:
     """[{"step": optimizer step, key: value}, ...] of one W&B run. One query per key, asking for the
     step metric with it: W&B returns only the rows holding all the keys asked for (plus `_step`)."""
     for step_key in WANDB_STEP_KEYS:
-        rows = [{"step": entry[step_key], key: entry[key]}
-                for entry in run.history(keys=[step_key, key], samples=samples, pandas=False)
-                if entry.get(step_key) is not None and key in entry]
+        rows = [
+            {"step": entry[step_key], key: entry[key]}
+            for entry in run.history(keys=[step_key, key], samples=samples, pandas=False)
+            if entry.get(step_key) is not None and key in entry
+        ]
         if rows:
             return rows
     return []
@@ -200,7 +207,7 @@ def wandb_curve(run: Any, key: str, samples: int) -> list[dict[str, Any]]:
 
 def metric_key(name: str) -> tuple[str, str]:
     """("BLEU-4", "test/BLEU-4") from "BLEU-4" or "test/BLEU-4"."""
-    short = name[len("test/"):] if name.startswith("test/") else name
+    short = name[len("test/") :] if name.startswith("test/") else name
     if not short or "/" in short:
         raise ValueError(f"--metrics takes test metric names like BLEU-4 or test/BLEU-4 (got {name!r})")
     return short, "test/" + short
@@ -233,8 +240,11 @@ def aggregate_table(runs: Iterable[RunRecord], metrics: Sequence[str] = DEFAULT_
     for row in sorted({r.row for r in runs}):
         members = [r for r in runs if r.row == row]
         finished = [r for r in members if r.test_metrics is not None]
-        missing += [{"run": r.run_id, "row": row, "seed": r.seed, "reason": r.missing_reason}
-                    for r in members if r.test_metrics is None]
+        missing += [
+            {"run": r.run_id, "row": row, "seed": r.seed, "reason": r.missing_reason}
+            for r in members
+            if r.test_metrics is None
+        ]
         seeds = [r.seed for r in members if r.seed is not None]
         duplicated = sorted({s for s in seeds if seeds.count(s) > 1})
         if duplicated:
@@ -245,22 +255,24 @@ def aggregate_table(runs: Iterable[RunRecord], metrics: Sequence[str] = DEFAULT_
             )
         cells = {}
         for short, key in names:
-            values = [v for r in finished
-                      if (v := _as_float(r.test_metrics.get(key), f"{r.run_id} {key}")) is not None]
+            values = [v for r in finished if (v := _as_float(r.test_metrics.get(key), f"{r.run_id} {key}")) is not None]
             mean, std = mean_std(values)
             cells[short] = {"mean": mean, "std": std, "n": len(values), "values": values}
             if finished and len(values) < len(finished):
-                warnings.append(f"row {row!r}: {key} is missing in {len(finished) - len(values)} "
-                                f"of its {len(finished)} finished runs")
-        rows.append({
-            "run": row,
-            "n_seeds": len(finished),
-            "seeds": [r.seed for r in finished],
-            "run_ids": [r.run_id for r in finished],
-            "metrics": cells,
-        })
-    return {"metrics": [short for short, _ in names], "rows": rows, "missing": missing,
-            "warnings": warnings}
+                warnings.append(
+                    f"row {row!r}: {key} is missing in {len(finished) - len(values)} "
+                    f"of its {len(finished)} finished runs"
+                )
+        rows.append(
+            {
+                "run": row,
+                "n_seeds": len(finished),
+                "seeds": [r.seed for r in finished],
+                "run_ids": [r.run_id for r in finished],
+                "metrics": cells,
+            }
+        )
+    return {"metrics": [short for short, _ in names], "rows": rows, "missing": missing, "warnings": warnings}
 
 
 def curves(runs: Iterable[RunRecord], key: str) -> dict[str, dict[str, list[float]]]:
@@ -273,8 +285,12 @@ def curves(runs: Iterable[RunRecord], key: str) -> dict[str, dict[str, list[floa
         points = {}
         for entry in run.history:
             value, step = entry.get(key), entry.get("step")
-            if (isinstance(step, bool) or not isinstance(step, (int, float))
-                    or isinstance(value, bool) or not isinstance(value, (int, float))):
+            if (
+                isinstance(step, bool)
+                or not isinstance(step, (int, float))
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+            ):
                 continue
             if math.isfinite(value):
                 points[int(step)] = float(value)
@@ -328,8 +344,7 @@ def format_markdown(table: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(curve_data: Mapping[str, Mapping[str, list[float]]], key: str, path: Path,
-                band: bool) -> None:
+def plot_curves(curve_data: Mapping[str, Mapping[str, list[float]]], key: str, path: Path, band: bool) -> None:
     """One line per row (mean over seeds); with `band`, a shaded min-max band over seeds."""
     import matplotlib
 
@@ -372,12 +387,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", nargs="?", type=Path, help="Hydra multirun folder")
     parser.add_argument("--out-dir", type=Path, help="where to write (default: SWEEP_DIR)")
-    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
-                        help="test metric names (default: %(default)s)")
+    parser.add_argument(
+        "--metrics", nargs="+", default=list(DEFAULT_METRICS), help="test metric names (default: %(default)s)"
+    )
     parser.add_argument("--wandb-group", help="read the runs of this W&B group instead of a folder")
     parser.add_argument("--wandb-project", help="W&B project, PROJECT or ENTITY/PROJECT")
-    parser.add_argument("--wandb-samples", type=int, default=10_000,
-                        help="history points per curve fetched from W&B (default: %(default)s)")
+    parser.add_argument(
+        "--wandb-samples",
+        type=int,
+        default=10_000,
+        help="history points per curve fetched from W&B (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     use_wandb = args.wandb_group is not None or args.wandb_project is not None
@@ -398,7 +418,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             source = str(args.sweep_dir)
             runs = load_local_runs(args.sweep_dir)
         if not runs:
-            where = source if use_wandb else f"{args.sweep_dir} (looked for */.hydra/config.yaml and */*/.hydra/config.yaml)"
+            where = (
+                source
+                if use_wandb
+                else f"{args.sweep_dir} (looked for */.hydra/config.yaml and */*/.hydra/config.yaml)"
+            )
             print(f"compare_runs: error: no runs found in {where}", file=sys.stderr)
             return 1
         out_dir = args.out_dir or args.sweep_dir

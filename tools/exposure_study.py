@@ -32,6 +32,7 @@ Runs: SWEEP_DIR/<row>/seed_<s>/ (tuning: SWEEP_DIR/tune/<row>/lr_<lr>/), each a 
 process; a run with test_metrics.json (tuning: a validation at its last step) is finished and reused. The
 statistics are those of tools/schedule_table.py (t distribution, mean and standard deviation), imported from it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,13 +69,15 @@ ROWS: dict[str, list[str]] = {
 }
 INPUTS = {"encoder": [], "true_labels": ["model.encoder.pretrain.feed=true_labels"]}
 # (column, key in test_metrics.json or a derived key, higher is better, primary)
-METRICS = (("scene/correct", "test/scene/correct", True, True),
-           ("AccErr", "test/exposure_oracle/accerr", False, True),
-           ("excess error", "test/exposure_oracle/excess_error", False, False),
-           ("excess slope", "excess_slope", False, False),
-           ("ExAccErr", "test/exposure_oracle/exaccerr", False, False),
-           ("swap gap", "test/exposure_oracle/swap_gap", False, False),
-           ("CIDEr", "test/CIDEr", True, False))
+METRICS = (
+    ("scene/correct", "test/scene/correct", True, True),
+    ("AccErr", "test/exposure_oracle/accerr", False, True),
+    ("excess error", "test/exposure_oracle/excess_error", False, False),
+    ("excess slope", "excess_slope", False, False),
+    ("ExAccErr", "test/exposure_oracle/exaccerr", False, False),
+    ("swap gap", "test/exposure_oracle/swap_gap", False, False),
+    ("CIDEr", "test/CIDEr", True, False),
+)
 TUNE_SEED = 100
 LEVEL = 0.95
 
@@ -114,8 +117,11 @@ def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
 def excess_slope(per_position: Mapping[str, Sequence]) -> float:
     """Least-squares slope of excess(t) on t, each position weighted by its free-running count (the positions
     where excess is defined): > 0 when the model's own prefixes err more, relative to the references', later on."""
-    points = [(t, e, n) for t, e, n in zip(per_position["position"], per_position["excess"],
-                                          per_position["free_scored"]) if e is not None and not math.isnan(e) and n]
+    points = [
+        (t, e, n)
+        for t, e, n in zip(per_position["position"], per_position["excess"], per_position["free_scored"])
+        if e is not None and not math.isnan(e) and n
+    ]
     weight = sum(n for _, _, n in points)
     if weight == 0:
         return math.nan
@@ -137,8 +143,13 @@ def row_overrides(row: str, steps: int, warmup_fraction: float) -> list[str]:
 
 
 def common_overrides(args) -> list[str]:
-    return [f"data={args.data}", *INPUTS[args.input], f"trainer.max_steps={args.steps}",
-            f"trainer.val_every_n_steps={max(1, args.steps // args.validations)}", *args.overrides]
+    return [
+        f"data={args.data}",
+        *INPUTS[args.input],
+        f"trainer.max_steps={args.steps}",
+        f"trainer.val_every_n_steps={max(1, args.steps // args.validations)}",
+        *args.overrides,
+    ]
 
 
 def train_job(row: str, seed: int, out: Path, lr: float | None, args, source: Path | None = None) -> list[str]:
@@ -146,12 +157,25 @@ def train_job(row: str, seed: int, out: Path, lr: float | None, args, source: Pa
     k = st.inverse_sigmoid_k(args.steps, 0.5)
     lr_override = [] if lr is None else [f"optim.optimizer.lr={lr}"]
     if row == SELF_CRITICAL:
-        command = st.scst_command(row, seed, out.parent.parent, args.scst_steps, lr or args.scst_default_lr,
-                                  args.threads, [f"data={args.data}", *INPUTS[args.input], *args.overrides])
+        command = st.scst_command(
+            row,
+            seed,
+            out.parent.parent,
+            args.scst_steps,
+            lr or args.scst_default_lr,
+            args.threads,
+            [f"data={args.data}", *INPUTS[args.input], *args.overrides],
+        )
         command = [c for c in command if not c.startswith(("objective.init_from=", "hydra.run.dir="))]
         return command + [f"objective.init_from={source}", f"hydra.run.dir={out}"]
-    return st.train_command(row, seed, out, k, args.threads, [*row_overrides(row, args.steps, args.warmup_fraction),
-                                                              *common_overrides(args), *lr_override])
+    return st.train_command(
+        row,
+        seed,
+        out,
+        k,
+        args.threads,
+        [*row_overrides(row, args.steps, args.warmup_fraction), *common_overrides(args), *lr_override],
+    )
 
 
 def best_validation(out: Path, monitor: str = "val/scene/correct") -> tuple[float, int] | None:
@@ -172,8 +196,11 @@ def choose_lr(grid: Mapping[str, dict | None]) -> float | None:
 
 def tuning_finished(out: Path, steps: int) -> bool:
     path = out / "metrics.jsonl"
-    return path.is_file() and any(json.loads(line).get("step") == steps and "val/scene/correct" in line
-                                  for line in path.read_text().splitlines() if line.strip())
+    return path.is_file() and any(
+        json.loads(line).get("step") == steps and "val/scene/correct" in line
+        for line in path.read_text().splitlines()
+        if line.strip()
+    )
 
 
 RUN_RECORD = "study_run.json"  # per run: its command, exit code and wall time, written when it ends
@@ -183,8 +210,9 @@ def run_jobs(jobs: list[tuple[str, int, Path, list[str]]], args) -> list[dict]:
     done = st.run_all(jobs, args.jobs, args.threads) if jobs else []
     commands = {str(out): command for _, _, out, command in jobs}
     for record in done:
-        (Path(record["dir"]) / RUN_RECORD).write_text(json.dumps({**record, "command": commands[record["dir"]],
-                                                                   "jobs": args.jobs, "threads": args.threads}))
+        (Path(record["dir"]) / RUN_RECORD).write_text(
+            json.dumps({**record, "command": commands[record["dir"]], "jobs": args.jobs, "threads": args.threads})
+        )
     return done
 
 
@@ -201,31 +229,55 @@ def tune(args, sweep: Path, lr_file: Path) -> dict:
     for stage in (stage1, [r for r in args.rows if r == SELF_CRITICAL]):
         jobs = []
         for row in stage:
-            for lr in (args.scst_lrs if row == SELF_CRITICAL else args.lrs):
+            for lr in args.scst_lrs if row == SELF_CRITICAL else args.lrs:
                 out = sweep / "tune" / row / f"lr_{lr:g}"
                 source = None
                 if row == SELF_CRITICAL:
                     if BASELINE not in choices["rows"]:
-                        raise SystemExit("tuning self_critical continues the tuned baseline: tune baseline first "
-                                         "(--rows baseline self_critical)")
-                    source = sweep / "tune" / BASELINE / f"lr_{choices['rows'][BASELINE]['lr']:g}" / "checkpoints" / "best.pt"
+                        raise SystemExit(
+                            "tuning self_critical continues the tuned baseline: tune baseline first "
+                            "(--rows baseline self_critical)"
+                        )
+                    source = (
+                        sweep
+                        / "tune"
+                        / BASELINE
+                        / f"lr_{choices['rows'][BASELINE]['lr']:g}"
+                        / "checkpoints"
+                        / "best.pt"
+                    )
                 steps = args.scst_steps if row == SELF_CRITICAL else args.steps
                 if not tuning_finished(out, steps):
-                    jobs.append((row, TUNE_SEED, out, train_job(row, TUNE_SEED, out, lr, args, source)
-                                 + ["trainer.evaluate_after_training=false"]))
+                    jobs.append(
+                        (
+                            row,
+                            TUNE_SEED,
+                            out,
+                            train_job(row, TUNE_SEED, out, lr, args, source)
+                            + ["trainer.evaluate_after_training=false"],
+                        )
+                    )
         run_jobs(jobs, args)
         for row in stage:
             grid = {}
-            for lr in (args.scst_lrs if row == SELF_CRITICAL else args.lrs):
+            for lr in args.scst_lrs if row == SELF_CRITICAL else args.lrs:
                 best = best_validation(sweep / "tune" / row / f"lr_{lr:g}")
                 grid[f"{lr:g}"] = None if best is None else {"val/scene/correct": best[0], "step": best[1]}
             lr = choose_lr(grid)
             if lr is None:
                 raise SystemExit(f"tuning {row}: no run of the grid validated; see {sweep / 'tune' / row}")
             choices["rows"][row] = {"lr": lr, "grid": grid}
-    choices.update({"data": args.data, "input": args.input, "steps": args.steps, "scst_steps": args.scst_steps,
-                    "tune_seed": TUNE_SEED, "rule": "highest best val/scene/correct (ties: the smaller lr)",
-                    **provenance()})
+    choices.update(
+        {
+            "data": args.data,
+            "input": args.input,
+            "steps": args.steps,
+            "scst_steps": args.scst_steps,
+            "tune_seed": TUNE_SEED,
+            "rule": "highest best val/scene/correct (ties: the smaller lr)",
+            **provenance(),
+        }
+    )
     lr_file.parent.mkdir(parents=True, exist_ok=True)
     lr_file.write_text(json.dumps(choices, indent=2))
     return choices
@@ -275,9 +327,16 @@ def collect(sweep: Path, rows: Sequence[str], seeds: Sequence[int]) -> dict[str,
 
 def build_table(values: Mapping[str, Mapping[str, Mapping[int, float]]], level: float = LEVEL) -> dict:
     """Per row and metric: its own interval, and (not the baseline) the paired difference with Holm's p."""
-    table = {row: {name: {"own": t_interval(list(cells[name].values()), level),
-                          "values": {str(s): v for s, v in sorted(cells[name].items())}}
-                   for name, *_ in METRICS} for row, cells in values.items()}
+    table = {
+        row: {
+            name: {
+                "own": t_interval(list(cells[name].values()), level),
+                "values": {str(s): v for s, v in sorted(cells[name].items())},
+            }
+            for name, *_ in METRICS
+        }
+        for row, cells in values.items()
+    }
     for primary in (True, False):
         family = {}
         for row in values:
@@ -297,14 +356,21 @@ def build_table(values: Mapping[str, Mapping[str, Mapping[int, float]]], level: 
 
 
 def rows_needing_seeds(table: Mapping, rows: Sequence[str]) -> list[str]:
-    return [row for row in rows if row != BASELINE and any(
-        needs_more_seeds(table[row][name].get("diff")) for name, _, _, primary in METRICS if primary)]
+    return [
+        row
+        for row in rows
+        if row != BASELINE
+        and any(needs_more_seeds(table[row][name].get("diff")) for name, _, _, primary in METRICS if primary)
+    ]
 
 
 def mean_curves(sweep: Path, row: str, seeds: Sequence[int]) -> dict | None:
     """Per-position and swap curves averaged over the row's finished seeds (positions: those every run has)."""
-    reports = [json.loads((st.run_dir(sweep, row, s) / "test_exposure_oracle.json").read_text()) for s in seeds
-               if (st.run_dir(sweep, row, s) / "test_exposure_oracle.json").is_file()]
+    reports = [
+        json.loads((st.run_dir(sweep, row, s) / "test_exposure_oracle.json").read_text())
+        for s in seeds
+        if (st.run_dir(sweep, row, s) / "test_exposure_oracle.json").is_file()
+    ]
     if not reports:
         return None
 
@@ -315,8 +381,12 @@ def mean_curves(sweep: Path, row: str, seeds: Sequence[int]) -> dict | None:
             columns = [[r[part][key][i] for r in reports if r[part][key][i] is not None] for i in range(length)]
             out[key] = [sum(c) / len(c) if c else math.nan for c in columns]
         return out
-    return {"per_position": average("per_position", ("position", "tf", "free", "excess")),
-            "swap": average("swap", ("prefix_length", "own_correct", "ref_correct")), "runs": len(reports)}
+
+    return {
+        "per_position": average("per_position", ("position", "tf", "free", "excess")),
+        "swap": average("swap", ("prefix_length", "own_correct", "ref_correct")),
+        "runs": len(reports),
+    }
 
 
 def plot_row(curves: Mapping, row: str, path: Path) -> Path:
@@ -346,18 +416,28 @@ def plot_row(curves: Mapping, row: str, path: Path) -> Path:
 def provenance() -> dict:
     def git(*arguments: str) -> str:
         try:
-            return subprocess.run(["git", *arguments], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *arguments], cwd=REPO, capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
+
     cpu = platform.processor() or "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain")), "machine": f"{cpu}, {os.cpu_count()} cores",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain")),
+        "machine": f"{cpu}, {os.cpu_count()} cores",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def _number(value: float | None, signed: bool = False) -> str:
@@ -378,26 +458,48 @@ def _own(cell: Mapping) -> str:
 
 
 def format_markdown(table: Mapping, record: Mapping) -> str:
-    lines = [f"# Exposure-bias study {record['name']}: {record['data']} ({record['input']} input)", "",
-             f"Overrides of every run: `{' '.join(record['overrides']) or 'none'}`.", "",
-             (f"Command: `{record['command']}`; commit {record['commit']}{' (dirty)' if record['dirty'] else ''}; "
-              f"machine: {record['machine']}; {record['date']}; runs: {record['training_seconds']:.0f} s of wall time in all "
-              f"({record['steps']} steps each, --jobs {record['jobs']} x --threads {record['threads']})."), "",
-             "Protocol: " + " ".join(record["protocol"]), "",
-             "Per row: the mean over seeds [95% t interval]; below it, the difference from the baseline paired by "
-             "seed [95% t interval] (Holm-adjusted p). Primary metrics: " +
-             ", ".join(name for name, _, _, primary in METRICS if primary) + ".", "",
-             "| row | lr | seeds | " + " | ".join(name for name, *_ in METRICS) + " |",
-             "| --- | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " |"]
+    lines = [
+        f"# Exposure-bias study {record['name']}: {record['data']} ({record['input']} input)",
+        "",
+        f"Overrides of every run: `{' '.join(record['overrides']) or 'none'}`.",
+        "",
+        (
+            f"Command: `{record['command']}`; commit {record['commit']}{' (dirty)' if record['dirty'] else ''}; "
+            f"machine: {record['machine']}; {record['date']}; "
+            f"runs: {record['training_seconds']:.0f} s of wall time in all "
+            f"({record['steps']} steps each, --jobs {record['jobs']} x --threads {record['threads']})."
+        ),
+        "",
+        "Protocol: " + " ".join(record["protocol"]),
+        "",
+        "Per row: the mean over seeds [95% t interval]; below it, the difference from the baseline paired by "
+        "seed [95% t interval] (Holm-adjusted p). Primary metrics: "
+        + ", ".join(name for name, _, _, primary in METRICS if primary)
+        + ".",
+        "",
+        "| row | lr | seeds | " + " | ".join(name for name, *_ in METRICS) + " |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " |",
+    ]
     for row, cells in table.items():
         n = max((len(cells[name]["values"]) for name, *_ in METRICS), default=0)
-        lines.append(f"| {row} | {record['lrs'].get(row) or 'config'} | {n} | " + " | ".join(
-            _own(cells[name]) for name, *_ in METRICS) + " |")
+        lines.append(
+            f"| {row} | {record['lrs'].get(row) or 'config'} | {n} | "
+            + " | ".join(_own(cells[name]) for name, *_ in METRICS)
+            + " |"
+        )
         if row != BASELINE:
             diffs = [cells[name].get("diff") for name, *_ in METRICS]
-            lines.append("| vs baseline | | | " + " | ".join(
-                "-" if d is None else f"{_number(d['mean'], True)} [{_number(d['low'], True)}, "
-                f"{_number(d['high'], True)}] (p {d.get('p_holm', d['p']):.3g})" for d in diffs) + " |")
+            lines.append(
+                "| vs baseline | | | "
+                + " | ".join(
+                    "-"
+                    if d is None
+                    else f"{_number(d['mean'], True)} [{_number(d['low'], True)}, "
+                    f"{_number(d['high'], True)}] (p {d.get('p_holm', d['p']):.3g})"
+                    for d in diffs
+                )
+                + " |"
+            )
     lines += ["", "Per-position plots: " + (", ".join(f"`{p}`" for p in record.get("plots", [])) or "none"), ""]
     return "\n".join(lines)
 
@@ -405,20 +507,30 @@ def format_markdown(table: Mapping, record: Mapping) -> str:
 PROTOCOL = (
     "Learning rate per row from the stored val-tuned grid (or the config's, when untuned, as said in the lr column).",
     "Checkpoint: the best val/scene/correct of the run's validations; test decoded once with it (beam search).",
-    ("Seeds: --seeds per row, paired across rows; up to --max-seeds for rows whose primary-metric interval lies "
-     "within its own width of 0."),
+    (
+        "Seeds: --seeds per row, paired across rows; up to --max-seeds for rows whose primary-metric interval lies "
+        "within its own width of 0."
+    ),
     "Holm's correction over rows x primary metrics, and separately over rows x secondary metrics.",
-    "Primary metrics declared before the runs: scene/correct and AccErr.")
+    "Primary metrics declared before the runs: scene/correct and AccErr.",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="Hydra overrides for every run go after --: ... -- model.decoder.hidden_dim=512")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Hydra overrides for every run go after --: ... -- model.decoder.hidden_dim=512",
+    )
     parser.add_argument("command", choices=("tune", "table"))
-    parser.add_argument("--data", default="synthetic_long", help="a conf/data option: synthetic, synthetic_long, "
-                                                                 "synthetic_hard")
-    parser.add_argument("--input", default="encoder", choices=list(INPUTS),
-                        help="encoder: the pretrained scene encoder; true_labels: the scenes' true labels (control)")
+    parser.add_argument(
+        "--data", default="synthetic_long", help="a conf/data option: synthetic, synthetic_long, synthetic_hard"
+    )
+    parser.add_argument(
+        "--input",
+        default="encoder",
+        choices=list(INPUTS),
+        help="encoder: the pretrained scene encoder; true_labels: the scenes' true labels (control)",
+    )
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per row")
     parser.add_argument("--max-seeds", type=int, default=10, help="seeds for rows whose interval is near 0")
@@ -434,13 +546,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sweep-dir", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=REPO / "tools" / "results")
-    parser.add_argument("--name", default=None, help="the study's name in its files (default: <data>_<input>); "
-                                                    "name a variant run with extra overrides after --")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="the study's name in its files (default: <data>_<input>); "
+        "name a variant run with extra overrides after --",
+    )
     parser.add_argument("--table-only", action="store_true", help="no training: the table of the finished runs")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)  # Hydra overrides for every run follow "--"
     args = parser.parse_args(argv[:split])
-    args.overrides = argv[split + 1:]
+    args.overrides = argv[split + 1 :]
     if BASELINE not in args.rows:
         parser.error("--rows must include baseline (every row is compared with it)")
     if not 1 <= args.validations <= args.steps or not 0 <= args.warmup_fraction < 1:
@@ -459,12 +575,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stored = json.loads(lr_file.read_text())["rows"]
         missing = [row for row in args.rows if row not in stored]
         if missing:
-            parser.error(f"{lr_file} has no tuned learning rate for {missing}: run `tune` with those rows first, "
-                         "or pass --untuned")
+            parser.error(
+                f"{lr_file} has no tuned learning rate for {missing}: run `tune` with those rows first, "
+                "or pass --untuned"
+            )
         lrs = {row: stored[row]["lr"] for row in args.rows}
     else:
-        parser.error(f"no tuned learning rates ({lr_file} is missing): run `tools/exposure_study.py tune` with the "
-                     "same --data and --input first, or pass --untuned")
+        parser.error(
+            f"no tuned learning rates ({lr_file} is missing): run `tools/exposure_study.py tune` with the "
+            "same --data and --input first, or pass --untuned"
+        )
     seeds = list(range(args.seeds))
     if not args.table_only:
         table_runs(args, sweep, lrs, seeds, args.rows)
@@ -479,12 +599,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if curves is not None:
             path = plot_row(curves, row, args.out_dir / f"exposure_study_{name}" / f"{row}.png").resolve()
             plots.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
-    record = {"name": name, "overrides": args.overrides, "data": args.data, "input": args.input, "steps": args.steps, "validations": args.validations,
-              "jobs": args.jobs, "threads": args.threads,
-              "seeds": seeds, "max_seeds": args.max_seeds, "lrs": {r: lrs[r] for r in args.rows},
-              "tuned": not args.untuned, "rows": {r: ROWS[r] for r in args.rows}, "protocol": list(PROTOCOL),
-              "seconds": time.perf_counter() - started,
-              "training_seconds": training_seconds(sweep, args.rows, range(args.max_seeds)), "plots": plots, **where, "table": table}
+    record = {
+        "name": name,
+        "overrides": args.overrides,
+        "data": args.data,
+        "input": args.input,
+        "steps": args.steps,
+        "validations": args.validations,
+        "jobs": args.jobs,
+        "threads": args.threads,
+        "seeds": seeds,
+        "max_seeds": args.max_seeds,
+        "lrs": {r: lrs[r] for r in args.rows},
+        "tuned": not args.untuned,
+        "rows": {r: ROWS[r] for r in args.rows},
+        "protocol": list(PROTOCOL),
+        "seconds": time.perf_counter() - started,
+        "training_seconds": training_seconds(sweep, args.rows, range(args.max_seeds)),
+        "plots": plots,
+        **where,
+        "table": table,
+    }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"exposure_study_{name}.json").write_text(json.dumps(record, indent=2, default=str))
     markdown = format_markdown(table, record)

@@ -8,6 +8,7 @@ the train, val and test splits is encoded in batches (bf16 autocast on CUDA) int
 float16 array; progress is flushed every few batches, so a killed extraction resumes where it stopped.
 Unreadable images are recorded in bad.json and skipped by training like any bad image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,17 @@ def extract(out: Path, cfg, batch_size: int, device: torch.device, flush_every: 
     unique = {r.image_id: r for split in records.values() for r in split}
     image_ids = sorted(unique)
     e = cfg.model.encoder
-    meta = {"name": e.name, "weights": e.weights, "pool": e.get("pool", "avg"), "grid_size": e.get("grid_size", 2),
-            "label_head": e.get("label_head"), "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size,
-            "images": len(image_ids), "image_reader": IMAGE_READER}
+    meta = {
+        "name": e.name,
+        "weights": e.weights,
+        "pool": e.get("pool", "avg"),
+        "grid_size": e.get("grid_size", 2),
+        "label_head": e.get("label_head"),
+        "image_size": cfg.data.image_size,
+        "resize_size": cfg.data.resize_size,
+        "images": len(image_ids),
+        "image_reader": IMAGE_READER,
+    }
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # weights=null: a reproducible random encoder
     encoder = build_image_encoder(e, trainable=False).to(device).eval()
@@ -53,8 +62,9 @@ def extract(out: Path, cfg, batch_size: int, device: torch.device, flush_every: 
         done = np.load(out / "done.npy")
         bad = json.loads((out / "bad.json").read_text())
     else:
-        features = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=np.float16,
-                                             shape=(len(image_ids), encoder.feature_dim))
+        features = np.lib.format.open_memmap(
+            out / "features.npy", mode="w+", dtype=np.float16, shape=(len(image_ids), encoder.feature_dim)
+        )
         done = np.zeros(len(image_ids), dtype=bool)
         bad = {}
         (out / "index.json").write_text(json.dumps({"image_ids": image_ids}))
@@ -69,8 +79,9 @@ def extract(out: Path, cfg, batch_size: int, device: torch.device, flush_every: 
     row_of = {i: r for r, i in enumerate(image_ids)}
     todo = [unique[i] for i in image_ids if not done[row_of[i]]]
     cfg.data.features = None  # read pixels
-    loader = make_loader(eval_dataset(todo, cfg.data), batch_size, cfg.data.num_workers,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(
+        eval_dataset(todo, cfg.data), batch_size, cfg.data.num_workers, pin_memory=device.type == "cuda"
+    )
     amp = torch.bfloat16 if device.type == "cuda" else None
     start, count = time.perf_counter(), 0
     with torch.no_grad():
@@ -88,8 +99,10 @@ def extract(out: Path, cfg, batch_size: int, device: torch.device, flush_every: 
                 count += len(rows)
             if n % flush_every == 0:
                 flush()
-                print(f"{int(done.sum())}/{len(done)} images, {count / (time.perf_counter() - start):.0f} images/s",
-                      flush=True)
+                print(
+                    f"{int(done.sum())}/{len(done)} images, {count / (time.perf_counter() - start):.0f} images/s",
+                    flush=True,
+                )
     flush()
     return {"images": len(image_ids), "extracted_now": count, "bad": len(bad), "out": str(out)}
 

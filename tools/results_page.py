@@ -10,6 +10,7 @@ written "@a.b.c" is read from the entry's record at that key path; "@other.json:
 tools/results/. A table cell is such a path (without the "@"). tests/test_docs.py fails when the page and the
 records disagree, or when a file in tools/results/ belongs to no entry.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,7 @@ def cell(spec: Any, fmt: str, record: str | None) -> str:
 def values_table(table: dict, record: str | None) -> list[str]:
     columns = table["columns"]
     fmt = table.get("format", "{:.3f}")
-    lines = ["| " + " | ".join([table.get("label", "")] + columns) + " |",
-             "| --- |" + " ---: |" * len(columns)]
+    lines = ["| " + " | ".join([table.get("label", "")] + columns) + " |", "| --- |" + " ---: |" * len(columns)]
     for row in table["rows"]:
         cells = row["cells"]
         if len(cells) != len(columns):
@@ -112,10 +112,16 @@ def schedule_table(table: dict, record: str | None) -> list[str]:
     for row in rows:
         m = data["table"][row]
         seeds = m[metrics[0]]["n"]
-        lines.append(f"| {row} | {seeds} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in metrics)
-                     + " |")
-    lines += ["", "Difference from the baseline (mean over seeds), 95% Welch interval; **bold**: the interval "
-              "excludes 0.", "", "| Approach | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
+        lines.append(
+            f"| {row} | {seeds} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in metrics) + " |"
+        )
+    lines += [
+        "",
+        "Difference from the baseline (mean over seeds), 95% Welch interval; **bold**: the interval excludes 0.",
+        "",
+        "| Approach | " + " | ".join(metrics) + " |",
+        "| --- |" + " ---: |" * len(metrics),
+    ]
     for row in rows:
         if "vs_baseline" not in data["table"][row][metrics[0]]:
             continue
@@ -135,8 +141,11 @@ def compare_runs_table(table: dict, record: str | None) -> list[str]:
     lines = ["| run | seeds | " + " | ".join(metrics) + " |", "| --- | ---: |" + " ---: |" * len(metrics)]
     for row in data["rows"]:
         m = row["metrics"]
-        lines.append(f"| {row['run']} | {row['n_seeds']} | "
-                     + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in metrics) + " |")
+        lines.append(
+            f"| {row['run']} | {row['n_seeds']} | "
+            + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in metrics)
+            + " |"
+        )
     return lines
 
 
@@ -152,28 +161,39 @@ def record_rows_table(table: dict, record: str | None) -> list[str]:
         return fmt.format(value) if isinstance(value, float) else str(value)
 
     for item in lookup(table["rows_ref"], record):
-        lines.append("| " + " | ".join([str(item[table["label_key"]])] + [show(item[k]) for k in columns.values()])
-                     + " |")
+        lines.append(
+            "| " + " | ".join([str(item[table["label_key"]])] + [show(item[k]) for k in columns.values()]) + " |"
+        )
     if table.get("last_row"):
         row = table["last_row"]
         lines.append("| " + " | ".join([row["label"]] + [cell(c, fmt, record) for c in row["cells"]]) + " |")
     return lines
 
 
-TABLES = {"values": values_table, "schedule_table": schedule_table, "compare_runs": compare_runs_table,
-          "record_rows": record_rows_table}
+TABLES = {
+    "values": values_table,
+    "schedule_table": schedule_table,
+    "compare_runs": compare_runs_table,
+    "record_rows": record_rows_table,
+}
 
 
 def entry_lines(entry: dict) -> list[str]:
-    lines = [f"### {entry['title']}", "", f"<a id=\"{entry['id']}\"></a>"]
+    lines = [f"### {entry['title']}", "", f'<a id="{entry["id"]}"></a>']
     if entry["status"] == "superseded":
         lines += ["", f"**Superseded**: {entry['superseded_by'].strip()}"]
     record = entry.get("record")
     files = [record] + list(entry.get("also", [])) if record else list(entry.get("also", []))
-    lines += ["", f"- date: {field(entry, 'date')}", f"- commit: {field(entry, 'commit')}",
-              f"- machine: {field(entry, 'machine')}", f"- command: `{field(entry, 'command')}`",
-              "- record: " + ", ".join(f"`tools/results/{f}`" for f in files) if files else
-              "- record: in git history, " + ", ".join(f"`git show {ref}`" for ref in entry["records_in_git"])]
+    lines += [
+        "",
+        f"- date: {field(entry, 'date')}",
+        f"- commit: {field(entry, 'commit')}",
+        f"- machine: {field(entry, 'machine')}",
+        f"- command: `{field(entry, 'command')}`",
+        "- record: " + ", ".join(f"`tools/results/{f}`" for f in files)
+        if files
+        else "- record: in git history, " + ", ".join(f"`git show {ref}`" for ref in entry["records_in_git"]),
+    ]
     if entry.get("note"):
         lines += ["", entry["note"].strip()]
     for table in entry.get("tables", []):
@@ -227,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         if not PAGE.is_file() or PAGE.read_text() != page:
-            print("docs/results.md is not what tools/results/ gives: run python tools/results_page.py",
-                  file=sys.stderr)
+            print("docs/results.md is not what tools/results/ gives: run python tools/results_page.py", file=sys.stderr)
             return 1
         return 0
     PAGE.parent.mkdir(parents=True, exist_ok=True)

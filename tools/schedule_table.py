@@ -27,6 +27,7 @@
 Outputs: OUT_DIR/schedule_table_<data>.json and .md (default OUT_DIR: tools/results). Extra Hydra overrides for
 every run go after `--`: `python tools/schedule_table.py -- model.decoder.hidden_dim=512`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,18 +37,28 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-ROWS = ("baseline", "baseline_dropout", "always_sampling", "scheduled_sampling", "uniform_scheduled_sampling",
-        "scheduled_sampling_sequence")
+ROWS = (
+    "baseline",
+    "baseline_dropout",
+    "always_sampling",
+    "scheduled_sampling",
+    "uniform_scheduled_sampling",
+    "scheduled_sampling_sequence",
+)
 # Self-critical rows (Rennie et al. 2017): SCST started from the best checkpoint of the same seed's run of a row above.
 SCST_ROWS = {"self_critical": "baseline", "scheduled_sampling+self_critical": "scheduled_sampling"}
 # (column, key in test_metrics.json, higher is better)
-METRICS = (("BLEU-4", "test/BLEU-4", True), ("METEOR", "test/METEOR", True), ("CIDEr", "test/CIDEr", True),
-           ("scene/correct", "test/scene/correct", True),
-           ("oracle excess error", "test/exposure_oracle/excess_error", False))
+METRICS = (
+    ("BLEU-4", "test/BLEU-4", True),
+    ("METEOR", "test/METEOR", True),
+    ("CIDEr", "test/CIDEr", True),
+    ("scene/correct", "test/scene/correct", True),
+    ("oracle excess error", "test/exposure_oracle/excess_error", False),
+)
 BASELINE = "baseline"
 
 
@@ -60,7 +71,10 @@ def _betacf(a: float, b: float, x: float) -> float:
     h = d
     for m in range(1, 500):
         m2 = 2 * m
-        for numerator in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+        for numerator in (
+            m * (b - m) * x / ((qam + m2) * (a + m2)),
+            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c
@@ -131,8 +145,13 @@ def welch_interval(row: Sequence[float], baseline: Sequence[float], level: float
         return {"diff": diff, "low": diff, "high": diff, "df": math.inf, "significant": diff != 0.0}
     df = (v1 + v0) ** 2 / (v1 * v1 / (len(row) - 1) + v0 * v0 / (len(baseline) - 1))
     half = t_quantile(0.5 + level / 2.0, df) * se
-    return {"diff": diff, "low": diff - half, "high": diff + half, "df": df,
-            "significant": diff - half > 0.0 or diff + half < 0.0}
+    return {
+        "diff": diff,
+        "low": diff - half,
+        "high": diff + half,
+        "df": df,
+        "significant": diff - half > 0.0 or diff + half < 0.0,
+    }
 
 
 # -- the schedule length --------------------------------------------------------------------------------------------
@@ -156,7 +175,8 @@ def epsilon(step: float, k: float) -> float:
 
 # -- runs -----------------------------------------------------------------------------------------------------------
 def compose(overrides: Sequence[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from captioning.config import config_dir
 
@@ -169,22 +189,46 @@ def run_dir(sweep: Path, row: str, seed: int) -> Path:
 
 
 def train_command(row: str, seed: int, out: Path, k: float, threads: int, overrides: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "captioning.train", f"experiment={row}", f"seed={seed}", f"inverse_sigmoid_k={k:.3f}",
-            f"trainer.num_threads={threads}", "data.num_workers=0", "trainer.progress_bar=false",
-            f"hydra.run.dir={out}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "captioning.train",
+        f"experiment={row}",
+        f"seed={seed}",
+        f"inverse_sigmoid_k={k:.3f}",
+        f"trainer.num_threads={threads}",
+        "data.num_workers=0",
+        "trainer.progress_bar=false",
+        f"hydra.run.dir={out}",
+        *overrides,
+    ]
 
 
-def scst_command(row: str, seed: int, sweep: Path, scst_steps: int, lr: float, threads: int,
-                 overrides: Sequence[str]) -> list[str]:
+def scst_command(
+    row: str, seed: int, sweep: Path, scst_steps: int, lr: float, threads: int, overrides: Sequence[str]
+) -> list[str]:
     """Self-critical training from the best checkpoint of the same seed's `SCST_ROWS[row]` run (its weights only:
     a fresh optimizer and learning-rate schedule), `scst_steps` steps, validated 4 times."""
     source = run_dir(sweep, SCST_ROWS[row], seed) / "checkpoints" / "best.pt"
     out = run_dir(sweep, row, seed)
-    return [sys.executable, "-m", "captioning.train", "experiment=baseline", f"experiment_name={row}", f"seed={seed}",
-            "objective=self_critical", f"objective.init_from={source}", f"trainer.max_steps={scst_steps}",
-            f"trainer.val_every_n_steps={max(1, scst_steps // 4)}", f"optim.optimizer.lr={lr}",
-            f"trainer.num_threads={threads}", "data.num_workers=0", "trainer.progress_bar=false",
-            f"hydra.run.dir={out}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "captioning.train",
+        "experiment=baseline",
+        f"experiment_name={row}",
+        f"seed={seed}",
+        "objective=self_critical",
+        f"objective.init_from={source}",
+        f"trainer.max_steps={scst_steps}",
+        f"trainer.val_every_n_steps={max(1, scst_steps // 4)}",
+        f"optim.optimizer.lr={lr}",
+        f"trainer.num_threads={threads}",
+        "data.num_workers=0",
+        "trainer.progress_bar=false",
+        f"hydra.run.dir={out}",
+        *overrides,
+    ]
 
 
 def finished(out: Path) -> bool:
@@ -211,8 +255,15 @@ def run_all(jobs: list[tuple[str, int, Path, list[str]]], parallel: int, threads
             log.close()
             running.remove(item)
             seconds = time.perf_counter() - started
-            done.append({"row": row, "seed": seed, "dir": str(out), "returncode": process.returncode,
-                         "seconds": round(seconds, 1)})
+            done.append(
+                {
+                    "row": row,
+                    "seed": seed,
+                    "dir": str(out),
+                    "returncode": process.returncode,
+                    "seconds": round(seconds, 1),
+                }
+            )
             state = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see {out}/train.log)"
             print(f"{state}: {row} seed {seed} in {seconds:.0f} s", flush=True)
     return done
@@ -261,18 +312,30 @@ def _number(value: float | None, signed: bool = False) -> str:
 def format_markdown(table: Mapping[str, Mapping[str, dict]], title: str, level: float = 0.95) -> str:
     names = [name for name, _, _ in METRICS if any(table[row][name]["n"] for row in table)]
     seeds = {row: max(table[row][name]["n"] for name in names) if names else 0 for row in table}
-    lines = [f"### {title}", "", "| Approach | seeds | " + " | ".join(names) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+    lines = [
+        f"### {title}",
+        "",
+        "| Approach | seeds | " + " | ".join(names) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in names) + " |",
+    ]
     for row, cells in table.items():
         shown = []
         for name in names:
             cell = cells[name]
-            shown.append("" if cell["mean"] is None else
-                         _number(cell["mean"]) + ("" if cell["std"] is None else f" ± {cell['std']:.3f}"))
+            shown.append(
+                ""
+                if cell["mean"] is None
+                else _number(cell["mean"]) + ("" if cell["std"] is None else f" ± {cell['std']:.3f}")
+            )
         lines.append(f"| {row} | {seeds[row]} | " + " | ".join(shown) + " |")
-    lines += ["", f"Difference from {BASELINE} (mean over seeds), {level:.0%} Welch confidence interval; "
-              "**bold**: significant (the interval excludes 0).", "",
-              "| Approach | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    lines += [
+        "",
+        f"Difference from {BASELINE} (mean over seeds), {level:.0%} Welch confidence interval; "
+        "**bold**: significant (the interval excludes 0).",
+        "",
+        "| Approach | " + " | ".join(names) + " |",
+        "| --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
     for row, cells in table.items():
         if row == BASELINE:
             continue
@@ -292,18 +355,27 @@ def format_markdown(table: Mapping[str, Mapping[str, dict]], title: str, level: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="synthetic", help="a conf/data option: synthetic (default), synthetic_hard")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, *SCST_ROWS],
-                        help="default: the paper's six rows; add self_critical and scheduled_sampling+self_critical "
-                             "for the self-critical rows")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=list(ROWS),
+        choices=[*ROWS, *SCST_ROWS],
+        help="default: the paper's six rows; add self_critical and scheduled_sampling+self_critical "
+        "for the self-critical rows",
+    )
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per row")
-    parser.add_argument("--steps", type=int, default=1000,
-                        help="optimizer steps per run: shorter than the main job's 2,000, so that 30 runs fit in an "
-                             "hour on 2 cores")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=1000,
+        help="optimizer steps per run: shorter than the main job's 2,000, so that 30 runs fit in an hour on 2 cores",
+    )
     parser.add_argument("--validations", type=int, default=2, help="validations per run (every steps / N steps)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--half-at", type=float, default=0.5,
-                        help="epsilon = 0.5 at this fraction of the run (sets inverse_sigmoid_k)")
+    parser.add_argument(
+        "--half-at", type=float, default=0.5, help="epsilon = 0.5 at this fraction of the run (sets inverse_sigmoid_k)"
+    )
     parser.add_argument("--sweep-dir", type=Path, default=None, help="default: multirun/schedule_table/<data>")
     parser.add_argument("--out-dir", type=Path, default=REPO / "tools" / "results")
     parser.add_argument("--name", default=None, help="output name (default: schedule_table_<data>)")
@@ -322,8 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scst_steps < 1 or not args.scst_lr > 0:
         parser.error(f"--scst-steps must be >= 1 and --scst-lr > 0 (got {args.scst_steps}, {args.scst_lr})")
     overrides = [f"data={args.data}", *args.overrides]
-    run_overrides = [f"trainer.max_steps={args.steps}",
-                     f"trainer.val_every_n_steps={args.steps // args.validations}", *overrides]
+    run_overrides = [
+        f"trainer.max_steps={args.steps}",
+        f"trainer.val_every_n_steps={args.steps // args.validations}",
+        *overrides,
+    ]
     sweep = args.sweep_dir or REPO / "multirun" / "schedule_table" / args.data
     seeds = list(range(args.seeds))
     started = time.perf_counter()
@@ -342,39 +417,83 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare_inputs(cfg)  # the pretrained encoder's features, once, before the runs read them
         prepared_in = time.perf_counter() - prepared_in
         base = [row for row in args.rows if row in ROWS]
-        jobs = [(row, seed, run_dir(sweep, row, seed),
-                 train_command(row, seed, run_dir(sweep, row, seed), k, args.threads, run_overrides))
-                for seed in seeds for row in base if not finished(run_dir(sweep, row, seed))]
-        print(f"{len(jobs)} runs to train ({len(base)} rows x {len(seeds)} seeds, {steps} steps, "
-              f"inverse_sigmoid_k={k:.1f}: epsilon {epsilon(0, k):.2f} -> {epsilon(steps, k):.3f}), "
-              f"{args.jobs} at a time, {args.threads} thread(s) each; inputs ready in {prepared_in:.0f} s", flush=True)
+        jobs = [
+            (
+                row,
+                seed,
+                run_dir(sweep, row, seed),
+                train_command(row, seed, run_dir(sweep, row, seed), k, args.threads, run_overrides),
+            )
+            for seed in seeds
+            for row in base
+            if not finished(run_dir(sweep, row, seed))
+        ]
+        print(
+            f"{len(jobs)} runs to train ({len(base)} rows x {len(seeds)} seeds, {steps} steps, "
+            f"inverse_sigmoid_k={k:.1f}: epsilon {epsilon(0, k):.2f} -> {epsilon(steps, k):.3f}), "
+            f"{args.jobs} at a time, {args.threads} thread(s) each; inputs ready in {prepared_in:.0f} s",
+            flush=True,
+        )
         runs = run_all(jobs, args.jobs, args.threads)
-        scst = [(row, seed, run_dir(sweep, row, seed),
-                 scst_command(row, seed, sweep, args.scst_steps, args.scst_lr, args.threads, overrides))
-                for seed in seeds for row in args.rows if row in SCST_ROWS and not finished(run_dir(sweep, row, seed))
-                and finished(run_dir(sweep, SCST_ROWS[row], seed))]
+        scst = [
+            (
+                row,
+                seed,
+                run_dir(sweep, row, seed),
+                scst_command(row, seed, sweep, args.scst_steps, args.scst_lr, args.threads, overrides),
+            )
+            for seed in seeds
+            for row in args.rows
+            if row in SCST_ROWS
+            and not finished(run_dir(sweep, row, seed))
+            and finished(run_dir(sweep, SCST_ROWS[row], seed))
+        ]
         if scst:
-            print(f"{len(scst)} self-critical runs ({args.scst_steps} steps at lr {args.scst_lr:g} from the best "
-                  f"checkpoints of {sorted({SCST_ROWS[r] for r in args.rows if r in SCST_ROWS})})", flush=True)
+            print(
+                f"{len(scst)} self-critical runs ({args.scst_steps} steps at lr {args.scst_lr:g} from the best "
+                f"checkpoints of {sorted({SCST_ROWS[r] for r in args.rows if r in SCST_ROWS})})",
+                flush=True,
+            )
             runs += run_all(scst, args.jobs, args.threads)
     trained = time.perf_counter()
     collected = collect(sweep, args.rows, seeds)
     table = build_table(collected["values"])
     name = args.name or f"schedule_table_{args.data}"
-    title = (f"data={args.data}, {steps} steps, inverse_sigmoid_k={k:.1f} (epsilon {epsilon(steps, k):.3f} at the "
-             f"end), test split, beam search of 3, best checkpoint by {cfg.trainer.monitor}"
-             + (f"; self-critical rows: {args.scst_steps} more steps from that checkpoint at lr {args.scst_lr:g}"
-                if any(r in SCST_ROWS for r in args.rows) else ""))
+    title = (
+        f"data={args.data}, {steps} steps, inverse_sigmoid_k={k:.1f} (epsilon {epsilon(steps, k):.3f} at the "
+        f"end), test split, beam search of 3, best checkpoint by {cfg.trainer.monitor}"
+        + (
+            f"; self-critical rows: {args.scst_steps} more steps from that checkpoint at lr {args.scst_lr:g}"
+            if any(r in SCST_ROWS for r in args.rows)
+            else ""
+        )
+    )
     markdown = format_markdown(table, title)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{name}.md").write_text(markdown)
-    (args.out_dir / f"{name}.json").write_text(json.dumps({
-        "data": args.data, "overrides": overrides, "rows": args.rows, "seeds": seeds, "max_steps": steps,
-        "inverse_sigmoid_k": k, "half_at": args.half_at, "jobs": args.jobs, "threads": args.threads,
-        "scst_steps": args.scst_steps, "scst_lr": args.scst_lr,
-        "sweep_dir": str(sweep), "missing_runs": collected["missing"], "runs": runs,
-        "seconds": {"training": round(trained - started, 1), "table": round(time.perf_counter() - trained, 1)},
-        "table": table}, indent=2))
+    (args.out_dir / f"{name}.json").write_text(
+        json.dumps(
+            {
+                "data": args.data,
+                "overrides": overrides,
+                "rows": args.rows,
+                "seeds": seeds,
+                "max_steps": steps,
+                "inverse_sigmoid_k": k,
+                "half_at": args.half_at,
+                "jobs": args.jobs,
+                "threads": args.threads,
+                "scst_steps": args.scst_steps,
+                "scst_lr": args.scst_lr,
+                "sweep_dir": str(sweep),
+                "missing_runs": collected["missing"],
+                "runs": runs,
+                "seconds": {"training": round(trained - started, 1), "table": round(time.perf_counter() - trained, 1)},
+                "table": table,
+            },
+            indent=2,
+        )
+    )
     print(markdown)
     if collected["missing"]:
         print(f"{len(collected['missing'])} run(s) unfinished, left out: {collected['missing']}", file=sys.stderr)

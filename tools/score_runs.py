@@ -15,6 +15,7 @@ they belong to (`trainer/step`), so its test/* metrics reach the run summary and
 `compare_runs --wandb-group` counts it. logger.wandb.mode of the run's config, WANDB_MODE and the API
 key of the machine running this decide online or offline, as in training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,25 @@ def run_logger(run: Path, cfg) -> MultiLogger:
     if wandb_cfg is not None:
         info = saved_run_info(run)
         if info is None:
-            print(f"{run}: warning: logger=wandb but no wandb_run_id.txt (the run never started W&B?): "
-                  "scores go to metrics.jsonl only", file=sys.stderr)
+            print(
+                f"{run}: warning: logger=wandb but no wandb_run_id.txt (the run never started W&B?): "
+                "scores go to metrics.jsonl only",
+                file=sys.stderr,
+            )
         else:
             setting = lambda key: OmegaConf.select(wandb_cfg, key, default=None)  # noqa: E731
-            loggers.append(WandbLogger(run, info.get("project") or setting("project"),
-                                       info.get("entity", setting("entity")), info.get("group", setting("group")),
-                                       info.get("name"), info.get("tags"), setting("mode"),
-                                       info.get("job_type") or "train"))
+            loggers.append(
+                WandbLogger(
+                    run,
+                    info.get("project") or setting("project"),
+                    info.get("entity", setting("entity")),
+                    info.get("group", setting("group")),
+                    info.get("name"),
+                    info.get("tags"),
+                    setting("mode"),
+                    info.get("job_type") or "train",
+                )
+            )
     return MultiLogger(loggers)
 
 
@@ -96,8 +108,11 @@ def score_run(run: Path, data_root: str | None, records_cache: dict) -> str:
         metrics.update({f"test/most_common_caption/{k}": v for k, v in baseline_metrics.items()})
         step = max(prob_at) if prob_at else 0
         logger.log_metrics({"train/teacher_forcing_prob": prob_at.get(step, float("nan")), **metrics}, step)
-        (run / "test_metrics.json").write_text(json.dumps({**metrics, "results": str(path), "images": len(predictions),
-                                                           "most_common_caption": baseline}, indent=2))
+        (run / "test_metrics.json").write_text(
+            json.dumps(
+                {**metrics, "results": str(path), "images": len(predictions), "most_common_caption": baseline}, indent=2
+            )
+        )
     logger.finish()
     return f"scored {len(val_files)} validation(s), {len(test_files)} test file(s)"
 

@@ -1,4 +1,5 @@
 """From the `data` config to records, vocabulary, datasets and loaders."""
+
 from __future__ import annotations
 
 import logging
@@ -37,13 +38,16 @@ def resolve_root(cfg_data) -> Path:
 
 def load_records(cfg_data) -> dict[str, list[ImageRecord]]:
     root = resolve_root(cfg_data)
-    return read_coco_karpathy(root, cfg_data.karpathy_file, cfg_data.annotation_files,
-                              restval_to_train=cfg_data.restval_to_train)
+    return read_coco_karpathy(
+        root, cfg_data.karpathy_file, cfg_data.annotation_files, restval_to_train=cfg_data.restval_to_train
+    )
 
 
 def build_vocab(train_records: list[ImageRecord], cfg_data) -> Vocabulary:
     """From the training split only: val/test words never enter the vocabulary."""
-    return Vocabulary.build((training_tokens(c) for r in train_records for c in r.captions), cfg_data.word_count_threshold)
+    return Vocabulary.build(
+        (training_tokens(c) for r in train_records for c in r.captions), cfg_data.word_count_threshold
+    )
 
 
 class ResumableSampler(Sampler[int]):
@@ -69,11 +73,11 @@ class ResumableSampler(Sampler[int]):
         else:
             order = list(range(self.size))
         per_rank = self.size // self.world_size  # equal shards: every rank takes the same number of steps
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def __iter__(self):
         offset = self.epoch * self.size  # the dataset reads the epoch from the key (persistent workers)
-        return iter([offset + i for i in self._order()[self.start:]])
+        return iter([offset + i for i in self._order()[self.start :]])
 
     def __len__(self) -> int:
         return self.size // self.world_size - self.start
@@ -82,8 +86,17 @@ class ResumableSampler(Sampler[int]):
 def train_dataset(items, vocab: Vocabulary, cfg_data, seed: int) -> TrainCaptionDataset:
     from captioning.data.features import open_feature_store
 
-    return TrainCaptionDataset(items, vocab, cfg_data.image_size, cfg_data.resize_size, cfg_data.captions_per_image,
-                               cfg_data.max_len, cfg_data.max_image_pixels, seed, open_feature_store(cfg_data))
+    return TrainCaptionDataset(
+        items,
+        vocab,
+        cfg_data.image_size,
+        cfg_data.resize_size,
+        cfg_data.captions_per_image,
+        cfg_data.max_len,
+        cfg_data.max_image_pixels,
+        seed,
+        open_feature_store(cfg_data),
+    )
 
 
 def encoded_train_items(records: list[ImageRecord], vocab: Vocabulary, cfg_data):
@@ -93,22 +106,39 @@ def encoded_train_items(records: list[ImageRecord], vocab: Vocabulary, cfg_data)
     return items
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, drop_last: bool = False,
-                pin_memory: bool = False, seed: int = 0) -> DataLoader:
+def make_loader(
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    sampler=None,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+    seed: int = 0,
+) -> DataLoader:
     """The loader gets its own generator, so starting an iterator never draws from the global torch RNG
     (which dropout and scheduled sampling use): a resumed run draws the same numbers as a straight one."""
     from captioning.data.dataset import collate
 
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      drop_last=drop_last, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def eval_dataset(records: list[ImageRecord], cfg_data) -> EvalImageDataset:
     from captioning.data.features import open_feature_store
 
-    return EvalImageDataset(records, cfg_data.image_size, cfg_data.resize_size, cfg_data.max_image_pixels,
-                            open_feature_store(cfg_data))
+    return EvalImageDataset(
+        records, cfg_data.image_size, cfg_data.resize_size, cfg_data.max_image_pixels, open_feature_store(cfg_data)
+    )
 
 
 def reference_loader(records, vocab, cfg_data, batch_size: int | None = None) -> DataLoader:
@@ -122,7 +152,15 @@ def reference_loader(records, vocab, cfg_data, batch_size: int | None = None) ->
     if not items:
         raise ValueError("reference loader: no image of the given records has a usable caption")
     captions_per_image = max(len(captions) for _, captions in items)
-    dataset = AllReferencesDataset(items, vocab, cfg_data.image_size, cfg_data.resize_size, captions_per_image,
-                                   cfg_data.max_len, cfg_data.max_image_pixels, seed=0,
-                                   features=open_feature_store(cfg_data))
+    dataset = AllReferencesDataset(
+        items,
+        vocab,
+        cfg_data.image_size,
+        cfg_data.resize_size,
+        captions_per_image,
+        cfg_data.max_len,
+        cfg_data.max_image_pixels,
+        seed=0,
+        features=open_feature_store(cfg_data),
+    )
     return make_loader(dataset, batch_size or cfg_data.eval_batch_size, num_workers=min(cfg_data.num_workers, 4))

@@ -10,6 +10,7 @@ Captions come from the COCO annotation files (read with pycocotools); the Karpat
 which image belongs to which split and where its file is. `restval` joins `train` by default
 (113,287 / 5,000 / 5,000 images on COCO).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,18 +36,22 @@ def default_annotation_files(root: Path) -> list[Path]:
     return [root / "annotations" / "captions_train2014.json", root / "annotations" / "captions_val2014.json"]
 
 
-def check_coco_paths(root: str | Path, karpathy_file: str | Path | None = None,
-                     annotation_files: list | None = None) -> tuple[Path, Path, list[Path]]:
+def check_coco_paths(
+    root: str | Path, karpathy_file: str | Path | None = None, annotation_files: list | None = None
+) -> tuple[Path, Path, list[Path]]:
     """Fail in seconds, naming the path, if the data folder is not laid out as expected."""
     root = Path(str(root)).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: folder not found: {root}")
     karpathy = Path(str(karpathy_file)).expanduser() if karpathy_file else root / "dataset_coco.json"
     if not karpathy.is_file():
-        raise FileNotFoundError(f"data.karpathy_file: Karpathy split file not found: {karpathy} "
-                                "(dataset_coco.json from Karpathy's 'caption_datasets' archive)")
-    annotations = [Path(str(p)).expanduser() for p in annotation_files] if annotation_files \
-        else default_annotation_files(root)
+        raise FileNotFoundError(
+            f"data.karpathy_file: Karpathy split file not found: {karpathy} "
+            "(dataset_coco.json from Karpathy's 'caption_datasets' archive)"
+        )
+    annotations = (
+        [Path(str(p)).expanduser() for p in annotation_files] if annotation_files else default_annotation_files(root)
+    )
     for path in annotations:
         if not path.is_file():
             raise FileNotFoundError(f"data.annotation_files: COCO caption annotations not found: {path}")
@@ -62,11 +67,14 @@ def read_karpathy_images(path: str | Path, key: str = "data.karpathy_file") -> l
     try:
         images = json.loads(path.read_text(encoding="utf-8"))["images"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{key}: {path} is not a Karpathy split file (expected {{\"images\": [{{\"cocoid\", "
-                         f"\"split\", ...}}]}}, e.g. dataset_coco.json): {e}") from None
-    if not isinstance(images, list) or not all(isinstance(im, dict) and "split" in im and "cocoid" in im
-                                               for im in images):
-        raise ValueError(f"{key}: {path} is not a Karpathy split file (every image needs \"cocoid\" and \"split\")")
+        raise ValueError(
+            f'{key}: {path} is not a Karpathy split file (expected {{"images": [{{"cocoid", '
+            f'"split", ...}}]}}, e.g. dataset_coco.json): {e}'
+        ) from None
+    if not isinstance(images, list) or not all(
+        isinstance(im, dict) and "split" in im and "cocoid" in im for im in images
+    ):
+        raise ValueError(f'{key}: {path} is not a Karpathy split file (every image needs "cocoid" and "split")')
     return images
 
 
@@ -80,9 +88,13 @@ def read_split_ids(path: str | Path, split: str, key: str = "--split-file") -> l
     return ids
 
 
-def read_coco_karpathy(root: str | Path, karpathy_file: str | Path | None = None,
-                       annotation_files: list | None = None, restval_to_train: bool = True,
-                       splits: tuple[str, ...] = SPLITS) -> dict[str, list[ImageRecord]]:
+def read_coco_karpathy(
+    root: str | Path,
+    karpathy_file: str | Path | None = None,
+    annotation_files: list | None = None,
+    restval_to_train: bool = True,
+    splits: tuple[str, ...] = SPLITS,
+) -> dict[str, list[ImageRecord]]:
     """Image records per split, each with its raw COCO captions."""
     root, karpathy, annotations = check_coco_paths(root, karpathy_file, annotation_files)
     karpathy_images = read_karpathy_images(karpathy)
@@ -109,9 +121,11 @@ def read_coco_karpathy(root: str | Path, karpathy_file: str | Path | None = None
         image_id = int(item["cocoid"])
         refs = captions.get(image_id)
         if refs is None:
-            raise ValueError(f"data.annotation_files: image {image_id} ({item['filepath']}/{item['filename']}) "
-                             f"of the Karpathy {item['split']} split has no caption annotations in "
-                             f"{[str(p) for p in annotations]}")
+            raise ValueError(
+                f"data.annotation_files: image {image_id} ({item['filepath']}/{item['filename']}) "
+                f"of the Karpathy {item['split']} split has no caption annotations in "
+                f"{[str(p) for p in annotations]}"
+            )
         records[split].append(ImageRecord(image_id, root / item["filepath"] / item["filename"], split, refs))
     for split in splits:
         if not records[split]:

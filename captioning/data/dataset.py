@@ -5,6 +5,7 @@ Caption problems are settled once, in the main process, when the dataset is buil
 only unknown words); image problems are found when a worker reads the file and are reported
 back in the batch (`bad_images`), so the main process warns by file name, counts, or raises.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,13 +30,15 @@ class BadInputError(ValueError):
 @dataclass
 class CaptionProblems:
     """What was dropped while building a dataset, for the run's log."""
+
     empty: list[tuple[int, str]] = field(default_factory=list)
     unknown_only: list[tuple[int, str]] = field(default_factory=list)
     images_without_captions: list[int] = field(default_factory=list)
 
 
-def encode_captions(records: list[ImageRecord], vocab: Vocabulary, max_len: int, on_bad_caption: str
-                    ) -> tuple[list[tuple[ImageRecord, list[list[int]]]], CaptionProblems]:
+def encode_captions(
+    records: list[ImageRecord], vocab: Vocabulary, max_len: int, on_bad_caption: str
+) -> tuple[list[tuple[ImageRecord, list[list[int]]]], CaptionProblems]:
     """Word ids per caption; drop (and count) empty and unknown-only captions, or raise."""
     problems = CaptionProblems()
     kept = []
@@ -49,9 +52,11 @@ def encode_captions(records: list[ImageRecord], vocab: Vocabulary, max_len: int,
                 encoded.append(ids)
                 continue
             if on_bad_caption == "error":
-                raise BadInputError(f"image {record.image_id} ({record.path}): caption {caption!r} is "
-                                    f"{'empty' if kind == 'empty' else 'only unknown words'} "
-                                    "(set data.on_bad_caption=skip to drop such captions)")
+                raise BadInputError(
+                    f"image {record.image_id} ({record.path}): caption {caption!r} is "
+                    f"{'empty' if kind == 'empty' else 'only unknown words'} "
+                    "(set data.on_bad_caption=skip to drop such captions)"
+                )
             getattr(problems, kind).append((record.image_id, caption))
         if encoded:
             kept.append((record, encoded))
@@ -60,20 +65,37 @@ def encode_captions(records: list[ImageRecord], vocab: Vocabulary, max_len: int,
     for kind in ("empty", "unknown_only"):
         items = getattr(problems, kind)
         if items:
-            log.warning("skipped %d %s captions, e.g. image %d: %r", len(items), kind.replace("_", "-"),
-                        items[0][0], items[0][1])
+            log.warning(
+                "skipped %d %s captions, e.g. image %d: %r",
+                len(items),
+                kind.replace("_", "-"),
+                items[0][0],
+                items[0][1],
+            )
     if problems.images_without_captions:
-        log.warning("skipped %d images with no usable caption, e.g. image %d",
-                    len(problems.images_without_captions), problems.images_without_captions[0])
+        log.warning(
+            "skipped %d images with no usable caption, e.g. image %d",
+            len(problems.images_without_captions),
+            problems.images_without_captions[0],
+        )
     return kept, problems
 
 
 class TrainCaptionDataset(Dataset):
     """(image, C captions) per item; which C captions an image gets depends only on (seed, epoch, index)."""
 
-    def __init__(self, items: list[tuple[ImageRecord, list[list[int]]]], vocab: Vocabulary, image_size: int,
-                 resize_size: int | None, captions_per_image: int, max_len: int, max_image_pixels: int, seed: int,
-                 features=None):
+    def __init__(
+        self,
+        items: list[tuple[ImageRecord, list[list[int]]]],
+        vocab: Vocabulary,
+        image_size: int,
+        resize_size: int | None,
+        captions_per_image: int,
+        max_len: int,
+        max_image_pixels: int,
+        seed: int,
+        features=None,
+    ):
         self.items = items
         self.features = features  # a FeatureStore: items carry cached CNN features instead of images
         self.vocab = vocab
@@ -112,8 +134,9 @@ class TrainCaptionDataset(Dataset):
 
 
 class EvalImageDataset(Dataset):
-    def __init__(self, records: list[ImageRecord], image_size: int, resize_size: int | None, max_image_pixels: int,
-                 features=None):
+    def __init__(
+        self, records: list[ImageRecord], image_size: int, resize_size: int | None, max_image_pixels: int, features=None
+    ):
         self.records = records
         self.features = features
         self.transform = build_transform(image_size, resize_size)

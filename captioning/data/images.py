@@ -1,10 +1,11 @@
 """Image loading that turns every odd file into a defined outcome.
 
 Every image is turned the way a viewer shows it (its EXIF orientation tag applied: phones store portrait photos
-sideways with tag 6), then grayscale, palette, RGBA, CMYK, 16-bit: converted to RGB. Huge images: decoded at reduced size
-(JPEG draft mode) and resized. Missing, truncated or unreadable files: a BadImage result naming
+sideways with tag 6), then grayscale, palette, RGBA, CMYK, 16-bit: converted to RGB. Huge images: decoded at reduced
+size (JPEG draft mode) and resized. Missing, truncated or unreadable files: a BadImage result naming
 the file and the reason; the caller skips and counts it, or raises, by `data.on_bad_image`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,13 +32,15 @@ class BadImage:
 
 def build_transform(image_size: int, resize_size: int | None = None) -> T.Compose:
     """Resize the short side, centre-crop a square, scale to [0, 1], ImageNet-normalise."""
-    return T.Compose([
-        T.PILToTensor(),
-        T.Resize(resize_size or image_size, antialias=True),
-        T.CenterCrop(image_size),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return T.Compose(
+        [
+            T.PILToTensor(),
+            T.Resize(resize_size or image_size, antialias=True),
+            T.CenterCrop(image_size),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def load_rgb(path: Path, target_size: int, max_pixels: int) -> Image.Image | BadImage:
@@ -45,8 +48,9 @@ def load_rgb(path: Path, target_size: int, max_pixels: int) -> Image.Image | Bad
     try:
         image = Image.open(path)
         if image.width * image.height > max_pixels and image.format != "JPEG":
-            return BadImage(str(path), f"{image.width}x{image.height} pixels is over "
-                                       f"data.max_image_pixels={max_pixels}")
+            return BadImage(
+                str(path), f"{image.width}x{image.height} pixels is over data.max_image_pixels={max_pixels}"
+            )
         if image.format == "JPEG":
             image.draft("RGB", (target_size * 2, target_size * 2))  # DCT-domain downscale of big JPEGs
         image = ImageOps.exif_transpose(image)  # as a viewer shows it (a no-op without an orientation tag)

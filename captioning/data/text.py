@@ -3,6 +3,7 @@
 Evaluation uses pycocoevalcap's PTB tokenizer (captioning.metrics); training only needs a stable,
 cheap word split that agrees with it on ordinary captions: lower case, punctuation dropped.
 """
+
 from __future__ import annotations
 
 import re

@@ -13,6 +13,7 @@ stream into chunks of `chunk_len` positions: chunk i of every stream is one batc
 continues where stream b of chunk i stopped, so a recurrent state carried from one to the next sees the whole
 stream.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,20 +47,25 @@ def read_text_file(path: str | Path) -> str:
     if not data.strip():
         raise BadInputError(f"data.path: {path} is empty" + (" (only whitespace)" if data else ""))
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise BadInputError(f"data.path: {path} is UTF-16 text, not UTF-8; convert it, e.g. "
-                            f"iconv -f utf-16 -t utf-8 {path.name}")
+        raise BadInputError(
+            f"data.path: {path} is UTF-16 text, not UTF-8; convert it, e.g. iconv -f utf-16 -t utf-8 {path.name}"
+        )
     nul = data.find(b"\x00")
     if nul >= 0:
         raise BadInputError(f"data.path: {path} looks binary, not text (a NUL byte at offset {nul})")
     controls = sum(1 for b in data[:65536] if b in BINARY_CONTROL)
     if controls > max(8, len(data[:65536]) // 1000):
-        raise BadInputError(f"data.path: {path} looks binary, not text ({controls} control bytes in its first "
-                            f"{min(len(data), 65536)} bytes)")
+        raise BadInputError(
+            f"data.path: {path} looks binary, not text ({controls} control bytes in its first "
+            f"{min(len(data), 65536)} bytes)"
+        )
     try:
         text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark is dropped
     except UnicodeDecodeError as e:
-        raise BadInputError(f"data.path: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} "
-                            f"cannot be decoded); convert it, e.g. iconv -f latin1 -t utf-8 {path.name}") from None
+        raise BadInputError(
+            f"data.path: {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} "
+            f"cannot be decoded); convert it, e.g. iconv -f latin1 -t utf-8 {path.name}"
+        ) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -74,9 +80,11 @@ def load_text(cfg_data) -> tuple[str, str]:
         return read_text_file(cfg_data.path), str(Path(str(cfg_data.path)).expanduser())
     e = cfg_data.embedded
     embedded_text = resolve_target(e.get("generator", EMBEDDED_GENERATOR_OF_OLD_CONFIGS), "data.embedded.generator")
-    return (embedded_text(e.num_train, e.num_val, e.num_test, e.seed),
-            f"embedded synthetic captions (num_train={e.num_train}, num_val={e.num_val}, "
-            f"num_test={e.num_test}, seed={e.seed})")
+    return (
+        embedded_text(e.num_train, e.num_val, e.num_test, e.seed),
+        f"embedded synthetic captions (num_train={e.num_train}, num_val={e.num_val}, "
+        f"num_test={e.num_test}, seed={e.seed})",
+    )
 
 
 # -- tokens and vocabulary ---------------------------------------------------------------------------------------
@@ -103,8 +111,9 @@ def build_text_vocab(train_tokens: list[str], word_count_threshold: int = 0) -> 
     """The specials, then the train part's tokens seen more than `word_count_threshold` times, most frequent first
     (ties in code-point order): the same text always gives the same ids."""
     counts = Counter(train_tokens)
-    kept = sorted((t for t, c in counts.items() if c > word_count_threshold and t not in SPECIALS),
-                  key=lambda t: (-counts[t], t))
+    kept = sorted(
+        (t for t, c in counts.items() if c > word_count_threshold and t not in SPECIALS), key=lambda t: (-counts[t], t)
+    )
     return Vocabulary(list(SPECIALS) + kept)
 
 
@@ -119,8 +128,11 @@ def decode_ids(ids, vocab: Vocabulary, level: str) -> str:
     """Token ids -> text; <pad>, <bos>, <eos> are dropped, <unk> is written as itself (word level) or as U+FFFD
     (char level)."""
     unknown = UNKNOWN_CHARACTER if level == "char" else vocab.itos[vocab.unk_id]
-    keep = [unknown if int(i) == vocab.unk_id else vocab.itos[int(i)] for i in ids
-            if int(i) not in (vocab.pad_id, vocab.bos_id, vocab.eos_id)]
+    keep = [
+        unknown if int(i) == vocab.unk_id else vocab.itos[int(i)]
+        for i in ids
+        if int(i) not in (vocab.pad_id, vocab.bos_id, vocab.eos_id)
+    ]
     return detokenize(keep, level)
 
 
@@ -151,10 +163,15 @@ def build_corpus(text: str, cfg_data, source: str = "text") -> Corpus:
     tokens = tokenize(text, level)
     sizes = split_sizes(len(tokens), list(cfg_data.split))
     if min(sizes) < 2:
-        raise BadInputError(f"data.path: {source} is too short for a train / val / test split of {list(cfg_data.split)}"
-                            f" ({len(tokens)} {level} tokens give {sizes}); give a longer text")
-    parts = {"train": tokens[:sizes[0]], "val": tokens[sizes[0]:sizes[0] + sizes[1]],
-             "test": tokens[sizes[0] + sizes[1]:]}
+        raise BadInputError(
+            f"data.path: {source} is too short for a train / val / test split of {list(cfg_data.split)}"
+            f" ({len(tokens)} {level} tokens give {sizes}); give a longer text"
+        )
+    parts = {
+        "train": tokens[: sizes[0]],
+        "val": tokens[sizes[0] : sizes[0] + sizes[1]],
+        "test": tokens[sizes[0] + sizes[1] :],
+    }
     vocab = build_text_vocab(parts["train"], int(cfg_data.word_count_threshold))
     chars = {k: len(detokenize(v, level)) for k, v in parts.items()}
     return Corpus(vocab, level, {k: encode(v, vocab) for k, v in parts.items()}, source, chars)
@@ -183,12 +200,22 @@ class TokenStreams:
     ceil(L / chunk_len) chunks (the last may be shorter), and covers every pair exactly once.
     """
 
-    def __init__(self, ids: torch.Tensor, num_streams: int, chunk_len: int, pad_id: int, bos_id: int,
-                 rank: int = 0, num_ranks: int = 1):
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        num_streams: int,
+        chunk_len: int,
+        pad_id: int,
+        bos_id: int,
+        rank: int = 0,
+        num_ranks: int = 1,
+    ):
         total = num_streams * num_ranks
         if len(ids) < total:
-            raise ValueError(f"data.batch_size={num_streams} streams (x {num_ranks} process(es)) need at least as "
-                             f"many tokens; this split has {len(ids)}")
+            raise ValueError(
+                f"data.batch_size={num_streams} streams (x {num_ranks} process(es)) need at least as "
+                f"many tokens; this split has {len(ids)}"
+            )
         self.num_streams, self.chunk_len = num_streams, chunk_len
         length = math.ceil(len(ids) / total)
         inputs = torch.cat([torch.tensor([bos_id]), ids[:-1]])  # (N,)

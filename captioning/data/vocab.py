@@ -3,6 +3,7 @@
 Ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 <unk>, then words by descending count (ties alphabetical),
 so the same captions always give the same ids.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -24,13 +25,15 @@ class Vocabulary:
     pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
 
     @classmethod
-    def build(cls, tokenized_captions: Iterable[list[str]], word_count_threshold: int = 5) -> "Vocabulary":
+    def build(cls, tokenized_captions: Iterable[list[str]], word_count_threshold: int = 5) -> Vocabulary:
         """Keep words seen more than `word_count_threshold` times (the field's convention: count > 5)."""
         if word_count_threshold < 0:
             raise ValueError(f"data.word_count_threshold must be >= 0 (got {word_count_threshold})")
         counts = Counter(w for tokens in tokenized_captions for w in tokens)
-        kept = sorted((w for w, c in counts.items() if c > word_count_threshold and w not in SPECIALS),
-                      key=lambda w: (-counts[w], w))
+        kept = sorted(
+            (w for w, c in counts.items() if c > word_count_threshold and w not in SPECIALS),
+            key=lambda w: (-counts[w], w),
+        )
         return cls(list(SPECIALS) + kept)
 
     def __len__(self) -> int:
@@ -56,5 +59,5 @@ class Vocabulary:
         return {"itos": list(self.itos)}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "Vocabulary":
+    def from_state_dict(cls, state: dict) -> Vocabulary:
         return cls(state["itos"])

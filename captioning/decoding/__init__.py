@@ -19,7 +19,10 @@ from captioning.decoding.greedy import greedy
 from captioning.decoding.sampling import sample, sampling_distribution
 
 DECODERS: dict[str, Callable[..., list[list[Hypothesis]]]] = {
-    "greedy": greedy, "sample": sample, "beam": beam_search, "diverse_beam": diverse_beam_search,
+    "greedy": greedy,
+    "sample": sample,
+    "beam": beam_search,
+    "diverse_beam": diverse_beam_search,
 }
 
 

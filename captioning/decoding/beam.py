@@ -114,9 +114,7 @@ def grouped_beam_search(
             new_scores = torch.where(finishing, raw.gather(1, top_index) / lp, neg_inf)  # (B, K)
             merged_scores, keep = torch.cat([pool_scores[:, g], new_scores], 1).topk(P, dim=1)  # (B, P)
             pool_scores[:, g] = merged_scores
-            pool_words[:, g] = torch.cat([pool_words[:, g], new_words], 1).gather(
-                1, keep.unsqueeze(-1).expand(B, P, L)
-            )
+            pool_words[:, g] = torch.cat([pool_words[:, g], new_words], 1).gather(1, keep.unsqueeze(-1).expand(B, P, L))
             pool_num_words[:, g] = torch.cat([pool_num_words[:, g], new_num_words], 1).gather(1, keep)
             if last:
                 continue
@@ -171,9 +169,7 @@ def beam_search(
     The ranking score is log-prob sum / ((5 + length) / 6) ** length_penalty (the raw log-prob sum when
     length_penalty = 0). Fewer than n_best are returned only if fewer finite-score captions exist.
     """
-    validate_decode_params(
-        "beam", beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, n_best=n_best
-    )
+    validate_decode_params("beam", beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, n_best=n_best)
     words, num_words, scores = grouped_beam_search(
         model, images, 1, beam_size, 0.0, max_len, length_penalty, pool_size=n_best
     )

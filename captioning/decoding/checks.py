@@ -1,4 +1,5 @@
 """Checks of the `decode` group (conf/decode/NAME.yaml): the chosen decoder and exactly its parameters."""
+
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +18,9 @@ def validate_decode(cfg: DictConfig) -> None:
     try:
         validate_decode_params(d.strategy, **decode_kwargs(d))
     except ValueError as e:
-        raise ConfigError(f"decode: {e} (decode={d.strategy} takes the keys of conf/decode/{d.strategy}.yaml)") from None
+        raise ConfigError(
+            f"decode: {e} (decode={d.strategy} takes the keys of conf/decode/{d.strategy}.yaml)"
+        ) from None
 
 
 def decode_kwargs(d) -> dict:

@@ -97,9 +97,7 @@ def validate_decode_params(strategy: str, **params: object) -> dict[str, Any]:
     if strategy == "diverse_beam":
         _check_int("num_groups", full["num_groups"], 1)
         if full["beam_size"] % full["num_groups"] != 0:
-            raise ValueError(
-                f"num_groups ({full['num_groups']}) must divide beam_size ({full['beam_size']})"
-            )
+            raise ValueError(f"num_groups ({full['num_groups']}) must divide beam_size ({full['beam_size']})")
         if _check_real("diversity_strength", full["diversity_strength"]) < 0:
             raise ValueError(f"diversity_strength must be >= 0, got {full['diversity_strength']!r}")
     return full

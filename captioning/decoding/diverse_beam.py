@@ -56,7 +56,13 @@ def diverse_beam_search(
     )
     group_size = beam_size // num_groups
     words, num_words, scores = grouped_beam_search(
-        model, images, num_groups, group_size, float(diversity_strength), max_len, length_penalty,
+        model,
+        images,
+        num_groups,
+        group_size,
+        float(diversity_strength),
+        max_len,
+        length_penalty,
         pool_size=group_size,
     )
     num_images = images.shape[0]

@@ -7,7 +7,7 @@ space: log mean_i p_i = logsumexp_i(log p_i) - log N. An ensemble of one is the 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -49,10 +49,10 @@ class EnsembleModel:
     def training(self) -> bool:
         return any(getattr(m, "training", False) for m in self.models)
 
-    def train(self, mode: bool = True) -> "EnsembleModel":
+    def train(self, mode: bool = True) -> EnsembleModel:
         for m in self.models:
             m.train(mode)
         return self
 
-    def eval(self) -> "EnsembleModel":
+    def eval(self) -> EnsembleModel:
         return self.train(False)

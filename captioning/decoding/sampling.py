@@ -76,6 +76,4 @@ def sample(
         if bool(finished.all()):  # the one host sync per step
             break
     assert scores is not None  # max_len >= 1 (validated): at least one step ran
-    return to_hypotheses(
-        words.view(num_images, n, max_len), num_words.view(num_images, n), scores.view(num_images, n)
-    )
+    return to_hypotheses(words.view(num_images, n, max_len), num_words.view(num_images, n), scores.view(num_images, n))

@@ -1,5 +1,6 @@
 """Decode a split into captions and score them: shared by validation, the final test evaluation
 of a training run, and `captioning-eval`, so that all three report the same figures."""
+
 from __future__ import annotations
 
 import json
@@ -15,31 +16,46 @@ from captioning.data.coco import ImageRecord
 from captioning.data.dataset import BadImageTracker
 from captioning.data.text import training_tokens
 from captioning.data.vocab import Vocabulary
-from captioning.runtime.distributed import DistInfo, gather_objects
+from captioning.runtime.distributed import SINGLE_PROCESS, DistInfo, gather_objects
 
 log = logging.getLogger(__name__)
 PROGRESS_MIN_IMAGES = 1000  # splits at least this long log their decoding progress (COCO's 5,000 val images)
 
 
 @torch.no_grad()
-def decode_records(model, records: list[ImageRecord], vocab: Vocabulary, cfg_data, strategy: str, decode_kwargs: dict,
-                   device: torch.device, info: DistInfo = DistInfo(), batch_size: int | None = None,
-                   autocast_dtype: torch.dtype | None = None) -> dict[int, list[tuple[str, float]]]:
+def decode_records(
+    model,
+    records: list[ImageRecord],
+    vocab: Vocabulary,
+    cfg_data,
+    strategy: str,
+    decode_kwargs: dict,
+    device: torch.device,
+    info: DistInfo = SINGLE_PROCESS,
+    batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[int, list[tuple[str, float]]]:
     """image_id -> [(caption, score), ...] best first. Under DDP each rank decodes a disjoint shard and
     every rank receives all captions: each image is decoded exactly once."""
     from captioning.decoding import decode
 
     was_training = model.training
     model.eval()
-    shard = records[info.rank::info.world_size]
-    loader = make_loader(eval_dataset(shard, cfg_data), batch_size or cfg_data.eval_batch_size,
-                         num_workers=min(cfg_data.num_workers, 4), pin_memory=device.type == "cuda")
+    shard = records[info.rank :: info.world_size]
+    loader = make_loader(
+        eval_dataset(shard, cfg_data),
+        batch_size or cfg_data.eval_batch_size,
+        num_workers=min(cfg_data.num_workers, 4),
+        pin_memory=device.type == "cuda",
+    )
     tracker = BadImageTracker(cfg_data.on_bad_image)
     captions: dict[int, list[tuple[str, float]]] = {}
     started, report_every = time.perf_counter(), max(1, len(loader) // 10)  # long splits: ten progress lines
     for number, batch in enumerate(loader, start=1):
         if len(shard) >= PROGRESS_MIN_IMAGES and info.is_main and number % report_every == 0:
-            log.info("decoding (%s): %d/%d batches, %.0f s", strategy, number, len(loader), time.perf_counter() - started)
+            log.info(
+                "decoding (%s): %d/%d batches, %.0f s", strategy, number, len(loader), time.perf_counter() - started
+            )
         tracker(batch)
         if batch["size"] == 0:
             continue
@@ -73,8 +89,9 @@ def most_common_caption(train_records: list[ImageRecord]) -> str:
     return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 
 
-def score_with_baseline(references: dict[int, list[str]], predictions: dict[int, str], train_records: list[ImageRecord],
-                        spice: bool = False) -> tuple[dict[str, float], dict[str, float], str]:
+def score_with_baseline(
+    references: dict[int, list[str]], predictions: dict[int, str], train_records: list[ImageRecord], spice: bool = False
+) -> tuple[dict[str, float], dict[str, float], str]:
     """The predictions' metrics, the metrics of the trivial reference that gives every image the most common
     training caption, and that caption."""
     caption = most_common_caption(train_records)

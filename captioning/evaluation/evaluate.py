@@ -1,5 +1,6 @@
 """One evaluation of a model on one split: captions, COCO metrics, the most-common-caption reference, the
 exposure probes and (for n-best decoders) diversity, as an `Evaluation` that reports.py writes out."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,17 +11,18 @@ import torch
 from captioning.data import build as data_build
 from captioning.data.coco import ImageRecord
 from captioning.evaluation.captions import decode_records, references_of, score_with_baseline
-from captioning.scenes.generator import load_scene_truth
-from captioning.scenes.oracle_exposure import OracleExposureReport, oracle_exposure
 from captioning.metrics.reference_likelihood import ReferenceLikelihoodReport, reference_likelihood_probe
 from captioning.models.loading import load_model
-from captioning.runtime.distributed import DistInfo
+from captioning.runtime.distributed import SINGLE_PROCESS, DistInfo
+from captioning.scenes.generator import load_scene_truth
+from captioning.scenes.oracle_exposure import OracleExposureReport, oracle_exposure
 
 
 @dataclass
 class ExposureProbes:
     """The decoder-independent probes of one model on one split: the reference likelihood after the model's own
     prefix (any data) and, on synthetic data, exposure bias against the scene oracle (None elsewhere)."""
+
     reference_likelihood: ReferenceLikelihoodReport
     oracle: OracleExposureReport | None = None
 
@@ -35,8 +37,16 @@ class ExposureProbes:
         return result
 
 
-def run_exposure_probes(model, vocab, loader, max_len: int, device: torch.device, scenes: dict | None = None,
-                        records: list[ImageRecord] | None = None, prefix_swap: bool = True) -> ExposureProbes:
+def run_exposure_probes(
+    model,
+    vocab,
+    loader,
+    max_len: int,
+    device: torch.device,
+    scenes: dict | None = None,
+    records: list[ImageRecord] | None = None,
+    prefix_swap: bool = True,
+) -> ExposureProbes:
     """Both probes over the batches of `loader` (data.build.reference_loader: images, image ids and every
     reference); the oracle one when `scenes` (and the split's `records`, whose raw references it judges) are given.
     With scenes the batches are read once and kept (synthetic splits are small). `prefix_swap=False` leaves out
@@ -48,14 +58,23 @@ def run_exposure_probes(model, vocab, loader, max_len: int, device: torch.device
     batches = [batch for batch in loader if batch["size"]]
     likelihood = reference_likelihood_probe(model, batches, device, max_len)
     references = {r.image_id: r.captions for r in records}
-    oracle = oracle_exposure(model, vocab, ((b["images"], b["image_ids"].tolist()) for b in batches),
-                    scenes, references, max_len, prefix_lengths=None if prefix_swap else [], device=device)
+    oracle = oracle_exposure(
+        model,
+        vocab,
+        ((b["images"], b["image_ids"].tolist()) for b in batches),
+        scenes,
+        references,
+        max_len,
+        prefix_lengths=None if prefix_swap else [],
+        device=device,
+    )
     return ExposureProbes(likelihood, oracle)
 
 
 @dataclass
 class Evaluation:
     """What one decoder gave on one split. `metrics`/`baseline` are empty when scoring is deferred."""
+
     split: str
     strategy: str
     decode_params: dict
@@ -105,11 +124,21 @@ def load_ensemble(checkpoint_path, others, device: torch.device):
     return EnsembleModel(members), vocab, cfg, state
 
 
-
-
-def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: str, decode_cfg, cfg_data,
-                   device: torch.device, *, info: DistInfo = DistInfo(), score_now: bool = True, spice: bool = False,
-                   batch_size: int | None = None, exposure: ExposureProbes | None = None) -> Evaluation | None:
+def evaluate_model(
+    model,
+    vocab,
+    records: dict[str, list[ImageRecord]],
+    split: str,
+    decode_cfg,
+    cfg_data,
+    device: torch.device,
+    *,
+    info: DistInfo = SINGLE_PROCESS,
+    score_now: bool = True,
+    spice: bool = False,
+    batch_size: int | None = None,
+    exposure: ExposureProbes | None = None,
+) -> Evaluation | None:
     """Decode `records[split]` with the `decode` config and score it (`score_now`), next to the most common
     training caption (`records["train"]`). Under DDP every rank decodes its shard; rank 0 alone scores and gets
     the Evaluation (the others None). `exposure`: the probes already run on this model and split (they do not
@@ -120,8 +149,9 @@ def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: s
         raise ValueError(f"split must be one of {sorted(records)} (got {split!r})")
     split_records = records[split]
     params = decode_kwargs(decode_cfg)
-    captions = decode_records(model, split_records, vocab, cfg_data, decode_cfg.strategy, params, device, info,
-                              batch_size=batch_size)
+    captions = decode_records(
+        model, split_records, vocab, cfg_data, decode_cfg.strategy, params, device, info, batch_size=batch_size
+    )
     if not info.is_main:
         return None
     scenes = load_scene_truth(cfg_data)  # synthetic data: the exact truth (None elsewhere)
@@ -134,8 +164,9 @@ def evaluate_model(model, vocab, records: dict[str, list[ImageRecord]], split: s
     return evaluation
 
 
-def score_evaluation(evaluation: Evaluation, train_records: list[ImageRecord], spice: bool = False,
-                     scenes: dict | None = None) -> None:
+def score_evaluation(
+    evaluation: Evaluation, train_records: list[ImageRecord], spice: bool = False, scenes: dict | None = None
+) -> None:
     """COCO metrics of the top captions, the most-common-caption reference and, for n-best decoders, diversity;
     with `scenes` (synthetic data), the scene truth of both (`scene/correct` ...)."""
     from captioning.metrics import diversity_report
@@ -162,11 +193,21 @@ def scene_truth(predictions: dict[int, str], scenes: dict) -> dict[str, float]:
     return {k: v for k, v in scene_metrics(predictions, scenes).items() if not math.isnan(v)}
 
 
-def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, *, device: torch.device,
-                        info: DistInfo = DistInfo(), records: dict[str, list[ImageRecord]] | None = None,
-                        data_root: str | None = None, ensemble: list | None = None, score_now: bool = True,
-                        spice: bool = False, batch_size: int | None = None,
-                        exposure: ExposureProbes | None = None) -> Evaluation | None:
+def evaluate_checkpoint(
+    checkpoint_path,
+    split: str,
+    decode_cfg,
+    *,
+    device: torch.device,
+    info: DistInfo = SINGLE_PROCESS,
+    records: dict[str, list[ImageRecord]] | None = None,
+    data_root: str | None = None,
+    ensemble: list | None = None,
+    score_now: bool = True,
+    spice: bool = False,
+    batch_size: int | None = None,
+    exposure: ExposureProbes | None = None,
+) -> Evaluation | None:
     """`evaluate_model` on a checkpoint (and, with `ensemble`, more checkpoints averaged with it), on the data it
     was trained on (or `data_root`); `records` already read can be passed in."""
     from omegaconf import OmegaConf
@@ -175,8 +216,20 @@ def evaluate_checkpoint(checkpoint_path, split: str, decode_cfg, *, device: torc
     cfg_data = OmegaConf.merge(train_cfg.data, {"root": data_root}) if data_root else train_cfg.data
     if records is None:
         records = data_build.load_records(cfg_data)
-    evaluation = evaluate_model(model, vocab, records, split, decode_cfg, cfg_data, device, info=info,
-                                score_now=score_now, spice=spice, batch_size=batch_size, exposure=exposure)
+    evaluation = evaluate_model(
+        model,
+        vocab,
+        records,
+        split,
+        decode_cfg,
+        cfg_data,
+        device,
+        info=info,
+        score_now=score_now,
+        spice=spice,
+        batch_size=batch_size,
+        exposure=exposure,
+    )
     if evaluation is not None:
         evaluation.checkpoint, evaluation.checkpoint_step = str(checkpoint_path), state["step"]
     return evaluation

@@ -1,5 +1,6 @@
 """An Evaluation written out: the COCO results file, the metrics JSON, the exposure probes' reports and plots,
 the printed table, and the logger's metrics and sample table."""
+
 from __future__ import annotations
 
 import json
@@ -39,16 +40,28 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     split = evaluation.split
     write_results(results_path(out_dir, evaluation), evaluation.captions)
-    for name, report in (("reference_likelihood", evaluation.exposure.reference_likelihood),
-                         ("exposure_oracle", evaluation.exposure.oracle)):
+    for name, report in (
+        ("reference_likelihood", evaluation.exposure.reference_likelihood),
+        ("exposure_oracle", evaluation.exposure.oracle),
+    ):
         if report is not None:
             (out_dir / f"{split}_{name}.json").write_text(json.dumps(report.to_json(), indent=2))
             report.plot(out_dir / f"{split}_{name}.png")
     if evaluation.scored:
-        (out_dir / f"{split}_metrics.json").write_text(json.dumps(
-            {**evaluation.keyed(), "checkpoint": evaluation.checkpoint, "checkpoint_step": evaluation.checkpoint_step,
-             "decode": evaluation.strategy, "decode_params": evaluation.decode_params,
-             "most_common_caption": evaluation.baseline_caption, "images": len(evaluation.captions)}, indent=2))
+        (out_dir / f"{split}_metrics.json").write_text(
+            json.dumps(
+                {
+                    **evaluation.keyed(),
+                    "checkpoint": evaluation.checkpoint,
+                    "checkpoint_step": evaluation.checkpoint_step,
+                    "decode": evaluation.strategy,
+                    "decode_params": evaluation.decode_params,
+                    "most_common_caption": evaluation.baseline_caption,
+                    "images": len(evaluation.captions),
+                },
+                indent=2,
+            )
+        )
 
 
 def print_evaluation(evaluation: Evaluation, out_dir: str | Path) -> None:
@@ -56,30 +69,39 @@ def print_evaluation(evaluation: Evaluation, out_dir: str | Path) -> None:
     if not evaluation.scored:
         print(f"{split}: wrote {results_path(Path(out_dir), evaluation)} (scoring deferred)")
         return
-    print(f"\n{split} split, {len(evaluation.captions)} images, decode={evaluation.strategy} "
-          f"{json.dumps(evaluation.decode_params)}, checkpoint step {evaluation.checkpoint_step}")
+    print(
+        f"\n{split} split, {len(evaluation.captions)} images, decode={evaluation.strategy} "
+        f"{json.dumps(evaluation.decode_params)}, checkpoint step {evaluation.checkpoint_step}"
+    )
     print(format_table({"model": evaluation.metrics, "most common caption": evaluation.baseline}))
     summary = evaluation.exposure.summary()
-    print(f"reference likelihood: NLL per reference token {summary['reference_likelihood/nll_tf']:.3f} after the "
-          f"reference's prefix vs {summary['reference_likelihood/nll_free']:.3f} after the model's own greedy prefix; "
-          f"accuracy {summary['reference_likelihood/acc_tf']:.3f} vs {summary['reference_likelihood/acc_free']:.3f}")
+    print(
+        f"reference likelihood: NLL per reference token {summary['reference_likelihood/nll_tf']:.3f} after the "
+        f"reference's prefix vs {summary['reference_likelihood/nll_free']:.3f} after the model's own greedy prefix; "
+        f"accuracy {summary['reference_likelihood/acc_tf']:.3f} vs {summary['reference_likelihood/acc_free']:.3f}"
+    )
     if "exposure_oracle/excess_error" in summary:
-        print(f"exposure bias against the scene oracle: next-word error {summary['exposure_oracle/error_tf']:.3f} "
-              f"after a reference's prefix vs {summary['exposure_oracle/error_free']:.3f} after the model's own true "
-              f"prefix (excess {summary['exposure_oracle/excess_error']:+.3f}, ExAccErr "
-              f"{summary.get('exposure_oracle/exaccerr', float('nan')):+.3f}); prefix swap: "
-              f"{summary.get('exposure_oracle/swap_ref_correct', float('nan')):.3f} true from a reference's prefix vs "
-              f"{summary.get('exposure_oracle/swap_own_correct', float('nan')):.3f} from its own")
+        print(
+            f"exposure bias against the scene oracle: next-word error {summary['exposure_oracle/error_tf']:.3f} "
+            f"after a reference's prefix vs {summary['exposure_oracle/error_free']:.3f} after the model's own true "
+            f"prefix (excess {summary['exposure_oracle/excess_error']:+.3f}, ExAccErr "
+            f"{summary.get('exposure_oracle/exaccerr', float('nan')):+.3f}); prefix swap: "
+            f"{summary.get('exposure_oracle/swap_ref_correct', float('nan')):.3f} true from a reference's prefix vs "
+            f"{summary.get('exposure_oracle/swap_own_correct', float('nan')):.3f} from its own"
+        )
     print(f'(most common training caption: "{evaluation.baseline_caption}")\n')
     if "scene/correct" in evaluation.metrics:
-        print(f"scene truth: {evaluation.metrics['scene/correct']:.3f} of the captions are fully true of their image "
-              f"({evaluation.baseline.get('scene/correct', float('nan')):.3f} for the most common caption)\n")
+        print(
+            f"scene truth: {evaluation.metrics['scene/correct']:.3f} of the captions are fully true of their image "
+            f"({evaluation.baseline.get('scene/correct', float('nan')):.3f} for the most common caption)\n"
+        )
 
 
 def sample_rows(records, captions: dict[int, list[tuple[str, float]]], count: int) -> list[list[str]]:
     """[image path, generated caption, references joined] for the first `count` decoded images."""
-    return [[r.path, captions[r.image_id][0][0], " | ".join(r.captions)] for r in records[:count]
-            if r.image_id in captions]
+    return [
+        [r.path, captions[r.image_id][0][0], " | ".join(r.captions)] for r in records[:count] if r.image_id in captions
+    ]
 
 
 def log_evaluation(evaluation: Evaluation, logger, step: int | None = None, sample_images: int = 16) -> None:
@@ -87,8 +109,12 @@ def log_evaluation(evaluation: Evaluation, logger, step: int | None = None, samp
     step = evaluation.checkpoint_step if step is None else step
     logger.log_metrics(evaluation.keyed(), step)
     if evaluation.scored:
-        logger.log_table(f"{evaluation.split}/samples", ["image", "generated", "references"],
-                         sample_rows(evaluation.records, evaluation.captions, sample_images), step)
+        logger.log_table(
+            f"{evaluation.split}/samples",
+            ["image", "generated", "references"],
+            sample_rows(evaluation.records, evaluation.captions, sample_images),
+            step,
+        )
 
 
 def report_evaluation(evaluation: Evaluation, out_dir: str | Path, logger=None, step: int | None = None) -> None:

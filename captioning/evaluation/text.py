@@ -1,6 +1,7 @@
 """A language model's text: its loss on a text read as parallel streams (`evaluate_text`), and text generated from
 a prompt through the caption decoders (`generate_text`). Imported by the language-model task's final test and by
 `captioning-sample`."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,9 @@ from captioning.models.language_model import LanguageModel
 
 
 @torch.no_grad()
-def evaluate_text(model: LanguageModel, ids: torch.Tensor, level: str, num_streams: int, chunk_len: int,
-                  device: torch.device) -> dict[str, float]:
+def evaluate_text(
+    model: LanguageModel, ids: torch.Tensor, level: str, num_streams: int, chunk_len: int, device: torch.device
+) -> dict[str, float]:
     """The model's loss on `ids` read as `num_streams` streams with the state carried over chunks: `loss` (nats per
     token), `bits_per_token`, and `bpc` (char level: bits per character) or `perplexity` (word level)."""
     was_training = model.training
@@ -25,8 +27,12 @@ def evaluate_text(model: LanguageModel, ids: torch.Tensor, level: str, num_strea
     total = torch.zeros((), dtype=torch.float64, device=device)
     for chunk in streams.chunks():
         logits, state = model.forward_chunk(chunk["inputs"].to(device), state)  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), chunk["targets"].to(device).flatten(),
-                                 ignore_index=model.pad_id, reduction="sum").double()
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            chunk["targets"].to(device).flatten(),
+            ignore_index=model.pad_id,
+            reduction="sum",
+        ).double()
     model.train(was_training)
     loss = float(total) / len(ids)
     figures = {"loss": loss, "bits_per_token": loss / math.log(2)}
@@ -34,9 +40,18 @@ def evaluate_text(model: LanguageModel, ids: torch.Tensor, level: str, num_strea
     return figures
 
 
-def generate_text(model, vocab, level: str, prompt: str, length: int, strategy: str = "sample",
-                  device: torch.device | str = "cpu", num_samples: int = 1, seed: int = 0,
-                  **params) -> tuple[list[str], list[str]]:
+def generate_text(
+    model,
+    vocab,
+    level: str,
+    prompt: str,
+    length: int,
+    strategy: str = "sample",
+    device: torch.device | str = "cpu",
+    num_samples: int = 1,
+    seed: int = 0,
+    **params,
+) -> tuple[list[str], list[str]]:
     """(texts: the prompt and `length` tokens after it, one per sample best first; the prompt's tokens that are
     not in the vocabulary, read as <unk>). Through the caption decoders: `strategy` greedy | sample (`temperature`,
     `top_k`, `top_p`; `seed`) | beam (`beam_size`, ...; `num_samples` best beams)."""
@@ -54,6 +69,10 @@ def generate_text(model, vocab, level: str, prompt: str, length: int, strategy: 
     elif num_samples != 1:
         raise ValueError(f"num_samples: {strategy} decoding gives one text (got num_samples={num_samples})")
     hypotheses = decode(model, context, strategy, max_len=length, **params)[0]
-    texts = [detokenize(prompt_tokens + [decode_ids(ids, vocab, level)], level) if level == "word" and ids
-             else prompt + decode_ids(ids, vocab, level) for ids, _ in hypotheses]
+    texts = [
+        detokenize(prompt_tokens + [decode_ids(ids, vocab, level)], level)
+        if level == "word" and ids
+        else prompt + decode_ids(ids, vocab, level)
+        for ids, _ in hypotheses
+    ]
     return texts, unknown

@@ -1,5 +1,6 @@
 """Validation during captioning training: greedy-decode the val split, score it (or write it for deferred scoring),
 the scene truth on synthetic data, the exposure probes; a few samples as a table."""
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,17 @@ class CaptionValidator:
     """`validator(model, step, logger)` -> the `val/` metrics, the same on every rank (rank 0's). The val
     references for the exposure probes are read once, at the first validation."""
 
-    def __init__(self, cfg: DictConfig, val_records: list, vocab: Vocabulary, scenes: dict | None, run_dir: Path,
-                 device: torch.device, info: dist_utils.DistInfo, amp_dtype: torch.dtype | None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        val_records: list,
+        vocab: Vocabulary,
+        scenes: dict | None,
+        run_dir: Path,
+        device: torch.device,
+        info: dist_utils.DistInfo,
+        amp_dtype: torch.dtype | None,
+    ):
         self.cfg, self.vocab, self.scenes, self.run_dir = cfg, vocab, scenes, run_dir
         self.device, self.info, self.amp_dtype = device, info, amp_dtype
         self.records = val_records[: cfg.trainer.val_max_images or None]
@@ -41,8 +51,17 @@ class CaptionValidator:
         scoring), run the exposure probes (without the oracle's prefix swap, which the final test runs)."""
         cfg, info, records = self.cfg, self.info, self.records
         dist_utils.broadcast_buffers(model, info)  # BatchNorm running stats: every rank decodes with rank 0's
-        captions = decode_records(model, records, self.vocab, cfg.data, "greedy", {"max_len": cfg.data.max_len},
-                                  self.device, info, autocast_dtype=self.amp_dtype)
+        captions = decode_records(
+            model,
+            records,
+            self.vocab,
+            cfg.data,
+            "greedy",
+            {"max_len": cfg.data.max_len},
+            self.device,
+            info,
+            autocast_dtype=self.amp_dtype,
+        )
         metrics = {}
         if info.is_main:
             predictions = {i: hyps[0][0] for i, hyps in captions.items()}
@@ -55,11 +74,23 @@ class CaptionValidator:
             if self.reference_loader is None:
                 self.reference_loader = data_build.reference_loader(records, self.vocab, cfg.data)
             with autocast(self.device, self.amp_dtype):
-                exposure = run_exposure_probes(model, self.vocab, self.reference_loader, cfg.data.max_len,
-                                               self.device, self.scenes, records, prefix_swap=False)
+                exposure = run_exposure_probes(
+                    model,
+                    self.vocab,
+                    self.reference_loader,
+                    cfg.data.max_len,
+                    self.device,
+                    self.scenes,
+                    records,
+                    prefix_swap=False,
+                )
             metrics.update({f"val/{k}": v for k, v in exposure.summary().items()})
-            logger.log_table("val/samples", ["image", "generated", "references"],  # W&B sends a few of them
-                             sample_rows(records, captions, 16), step)
+            logger.log_table(
+                "val/samples",
+                ["image", "generated", "references"],  # W&B sends a few of them
+                sample_rows(records, captions, 16),
+                step,
+            )
         return dist_utils.gather_objects(metrics, info)[0]
 
 

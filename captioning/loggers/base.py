@@ -1,4 +1,5 @@
 """A small logger protocol: every backend receives the same calls; metric keys are `split/name`."""
+
 from __future__ import annotations
 
 from typing import Any, Protocol

@@ -1,4 +1,5 @@
 """JSON-lines metrics file, always written in the run folder: one record per call, with `step`."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,17 @@ class JsonlLogger:
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         path = self.path.parent / f"{name.replace('/', '_')}.json"
-        path.write_text(json.dumps({"step": step, "columns": columns,
-                                    "rows": [[str(c) if isinstance(c, Path) else c for c in r] for r in rows]},
-                                   indent=1, default=str))
+        path.write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "columns": columns,
+                    "rows": [[str(c) if isinstance(c, Path) else c for c in r] for r in rows],
+                },
+                indent=1,
+                default=str,
+            )
+        )
 
     def finish(self) -> None:
         if not self._file.closed:

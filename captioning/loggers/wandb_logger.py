@@ -16,6 +16,7 @@
 - Sample tables: at most `num_table_images` rows with images, each image a thumbnail of at most
   `thumbnail_size` pixels a side.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -24,8 +25,9 @@ import logging
 import netrc
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -108,9 +110,13 @@ def resolve_mode(mode: str | None) -> str:
     if _has_credentials(url):
         return "online"
     host = urlsplit(url if "://" in url else f"https://{url}").netloc
-    log.warning("W&B: no API key for %s (WANDB_API_KEY, or a netrc entry for %s: `wandb login --host %s`) "
-                "and no WANDB_MODE: logging offline. Sync later with `wandb sync <run folder>/wandb/offline-run-*`.",
-                url, host, url)
+    log.warning(
+        "W&B: no API key for %s (WANDB_API_KEY, or a netrc entry for %s: `wandb login --host %s`) "
+        "and no WANDB_MODE: logging offline. Sync later with `wandb sync <run folder>/wandb/offline-run-*`.",
+        url,
+        host,
+        url,
+    )
     return "offline"
 
 
@@ -147,9 +153,10 @@ def _run_settings(wandb: Any, init_timeout: float | None, finish_timeout: float 
     """wandb.Settings with our timeouts (where the environment does not set them), keeping only the
     fields this wandb version has."""
     wanted: dict[str, float] = {}
-    for field, value, env, default in (("init_timeout", init_timeout, "WANDB_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT),
-                                       ("finish_timeout", finish_timeout, "WANDB_FINISH_TIMEOUT",
-                                        DEFAULT_FINISH_TIMEOUT)):
+    for field, value, env, default in (
+        ("init_timeout", init_timeout, "WANDB_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT),
+        ("finish_timeout", finish_timeout, "WANDB_FINISH_TIMEOUT", DEFAULT_FINISH_TIMEOUT),
+    ):
         if value is not None:
             wanted[field] = float(value)
         elif env not in os.environ:
@@ -167,11 +174,23 @@ def _run_settings(wandb: Any, init_timeout: float | None, finish_timeout: float 
 
 
 class WandbLogger:
-    def __init__(self, run_dir: str | Path, project: str, entity: str | None = None, group: str | None = None,
-                 name: str | None = None, tags: list[str] | None = None, mode: str | None = None,
-                 job_type: str = "train", config: dict | None = None, *,
-                 num_table_images: int = DEFAULT_NUM_TABLE_IMAGES, thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
-                 init_timeout: float | None = None, finish_timeout: float | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        project: str,
+        entity: str | None = None,
+        group: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        mode: str | None = None,
+        job_type: str = "train",
+        config: dict | None = None,
+        *,
+        num_table_images: int = DEFAULT_NUM_TABLE_IMAGES,
+        thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
+        init_timeout: float | None = None,
+        finish_timeout: float | None = None,
+    ):
         import wandb
 
         self.wandb = wandb
@@ -186,12 +205,34 @@ class WandbLogger:
         # Saved before wandb.init: a run killed during it (or falling back to offline) keeps its id.
         (self.run_dir / RUN_ID_FILE).write_text(run_id, encoding="utf-8")
         tags = list(tags) if tags is not None else None  # None: a resumed run keeps its tags
-        (self.run_dir / RUN_INFO_FILE).write_text(json.dumps(
-            {"id": run_id, "project": project, "entity": entity, "group": group, "name": name, "tags": tags,
-             "job_type": job_type}, indent=1), encoding="utf-8")
-        self._init_kwargs = dict(project=project, entity=entity, group=group, name=name, tags=tags,
-                                 dir=str(self.run_dir), id=run_id, resume="allow", job_type=job_type, config=config,
-                                 settings=_run_settings(wandb, init_timeout, finish_timeout))
+        (self.run_dir / RUN_INFO_FILE).write_text(
+            json.dumps(
+                {
+                    "id": run_id,
+                    "project": project,
+                    "entity": entity,
+                    "group": group,
+                    "name": name,
+                    "tags": tags,
+                    "job_type": job_type,
+                },
+                indent=1,
+            ),
+            encoding="utf-8",
+        )
+        self._init_kwargs = dict(
+            project=project,
+            entity=entity,
+            group=group,
+            name=name,
+            tags=tags,
+            dir=str(self.run_dir),
+            id=run_id,
+            resume="allow",
+            job_type=job_type,
+            config=config,
+            settings=_run_settings(wandb, init_timeout, finish_timeout),
+        )
         self.run: Any = None
         try:
             self.run = self._start(self.mode)
@@ -208,8 +249,10 @@ class WandbLogger:
         return run
 
     def _offline_hint(self) -> str:
-        return (f"it logs offline into {self.run_dir / 'wandb'}/offline-run-*-{self.run_id}; upload it later with "
-                f"`wandb sync {self.run_dir / 'wandb'}/offline-run-*-{self.run_id}`")
+        return (
+            f"it logs offline into {self.run_dir / 'wandb'}/offline-run-*-{self.run_id}; upload it later with "
+            f"`wandb sync {self.run_dir / 'wandb'}/offline-run-*-{self.run_id}`"
+        )
 
     def _fall_back(self, err: BaseException, during: str) -> None:
         """W&B failed (server unreachable, client gone): carry on offline under the same run id, or, if even
@@ -236,8 +279,10 @@ class WandbLogger:
             except Exception as offline_err:  # noqa: BLE001
                 reason += f"; offline too: {' '.join(str(offline_err).split())[:200]}"
         self.mode = "disabled"
-        self._warn(f"W&B: {during} failed ({reason}); the training run goes on without W&B "
-                   f"(metrics.jsonl has every record).", force=True)
+        self._warn(
+            f"W&B: {during} failed ({reason}); the training run goes on without W&B (metrics.jsonl has every record).",
+            force=True,
+        )
 
     def _warn(self, message: str, force: bool = False) -> None:
         if force or not self._warned:
@@ -259,8 +304,11 @@ class WandbLogger:
             except Exception as err:  # noqa: BLE001
                 self.run = None
                 self.mode = "disabled"
-                self._warn(f"W&B: {during} failed again offline ({' '.join(str(err).split())[:300]}); "
-                           "the training run goes on without W&B.", force=True)
+                self._warn(
+                    f"W&B: {during} failed again offline ({' '.join(str(err).split())[:300]}); "
+                    "the training run goes on without W&B.",
+                    force=True,
+                )
 
     # -- the Logger protocol
 
@@ -292,8 +340,10 @@ class WandbLogger:
             if not rows:
                 return
         data = [[self._thumbnail(c) if isinstance(c, Path) else c for c in row] for row in rows]
-        self._safely(f"logging table {name}",
-                     lambda run: run.log({name: self.wandb.Table(columns=columns, data=data), STEP_METRIC: int(step)}))
+        self._safely(
+            f"logging table {name}",
+            lambda run: run.log({name: self.wandb.Table(columns=columns, data=data), STEP_METRIC: int(step)}),
+        )
 
     def finish(self) -> None:
         run, self.run = self.run, None
@@ -302,5 +352,7 @@ class WandbLogger:
         try:
             run.finish()
         except Exception as err:  # noqa: BLE001 - e.g. the upload gave up: the data is on disk
-            self._warn(f"W&B: finishing the run failed ({' '.join(str(err).split())[:300]}); its data stays in "
-                       f"{self.run_dir / 'wandb'}: upload it with `wandb sync {self.run_dir / 'wandb'}/*-{self.run_id}`.")
+            self._warn(
+                f"W&B: finishing the run failed ({' '.join(str(err).split())[:300]}); its data stays in "
+                f"{self.run_dir / 'wandb'}: upload it with `wandb sync {self.run_dir / 'wandb'}/*-{self.run_id}`."
+            )

@@ -7,9 +7,9 @@ from captioning.metrics.coco import (
     close_meteor,
     load_references,
     load_results,
-    score_captions,
     ptb_tokenize,
     ptb_tokenize_lines,
+    score_captions,
 )
 from captioning.metrics.diversity import (
     distinct_n,

@@ -31,6 +31,7 @@ Everything after construction is tensor work without host synchronisation: n-gra
 sum_k (id_k + 1) * (V + 1)^(n-1-k), looked up by `searchsorted` in the corpus's sorted keys (idf) and in each
 reference's sorted keys (counts); figures are float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,7 @@ def ngram_keys(tokens: torch.Tensor, lengths: torch.Tensor, n: int, base: int, m
     digits = tokens.long() + 1  # (..., L): 1..V
     keys = torch.zeros((*tokens.shape[:-1], steps), dtype=torch.long, device=tokens.device)  # (..., P)
     for k in range(n):
-        keys = keys * base + digits[..., k:k + steps]
+        keys = keys * base + digits[..., k : k + steps]
     inside = torch.arange(steps, device=tokens.device) + n <= lengths[..., None]  # (..., P)
     return keys.masked_fill(~inside, missing)
 
@@ -83,12 +84,19 @@ class CiderD:
     their per-order tf-idf norms, and the corpus's sorted n-gram keys with their idf: nothing that changes.
     """
 
-    def __init__(self, references: Sequence[Sequence[Sequence[int]]], vocab_size: int, eos_id: int, pad_id: int,
-                 append_eos: bool = True, sigma: float = SIGMA):
+    def __init__(
+        self,
+        references: Sequence[Sequence[Sequence[int]]],
+        vocab_size: int,
+        eos_id: int,
+        pad_id: int,
+        append_eos: bool = True,
+        sigma: float = SIGMA,
+    ):
         if not references or any(len(refs) == 0 for refs in references):
             raise ValueError("CIDEr-D needs at least one reference set, and every set at least one reference")
         self.base = vocab_size + 1
-        if self.base ** MAX_ORDER >= 2 ** 63:
+        if self.base**MAX_ORDER >= 2**63:
             raise ValueError(f"a vocabulary of {vocab_size} words is too large for int64 4-gram keys")
         self.eos_id, self.pad_id, self.append_eos, self.sigma = eos_id, pad_id, append_eos, sigma
         suffix = [eos_id] if append_eos else []
@@ -128,8 +136,11 @@ class CiderD:
         for start in range(0, len(self.set_sizes), _CHUNK):
             rows = torch.arange(start, min(start + _CHUNK, len(self.set_sizes)))
             _, _, tokens, lengths = self.references_of(rows)  # (b, R, Lr), (b, R)
-            keys = torch.cat([ngram_keys(tokens, lengths, n, self.base).flatten(1)
-                              for n in range(1, MAX_ORDER + 1)], 1).sort(1).values  # (b, R * P)
+            keys = (
+                torch.cat([ngram_keys(tokens, lengths, n, self.base).flatten(1) for n in range(1, MAX_ORDER + 1)], 1)
+                .sort(1)
+                .values
+            )  # (b, R * P)
             distinct = keys >= 0
             distinct[:, 1:] &= keys[:, 1:] != keys[:, :-1]  # once per set
             unique, counts = keys[distinct].unique(return_counts=True)
@@ -161,7 +172,7 @@ class CiderD:
             norms.append(torch.stack(per_order, -1))
         return torch.cat(norms)
 
-    def to(self, device: torch.device | str) -> "CiderD":
+    def to(self, device: torch.device | str) -> CiderD:
         """This scorer with its tensors on `device` (made once per device, then reused)."""
         device = torch.device(device)
         if self.flat_tokens.device == device:
@@ -179,8 +190,14 @@ class CiderD:
         words, ended = caption_lengths(candidates, self.eos_id, self.pad_id)
         return words + (ended & self.append_eos).long()
 
-    def _order_counts(self, candidates: torch.Tensor, lengths: torch.Tensor, ref_tokens: torch.Tensor,
-                      ref_lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    def _order_counts(
+        self,
+        candidates: torch.Tensor,
+        lengths: torch.Tensor,
+        ref_tokens: torch.Tensor,
+        ref_lengths: torch.Tensor,
+        n: int,
+    ) -> tuple[torch.Tensor, ...]:
         """For the n-grams w at each candidate position: keys (B, S, P), first (B, S, P) (w's first position in
         its caption), tf (B, S, P) count of w in its caption, ref_tf (B, S, R, P) count of w in each reference."""
         keys = ngram_keys(candidates, lengths, n, self.base, missing=-2)  # (B, S, P)
@@ -195,14 +212,14 @@ class CiderD:
         ref_tf = counts_in(ref_keys, queries).view(b, -1, s, p).transpose(1, 2)  # (B, S, R, P)
         return keys, first, tf, ref_tf
 
-    def scores(self, candidates: torch.Tensor, rows: torch.Tensor, cider_d: float = 1.0, bleu4: float = 0.0
-               ) -> torch.Tensor:
+    def scores(
+        self, candidates: torch.Tensor, rows: torch.Tensor, cider_d: float = 1.0, bleu4: float = 0.0
+    ) -> torch.Tensor:
         """candidates (B, S, L): S captions for each of B reference sets `rows` (B,), as a decoder emits them
         (words, then <eos> or <pad>, then anything) -> cider_d * CIDEr-D + bleu4 * BLEU-4, (B, S) float64."""
         ref_ids, valid, ref_tokens, ref_lengths = self.references_of(rows)  # (B, R), (B, R), (B, R, Lr), (B, R)
         lengths = self._lengths(candidates)  # (B, S)
-        counts = [self._order_counts(candidates, lengths, ref_tokens, ref_lengths, n)
-                  for n in range(1, MAX_ORDER + 1)]
+        counts = [self._order_counts(candidates, lengths, ref_tokens, ref_lengths, n) for n in range(1, MAX_ORDER + 1)]
         total = torch.zeros(candidates.shape[:2], dtype=torch.float64, device=candidates.device)  # (B, S)
         if cider_d:
             total = total + cider_d * self._cider_d(counts, lengths, ref_ids, valid, ref_lengths, rows)
@@ -213,7 +230,7 @@ class CiderD:
     def _cider_d(self, counts, lengths, ref_ids, valid, ref_lengths, rows) -> torch.Tensor:
         """CIDEr-D (B, S) from the per-order counts (see the module docstring)."""
         delta = ((lengths - 1).clamp(min=0)[..., None] - (ref_lengths - 1).clamp(min=0)[:, None]).double()
-        penalty = torch.exp(-delta.square() / (2 * self.sigma ** 2))  # (B, S, R)
+        penalty = torch.exp(-delta.square() / (2 * self.sigma**2))  # (B, S, R)
         similarity = torch.zeros_like(penalty)  # (B, S, R)
         for n, (keys, first, tf, ref_tf) in enumerate(counts):
             idf = self.idf(keys)  # (B, S, P)
@@ -223,8 +240,9 @@ class CiderD:
             norm = (first * vec.square()).sum(-1).sqrt()[..., None]  # (B, S, 1)
             ref_norm = self.ref_norms[ref_ids, n][:, None]  # (B, 1, R)
             both = (norm != 0) & (ref_norm != 0)
-            similarity = similarity + torch.where(both, overlap / torch.where(both, norm * ref_norm, 1.0),
-                                                  overlap) * penalty
+            similarity = (
+                similarity + torch.where(both, overlap / torch.where(both, norm * ref_norm, 1.0), overlap) * penalty
+            )
         similarity = similarity.masked_fill(~valid[:, None], 0.0)
         return 10.0 * similarity.sum(-1) / (MAX_ORDER * self.set_sizes[rows][:, None])  # (B, S)
 
@@ -238,9 +256,9 @@ class CiderD:
             matched = (first * clipped).sum(-1).double()  # (B, S)
             guesses = (test_len - n + 1).clamp(min=0)
             precision = precision * (matched + tiny) / (guesses + small)
-        distance = torch.where(valid[:, None], (ref_lengths[:, None] - lengths[..., None]).abs(), 2 ** 62)
+        distance = torch.where(valid[:, None], (ref_lengths[:, None] - lengths[..., None]).abs(), 2**62)
         closest = distance == distance.amin(-1, keepdim=True)  # (B, S, R)
-        ref_len = torch.where(closest, ref_lengths[:, None], 2 ** 62).amin(-1).double()  # (B, S): shorter on ties
+        ref_len = torch.where(closest, ref_lengths[:, None], 2**62).amin(-1).double()  # (B, S): shorter on ties
         ratio = (test_len + tiny) / (ref_len + small)
         brevity = torch.where(ratio < 1, torch.exp(1 - 1 / ratio), 1.0)
         return precision ** (1 / MAX_ORDER) * brevity

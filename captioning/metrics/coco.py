@@ -93,11 +93,9 @@ def ptb_tokenize_lines(lines: list[str]) -> list[str]:
     java = check_java()
     text = "".join(_LINE_BREAKS.sub(" ", line) + "\n" for line in lines)
     cmd = [java, "-cp", str(TOKENIZER_JAR), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
-    proc = subprocess.run(cmd, input=text.encode("utf-8", errors="replace"), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
+    proc = subprocess.run(cmd, input=text.encode("utf-8", errors="replace"), capture_output=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"PTB tokenizer ({TOKENIZER_JAR.name}) exited with {proc.returncode}: "
-                           f"{_tail(proc.stderr)}")
+        raise RuntimeError(f"PTB tokenizer ({TOKENIZER_JAR.name}) exited with {proc.returncode}: {_tail(proc.stderr)}")
     out_lines = proc.stdout.decode("utf-8", errors="replace").split("\n")
     if len(out_lines) == len(lines) + 1 and out_lines[-1] == "":  # every output line ends with "\n"
         out_lines.pop()
@@ -128,8 +126,9 @@ class MeteorProcess:
         self.lock = threading.Lock()
         self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty JVM can never block on it
         cmd = [java, "-jar", "-Xmx2G", str(METEOR_JAR), "-", "-", "-stdio", "-l", "en", "-norm"]
-        self.proc = subprocess.Popen(cmd, cwd=METEOR_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._stderr)
+        self.proc = subprocess.Popen(
+            cmd, cwd=METEOR_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr
+        )
         assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPE
         self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
 
@@ -171,8 +170,9 @@ class MeteorProcess:
     def _readline(self) -> str:
         line = self._stdout.readline()
         if not line:
-            raise RuntimeError(f"METEOR process exited unexpectedly (exit code {self.proc.poll()}); "
-                               f"stderr: {self._stderr_tail()}")
+            raise RuntimeError(
+                f"METEOR process exited unexpectedly (exit code {self.proc.poll()}); stderr: {self._stderr_tail()}"
+            )
         return line.decode("utf-8", errors="replace").strip()
 
     def _stderr_tail(self) -> str:
@@ -213,8 +213,14 @@ atexit.register(close_meteor)
 # Scoring
 
 
-def score_captions(references: dict[int, list[str]], predictions: dict[int, str], spice: bool = False,
-                   metrics: tuple = DEFAULT_METRICS, per_image: bool = False, reuse_meteor: bool = True):
+def score_captions(
+    references: dict[int, list[str]],
+    predictions: dict[int, str],
+    spice: bool = False,
+    metrics: tuple = DEFAULT_METRICS,
+    per_image: bool = False,
+    reuse_meteor: bool = True,
+):
     """Score one predicted caption per image against its reference captions, as pycocoevalcap does.
 
     references: {image_id: [raw reference caption, ...]}; predictions: {image_id: raw caption}
@@ -272,14 +278,16 @@ def _spice(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float,
         raise RuntimeError(
             f"SPICE needs Stanford CoreNLP 3.6.0 at {SPICE_CORENLP_JAR}, which pycocoevalcap downloads on "
             "first use; run once with internet: python -c 'from pycocoevalcap.spice.get_stanford_models "
-            "import get_stanford_models; get_stanford_models()'")
+            "import get_stanford_models; get_stanford_models()'"
+        )
     from pycocoevalcap.spice.spice import Spice
 
     try:
         score, per_image = Spice().compute_score(gts, res)
     except (subprocess.CalledProcessError, OSError) as e:
-        raise RuntimeError(f"SPICE failed ({e}); SPICE 1.0 needs Java 8 and a writable {SPICE_DIR} "
-                           "(it writes tmp/ and cache/ there)") from e
+        raise RuntimeError(
+            f"SPICE failed ({e}); SPICE 1.0 needs Java 8 and a writable {SPICE_DIR} (it writes tmp/ and cache/ there)"
+        ) from e
     return score, [s["All"]["f"] for s in per_image]
 
 
@@ -315,12 +323,14 @@ def _check_inputs(references: dict, predictions: dict) -> list[int]:
         raise ValueError(f"{len(no_refs)} image(s) have zero reference captions: {first_few(no_refs)}")
     unreferenced = sorted(set(predictions) - set(references))
     if unreferenced:
-        raise ValueError(f"predictions for {len(unreferenced)} image id(s) that have no references: "
-                         f"{first_few(unreferenced)}")
+        raise ValueError(
+            f"predictions for {len(unreferenced)} image id(s) that have no references: {first_few(unreferenced)}"
+        )
     unpredicted = sorted(set(references) - set(predictions))
     if unpredicted:
-        raise ValueError(f"no prediction for {len(unpredicted)} image id(s) that have references: "
-                         f"{first_few(unpredicted)}")
+        raise ValueError(
+            f"no prediction for {len(unpredicted)} image id(s) that have references: {first_few(unpredicted)}"
+        )
     return sorted(references)
 
 
@@ -343,32 +353,38 @@ def load_results(path: str | os.PathLike) -> dict[int, str]:
     path = Path(path)
     data = _read_json(path, "results")
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of {{\"image_id\": int, \"caption\": str}} "
-                         f"(COCO results format), got a JSON {type(data).__name__}")
+        raise ValueError(
+            f'{path}: expected a JSON list of {{"image_id": int, "caption": str}} '
+            f"(COCO results format), got a JSON {type(data).__name__}"
+        )
     if not data:
         raise ValueError(f"{path}: the results list is empty")
     results: dict[int, str] = {}
     duplicates: list[int] = []
     for index, entry in enumerate(data):
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: entry {index} is a JSON {type(entry).__name__}, expected an object "
-                             "with \"image_id\" and \"caption\"")
+            raise ValueError(
+                f"{path}: entry {index} is a JSON {type(entry).__name__}, expected an object "
+                'with "image_id" and "caption"'
+            )
         missing = [key for key in ("image_id", "caption") if key not in entry]
         if missing:
-            raise ValueError(f"{path}: entry {index} lacks {' and '.join(repr(k) for k in missing)}: "
-                             f"{json.dumps(entry)[:120]}")
+            raise ValueError(
+                f"{path}: entry {index} lacks {' and '.join(repr(k) for k in missing)}: {json.dumps(entry)[:120]}"
+            )
         image_id, caption = entry["image_id"], entry["caption"]
         if isinstance(image_id, bool) or not isinstance(image_id, int):
             raise ValueError(f"{path}: entry {index} has image_id {image_id!r}; expected an integer")
         if not isinstance(caption, str):
-            raise ValueError(f"{path}: entry {index} (image_id {image_id}) has caption {caption!r}; "
-                             "expected a string")
+            raise ValueError(f"{path}: entry {index} (image_id {image_id}) has caption {caption!r}; expected a string")
         if image_id in results and image_id not in duplicates:
             duplicates.append(image_id)
         results[image_id] = caption
     if duplicates:
-        raise ValueError(f"{path}: {len(duplicates)} image id(s) appear more than once (one caption per image "
-                         f"expected): {first_few(duplicates)}")
+        raise ValueError(
+            f"{path}: {len(duplicates)} image id(s) appear more than once (one caption per image "
+            f"expected): {first_few(duplicates)}"
+        )
     return results
 
 
@@ -383,11 +399,13 @@ def load_references(annotation_file: str | os.PathLike, image_ids=None) -> dict[
     path = Path(annotation_file)
     dataset = _read_json(path, "annotation")
     if not isinstance(dataset, dict) or not isinstance(dataset.get("annotations"), list):
-        raise ValueError(f"{path} is not a COCO annotation file (expected an object with an \"annotations\" list)")
+        raise ValueError(f'{path} is not a COCO annotation file (expected an object with an "annotations" list)')
     for index, ann in enumerate(dataset["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise ValueError(f"{path} is not a COCO captions file: annotation {index} lacks an \"image_id\" or a "
-                             "string \"caption\" (instances_*.json files have no captions)")
+            raise ValueError(
+                f'{path} is not a COCO captions file: annotation {index} lacks an "image_id" or a '
+                'string "caption" (instances_*.json files have no captions)'
+            )
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

@@ -60,14 +60,15 @@ def _ngram_counts(captions: list[str], n: int) -> tuple[int, int]:
     unique, total = set(), 0
     for caption in captions:
         words = caption.split()
-        ngrams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
         total += len(ngrams)
         unique.update(ngrams)
     return len(unique), total
 
 
-def diversity_report(nbest: dict[int, list[str]], references: dict[int, list[str]],
-                     k: int | None = None) -> dict[str, float]:
+def diversity_report(
+    nbest: dict[int, list[str]], references: dict[int, list[str]], k: int | None = None
+) -> dict[str, float]:
     """Diversity and oracle metrics of raw n-best captions; PTB-tokenizes captions and references once.
 
     nbest: {image_id: [caption ranked 1, caption ranked 2, ...]}; references: {image_id: [ref, ...]}
@@ -83,8 +84,9 @@ def diversity_report(nbest: dict[int, list[str]], references: dict[int, list[str
     return diversity_report_tokenized(nbest_tok, refs_tok, k)
 
 
-def diversity_report_tokenized(nbest: dict[int, list[str]], references: dict[int, list[str]],
-                               k: int | None = None) -> dict[str, float]:
+def diversity_report_tokenized(
+    nbest: dict[int, list[str]], references: dict[int, list[str]], k: int | None = None
+) -> dict[str, float]:
     """diversity_report on already PTB-tokenized strings (no Java needed)."""
     ids, k = _check(nbest, references, k)
     lists = [nbest[i][:k] for i in ids]
@@ -106,8 +108,9 @@ def diversity_report_tokenized(nbest: dict[int, list[str]], references: dict[int
     return report
 
 
-def oracle_scores(nbest: dict[int, list[str]], references: dict[int, list[str]],
-                  k: int) -> tuple[dict[int, float], dict[int, float]]:
+def oracle_scores(
+    nbest: dict[int, list[str]], references: dict[int, list[str]], k: int
+) -> tuple[dict[int, float], dict[int, float]]:
     """Per image, the best CIDEr-D and the best sentence BLEU-4 among its first k (tokenized) captions."""
     ids = list(nbest)
     gts = {i: list(references[i]) for i in ids}
@@ -132,7 +135,7 @@ def self_bleu4(lists: list[list[str]]) -> float:
         if len(captions) < 2:
             raise ValueError("mBLEU-4 needs at least 2 captions per image")
         for j, caption in enumerate(captions):
-            gts[(i, j)] = captions[:j] + captions[j + 1:]
+            gts[(i, j)] = captions[:j] + captions[j + 1 :]
             res[(i, j)] = [caption]
     _, per_caption = Bleu(4).compute_score(gts, res, verbose=0)
     return sum(per_caption[3]) / len(per_caption[3])
@@ -145,8 +148,11 @@ def _check(nbest: dict, references: dict, k: int | None) -> tuple[list[int], int
     if not nbest:
         raise ValueError("no n-best lists given")
     for image_id, captions in list(nbest.items()) + list(references.items()):
-        if isinstance(captions, str) or not isinstance(captions, (list, tuple)) \
-                or not all(isinstance(c, str) for c in captions):
+        if (
+            isinstance(captions, str)
+            or not isinstance(captions, (list, tuple))
+            or not all(isinstance(c, str) for c in captions)
+        ):
             raise TypeError(f"captions for image {image_id!r} must be a list of strings")
     missing = sorted(set(nbest) - set(references))
     if missing:
@@ -160,8 +166,9 @@ def _check(nbest: dict, references: dict, k: int | None) -> tuple[list[int], int
     lengths = {i: len(c) for i, c in nbest.items()}
     if k is None:
         if len(set(lengths.values())) != 1:
-            raise ValueError(f"n-best lists have different lengths ({min(lengths.values())} to "
-                             f"{max(lengths.values())}); pass k")
+            raise ValueError(
+                f"n-best lists have different lengths ({min(lengths.values())} to {max(lengths.values())}); pass k"
+            )
         k = next(iter(lengths.values()))
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")

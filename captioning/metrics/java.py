@@ -36,15 +36,18 @@ def check_java() -> str:
 def _probe_java(java: str) -> int | None:
     """Run `java -version` once per path; return the major version (None if unparseable)."""
     try:
-        proc = subprocess.run([java, "-version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=60)
+        proc = subprocess.run([java, "-version"], capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise JavaMissingError(f"Java runtime at {java} is not usable (`java -version` failed: {e}): {JAVA_HINT}") from e
+        raise JavaMissingError(
+            f"Java runtime at {java} is not usable (`java -version` failed: {e}): {JAVA_HINT}"
+        ) from e
     text = (proc.stderr + proc.stdout).decode("utf-8", errors="replace")
     if proc.returncode != 0:
         first = text.strip().splitlines()[0] if text.strip() else "no output"
-        raise JavaMissingError(f"Java runtime at {java} is not usable (`java -version` exited with "
-                           f"{proc.returncode}: {first}): {JAVA_HINT}")
+        raise JavaMissingError(
+            f"Java runtime at {java} is not usable (`java -version` exited with "
+            f"{proc.returncode}: {first}): {JAVA_HINT}"
+        )
     major = _major_version(text)
     if major is not None and major < 8:
         raise JavaMissingError(f"Java runtime at {java} is Java {major}: {JAVA_HINT}")

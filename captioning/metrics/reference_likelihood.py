@@ -20,28 +20,37 @@ there. Per position the report gives mean NLL and accuracy under both modes, the
 (nll_gap = free - tf, acc_gap = tf - free: positive = the reference is predicted worse after the model's own
 prefix) and the number of reference tokens at that position; summary() gives the token-weighted means over all
 positions under the keys "reference_likelihood/{nll,acc}_{tf,free,gap}" (callers prefix the split:
-"val/reference_likelihood/nll_gap"). Reference words outside the vocabulary are scored as <unk>, as in training; captions longer than max_len are truncated the same way.
+"val/reference_likelihood/nll_gap"). Reference words outside the vocabulary are scored as <unk>, as in training;
+captions longer than max_len are truncated the same way.
 
 Both modes run through the step interface (init_state / step / reorder_state) as one batched loop over
 positions (teacher-forced and free-running rows side by side), with no host synchronisation per step.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from captioning.models.captioner import never_generated
 
-SUMMARY_KEYS = ("reference_likelihood/nll_tf", "reference_likelihood/nll_free", "reference_likelihood/nll_gap",
-                "reference_likelihood/acc_tf", "reference_likelihood/acc_free", "reference_likelihood/acc_gap")
+SUMMARY_KEYS = (
+    "reference_likelihood/nll_tf",
+    "reference_likelihood/nll_free",
+    "reference_likelihood/nll_gap",
+    "reference_likelihood/acc_tf",
+    "reference_likelihood/acc_free",
+    "reference_likelihood/acc_gap",
+)
 
 
 @torch.no_grad()
-def probe_captions(model, images: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor
-                   ) -> dict[str, torch.Tensor]:
+def probe_captions(
+    model, images: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-token values for N captions of B images, both modes.
 
     images (B, ...) as model.init_state takes them; captions (N, L) = w_1..w_n <eos> <pad>...;
@@ -64,19 +73,25 @@ def probe_captions(model, images: torch.Tensor, captions: torch.Tensor, image_in
             fed = torch.cat([captions[:, i - 1], greedy[n:]])  # (2N,): reference word | own previous argmax
             log_probs, state = model.step(fed, state)  # (2N, V)
         greedy = never_generated(log_probs, model).argmax(-1)  # (2N,): as greedy decoding, never <pad>/<bos>
-        nll.append(-log_probs.gather(1, reference[:, i:i + 1]).squeeze(1))  # (2N,)
+        nll.append(-log_probs.gather(1, reference[:, i : i + 1]).squeeze(1))  # (2N,)
         correct.append(greedy == reference[:, i])
         greedy_tokens.append(greedy[n:])
     nll_all, correct_all = torch.stack(nll, 1), torch.stack(correct, 1)  # (2N, L)
-    return {"nll_tf": nll_all[:n], "nll_free": nll_all[n:], "correct_tf": correct_all[:n],
-            "correct_free": correct_all[n:], "mask": captions != model.pad_id,
-            "free_tokens": torch.stack(greedy_tokens, 1)}  # (N, L)
+    return {
+        "nll_tf": nll_all[:n],
+        "nll_free": nll_all[n:],
+        "correct_tf": correct_all[:n],
+        "correct_free": correct_all[n:],
+        "mask": captions != model.pad_id,
+        "free_tokens": torch.stack(greedy_tokens, 1),
+    }  # (N, L)
 
 
 @dataclass
 class ReferenceLikelihoodReport:
     """per_position: lists indexed by position t - 1 (t = 1..T, T = the longest reference + <eos>), keys
     "position", "tokens", "nll_tf", "nll_free", "nll_gap", "acc_tf", "acc_free", "acc_gap"."""
+
     per_position: dict[str, list[float]]
     images: int
     captions: int
@@ -85,15 +100,27 @@ class ReferenceLikelihoodReport:
         """Token-weighted means over all positions (each position's mean weighted by its token count)."""
         p = self.per_position
         tokens = sum(p["tokens"])
-        mean = {name: sum(m * n for m, n in zip(p[name], p["tokens"])) / tokens
-                for name in ("nll_tf", "nll_free", "acc_tf", "acc_free")}
-        return {"reference_likelihood/nll_tf": mean["nll_tf"], "reference_likelihood/nll_free": mean["nll_free"],
-                "reference_likelihood/nll_gap": mean["nll_free"] - mean["nll_tf"], "reference_likelihood/acc_tf": mean["acc_tf"],
-                "reference_likelihood/acc_free": mean["acc_free"], "reference_likelihood/acc_gap": mean["acc_tf"] - mean["acc_free"]}
+        mean = {
+            name: sum(m * n for m, n in zip(p[name], p["tokens"])) / tokens
+            for name in ("nll_tf", "nll_free", "acc_tf", "acc_free")
+        }
+        return {
+            "reference_likelihood/nll_tf": mean["nll_tf"],
+            "reference_likelihood/nll_free": mean["nll_free"],
+            "reference_likelihood/nll_gap": mean["nll_free"] - mean["nll_tf"],
+            "reference_likelihood/acc_tf": mean["acc_tf"],
+            "reference_likelihood/acc_free": mean["acc_free"],
+            "reference_likelihood/acc_gap": mean["acc_tf"] - mean["acc_free"],
+        }
 
     def to_json(self) -> dict:
-        return {"summary": self.summary(), "per_position": self.per_position, "images": self.images,
-                "captions": self.captions, "tokens": int(sum(self.per_position["tokens"]))}
+        return {
+            "summary": self.summary(),
+            "per_position": self.per_position,
+            "images": self.images,
+            "captions": self.captions,
+            "tokens": int(sum(self.per_position["tokens"])),
+        }
 
     def plot(self, path: str | Path) -> Path:
         """Two panels, NLL and accuracy per word position, teacher-forced vs free-running (PNG)."""
@@ -106,8 +133,10 @@ class ReferenceLikelihoodReport:
         fig = Figure(figsize=(11, 4.2), layout="constrained")
         FigureCanvasAgg(fig)
         panels = fig.subplots(1, 2)
-        for ax, name, label in ((panels[0], "nll", "NLL of the reference word"),
-                                (panels[1], "acc", "accuracy (argmax = reference word)")):
+        for ax, name, label in (
+            (panels[0], "nll", "NLL of the reference word"),
+            (panels[1], "acc", "accuracy (argmax = reference word)"),
+        ):
             ax.plot(p["position"], p[f"{name}_tf"], "o-", label="teacher-forced (reference prefix)")
             ax.plot(p["position"], p[f"{name}_free"], "s--", label="free-running (own greedy prefix)")
             ax.set_xlabel("word position t (last = <eos> of the longest caption)")
@@ -117,9 +146,11 @@ class ReferenceLikelihoodReport:
             ax.legend()
         panels[1].set_ylim(-0.02, 1.02)
         s = self.summary()
-        fig.suptitle(f"reference likelihood, own vs reference prefix: {self.images} images, {self.captions} captions, "
-                     f"{sum(p['tokens'])} tokens; NLL gap {s['reference_likelihood/nll_gap']:+.3f}, "
-                     f"accuracy gap {s['reference_likelihood/acc_gap']:+.3f}")
+        fig.suptitle(
+            f"reference likelihood, own vs reference prefix: {self.images} images, {self.captions} captions, "
+            f"{sum(p['tokens'])} tokens; NLL gap {s['reference_likelihood/nll_gap']:+.3f}, "
+            f"accuracy gap {s['reference_likelihood/acc_gap']:+.3f}"
+        )
         fig.savefig(path, dpi=100)
         return path
 
@@ -127,20 +158,28 @@ class ReferenceLikelihoodReport:
 def _check_batch(batch: dict, max_len: int) -> None:
     for key in ("images", "targets"):
         if key not in batch:
-            raise ValueError(f"reference-likelihood probe: batch has no {key!r} (keys: {sorted(batch)}); it needs the training "
-                             "dataset's batches (images and targets (B, C, L))")
+            raise ValueError(
+                f"reference-likelihood probe: batch has no {key!r} (keys: {sorted(batch)}); it needs the training "
+                "dataset's batches (images and targets (B, C, L))"
+            )
     images, targets = batch["images"], batch["targets"]
     if targets.dim() != 3 or targets.dtype != torch.long:
-        raise ValueError(f"reference-likelihood probe: targets must be a (B, C, L) long tensor (got {tuple(targets.shape)}, "
-                         f"{targets.dtype})")
+        raise ValueError(
+            f"reference-likelihood probe: targets must be a (B, C, L) long tensor (got {tuple(targets.shape)}, "
+            f"{targets.dtype})"
+        )
     if targets.shape[0] != images.shape[0]:
         raise ValueError(f"reference-likelihood probe: {images.shape[0]} images but targets for {targets.shape[0]}")
     if targets.shape[2] > max_len + 1:
-        raise ValueError(f"reference-likelihood probe: targets have {targets.shape[2]} positions, more than max_len + 1 = "
-                         f"{max_len + 1} (max_len={max_len} words plus <eos>)")
+        raise ValueError(
+            f"reference-likelihood probe: targets have {targets.shape[2]} positions, more than max_len + 1 = "
+            f"{max_len + 1} (max_len={max_len} words plus <eos>)"
+        )
 
 
-def reference_likelihood_probe(model, batches: Iterable[dict], device: torch.device | str, max_len: int) -> ReferenceLikelihoodReport:
+def reference_likelihood_probe(
+    model, batches: Iterable[dict], device: torch.device | str, max_len: int
+) -> ReferenceLikelihoodReport:
     """Teacher-forced vs free-running NLL and accuracy per word position over all captions in `batches`
     (dicts with "images" (B, ...) and "targets" (B, C, L), as the training dataset + collate give them;
     all-padding caption rows are skipped, batches with no good image (size 0) too). Runs under no_grad in
@@ -167,9 +206,15 @@ def reference_likelihood_probe(model, batches: Iterable[dict], device: torch.dev
             out = probe_captions(model, images, captions, rows // targets.shape[1])
             mask = out["mask"].double()  # (N, L)
             length = captions.shape[1]
-            sums[:, :length] += torch.stack([
-                mask, out["nll_tf"].double().where(out["mask"], 0.0), out["nll_free"].double().where(out["mask"], 0.0),
-                out["correct_tf"].double() * mask, out["correct_free"].double() * mask]).sum(1)  # (5, L)
+            sums[:, :length] += torch.stack(
+                [
+                    mask,
+                    out["nll_tf"].double().where(out["mask"], 0.0),
+                    out["nll_free"].double().where(out["mask"], 0.0),
+                    out["correct_tf"].double() * mask,
+                    out["correct_free"].double() * mask,
+                ]
+            ).sum(1)  # (5, L)
             images_seen += images.shape[0]
             captions_seen += rows.numel()
     finally:
@@ -182,7 +227,13 @@ def reference_likelihood_probe(model, batches: Iterable[dict], device: torch.dev
     sums, tokens = sums[:, :last], tokens[:last]
     means = sums[1:] / tokens.clamp(min=1)  # (4, T)
     per_position = {
-        "position": list(range(1, last + 1)), "tokens": [int(x) for x in tokens.tolist()],
-        "nll_tf": means[0].tolist(), "nll_free": means[1].tolist(), "nll_gap": (means[1] - means[0]).tolist(),
-        "acc_tf": means[2].tolist(), "acc_free": means[3].tolist(), "acc_gap": (means[2] - means[3]).tolist()}
+        "position": list(range(1, last + 1)),
+        "tokens": [int(x) for x in tokens.tolist()],
+        "nll_tf": means[0].tolist(),
+        "nll_free": means[1].tolist(),
+        "nll_gap": (means[1] - means[0]).tolist(),
+        "acc_tf": means[2].tolist(),
+        "acc_free": means[3].tolist(),
+        "acc_gap": (means[2] - means[3]).tolist(),
+    }
     return ReferenceLikelihoodReport(per_position, images_seen, captions_seen)

@@ -16,6 +16,7 @@ teacher-forced pass stays one fused RNN call:
 (Luong's tanh(W_c [c_t; h_t]) with W_c = [W_v, W_o] and W_k = W_a^T). Keys W_k m_k and values W_v m_k are computed
 once per image, so a step costs two (K x H) products and one (H x H) layer.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,9 +32,11 @@ SLOT_GROUP = re.compile(r"slot(\d+)_")
 def no_parts(encoder_cfg) -> str | None:
     """Why the encoder's feature has no parts to attend over, or None (config validation calls this too)."""
     if encoder_cfg.get("label_head") is None and encoder_cfg.get("pool", "avg") != "grid":
-        return ("model.decoder.attention=true needs an image feature made of parts: model.encoder.pool=grid (the "
-                "grid's cells) or a model.encoder.label_head (the object slots); the global average has none (got "
-                f"model.encoder.pool={encoder_cfg.get('pool', 'avg')!r})")
+        return (
+            "model.decoder.attention=true needs an image feature made of parts: model.encoder.pool=grid (the "
+            "grid's cells) or a model.encoder.label_head (the object slots); the global average has none (got "
+            f"model.encoder.pool={encoder_cfg.get('pool', 'avg')!r})"
+        )
     return None
 
 
@@ -49,13 +52,17 @@ def feature_parts(encoder_cfg, feature_dim: int) -> torch.Tensor:
                 slots.setdefault(int(match.group(1)), []).extend(range(start, start + size))
             start += size
         if start != feature_dim:
-            raise ValueError(f"model.encoder.label_head: {label_head} gives {start} probabilities, but the features "
-                             f"have {feature_dim}")
+            raise ValueError(
+                f"model.encoder.label_head: {label_head} gives {start} probabilities, but the features "
+                f"have {feature_dim}"
+            )
         if not slots or len({len(v) for v in slots.values()}) != 1:
             found = ", ".join(f"slot{k}: {len(v)}" for k, v in sorted(slots.items())) or "no slots"
-            raise ValueError(f"model.decoder.attention needs a label head whose labels are per object slot "
-                             f"(slot0_shape, slot1_shape, ...) with the same labels in every slot; {label_head} has "
-                             f"{found}")
+            raise ValueError(
+                f"model.decoder.attention needs a label head whose labels are per object slot "
+                f"(slot0_shape, slot1_shape, ...) with the same labels in every slot; {label_head} has "
+                f"{found}"
+            )
         return torch.tensor([slots[k] for k in sorted(slots)])  # (K, labels per slot)
     if problem := no_parts(encoder_cfg):
         raise ValueError(problem)

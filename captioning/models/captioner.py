@@ -10,6 +10,7 @@ The step interface serves training and every decoder:
     log_probs, state = model.step(tokens, state)   # tokens (N,) -> (N, V)
     state = model.reorder_state(state, index)      # beams pick their parents / images expand to beams
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -21,13 +22,13 @@ from captioning.models.attention import PartAttention, feature_parts
 from captioning.models.decoder import RNNDecoder, State
 from captioning.models.encoder import ImageEncoder, PrecomputedFeatures
 
-
 IMAGE_FEEDS = ("first", "every_step")
 
 
 class DropoutMasks(NamedTuple):
     """The decoder's dropout for one teacher-forced pass, drawn up front so that two passes can share it:
     multipliers (0 or 1 / (1 - p)) for the inputs (N, T+1, E: image, then words) and the outputs (N, T, H)."""
+
     inputs: torch.Tensor
     outputs: torch.Tensor
 
@@ -37,9 +38,17 @@ class Captioner(nn.Module):
     image feature is replaced by zeros, so the decoder's first input is image_proj's bias, a learned vector that is
     the same for every image, and the encoder is neither run nor trained."""
 
-    def __init__(self, encoder: ImageEncoder | PrecomputedFeatures, decoder: RNNDecoder, pad_id: int = 0,
-                 bos_id: int = 1, eos_id: int = 2, image_input: str = "image", image_feed: str = "first",
-                 attention_parts: torch.Tensor | None = None):
+    def __init__(
+        self,
+        encoder: ImageEncoder | PrecomputedFeatures,
+        decoder: RNNDecoder,
+        pad_id: int = 0,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        image_input: str = "image",
+        image_feed: str = "first",
+        attention_parts: torch.Tensor | None = None,
+    ):
         """`attention_parts`: (K, D) indices of the feature's entries that make each part (feature_parts); None: no
         attention."""
         super().__init__()
@@ -57,8 +66,10 @@ class Captioner(nn.Module):
         self.attention = None
         if attention_parts is not None:
             if int(attention_parts.max()) >= encoder.feature_dim:
-                raise ValueError(f"model.decoder.attention: the parts index entries up to {int(attention_parts.max())}"
-                                 f" of a {encoder.feature_dim}-d feature")
+                raise ValueError(
+                    f"model.decoder.attention: the parts index entries up to {int(attention_parts.max())}"
+                    f" of a {encoder.feature_dim}-d feature"
+                )
             self.attention = PartAttention(attention_parts, decoder.out.in_features)
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.vocab_size = decoder.out.out_features
@@ -84,8 +95,9 @@ class Captioner(nn.Module):
     def init_state(self, images: torch.Tensor) -> State:
         return self.state_from_features(self.encode(images))
 
-    def step_hidden(self, tokens: torch.Tensor, state: State, masks: tuple[torch.Tensor, torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, State]:
+    def step_hidden(
+        self, tokens: torch.Tensor, state: State, masks: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, State]:
         """tokens (N,) -> the decoder's output (N, H) after dropout, new state. `masks`: the dropout of this step's
         input (N, E) and output (N, H), drawn beforehand (see `draw_dropout_masks`), instead of the decoder's own."""
         words = self.decoder.embed(tokens)  # (N, E)
@@ -144,8 +156,9 @@ class Captioner(nn.Module):
         return [*self.decoder.parameters(), *self.image_proj.parameters(), *attention]
 
     # -- teacher forcing: one fused sequence call --------------------------------------------
-    def forward_teacher_forcing(self, features: torch.Tensor, inputs: torch.Tensor,
-                                masks: DropoutMasks | None = None) -> torch.Tensor:
+    def forward_teacher_forcing(
+        self, features: torch.Tensor, inputs: torch.Tensor, masks: DropoutMasks | None = None
+    ) -> torch.Tensor:
         """features (N, F), inputs (N, T) starting with <bos> -> logits (N, T, V) for the next words.
         `masks`: dropout drawn beforehand, instead of the decoder's own."""
         image_embedding = self.image_proj(features)[:, None]  # (N, 1, E)
@@ -174,9 +187,14 @@ def never_generated(scores: torch.Tensor, model) -> torch.Tensor:
 
 def build_image_encoder(cfg_encoder, trainable: bool) -> ImageEncoder:
     """The CNN that `model.encoder` describes (name, weights, pooling, label head)."""
-    return ImageEncoder(cfg_encoder.name, cfg_encoder.weights, trainable=trainable,
-                        pool=cfg_encoder.get("pool", "avg"), grid_size=cfg_encoder.get("grid_size", 2),
-                        label_head=cfg_encoder.get("label_head"))
+    return ImageEncoder(
+        cfg_encoder.name,
+        cfg_encoder.weights,
+        trainable=trainable,
+        pool=cfg_encoder.get("pool", "avg"),
+        grid_size=cfg_encoder.get("grid_size", 2),
+        label_head=cfg_encoder.get("label_head"),
+    )
 
 
 def build_captioner(cfg_model, vocab_size: int, cached_feature_dim: int | None = None) -> Captioner:
@@ -189,5 +207,10 @@ def build_captioner(cfg_model, vocab_size: int, cached_feature_dim: int | None =
         encoder = build_image_encoder(enc, bool(enc.trainable))
     decoder = RNNDecoder(vocab_size, dec.embed_dim, dec.hidden_dim, dec.num_layers, dec.cell, dec.dropout)
     parts = feature_parts(enc, encoder.feature_dim) if dec.get("attention", False) else None
-    return Captioner(encoder, decoder, image_input=cfg_model.get("image_input") or "image",
-                     image_feed=dec.get("image_feed", "first"), attention_parts=parts)
+    return Captioner(
+        encoder,
+        decoder,
+        image_input=cfg_model.get("image_input") or "image",
+        image_feed=dec.get("image_feed", "first"),
+        attention_parts=parts,
+    )

@@ -1,5 +1,6 @@
 """Checks of the `model` group (conf/model/*.yaml), run by captioning.config.validate_train_config before any model
 is built: every bad value fails with its key named."""
+
 from __future__ import annotations
 
 from omegaconf import DictConfig
@@ -13,10 +14,15 @@ def validate_model(cfg: DictConfig) -> None:
     for key in ("num_layers", "embed_dim", "hidden_dim"):
         positive_int(cfg, f"model.decoder.{key}")
     dropout = cfg.model.decoder.dropout
-    require(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "model.decoder.dropout", "must be in [0, 1)",
-             dropout)
-    require(isinstance(cfg.model.encoder.trainable, bool), "model.encoder.trainable", "must be true or false",
-            cfg.model.encoder.trainable)
+    require(
+        isinstance(dropout, (int, float)) and 0 <= dropout < 1, "model.decoder.dropout", "must be in [0, 1)", dropout
+    )
+    require(
+        isinstance(cfg.model.encoder.trainable, bool),
+        "model.encoder.trainable",
+        "must be true or false",
+        cfg.model.encoder.trainable,
+    )
     choice(cfg, "model.encoder.pool", ("avg", "grid"))
     if cfg.model.decoder.get("image_feed") is not None:
         choice(cfg, "model.decoder.image_feed", ("first", "every_step"))
@@ -31,14 +37,26 @@ def validate_model(cfg: DictConfig) -> None:
         choice(cfg, "model.image_input", ("image", "constant"))
     positive_int(cfg, "model.encoder.unfreeze_after_steps", allow_none=True, minimum=0)
     if cfg.model.encoder.get("unfreeze_after_steps") is not None:
-        require(not cfg.model.encoder.trainable, "model.encoder.unfreeze_after_steps",
-                "needs model.encoder.trainable=false (the encoder starts frozen)", cfg.model.encoder.trainable)
+        require(
+            not cfg.model.encoder.trainable,
+            "model.encoder.unfreeze_after_steps",
+            "needs model.encoder.trainable=false (the encoder starts frozen)",
+            cfg.model.encoder.trainable,
+        )
     positive_int(cfg, "model.encoder.grid_size")
     label_head = cfg.model.encoder.get("label_head")
-    require(label_head is None or (isinstance(label_head, str) and label_head), "model.encoder.label_head",
-            "must be null or the path of a label head file", label_head)
+    require(
+        label_head is None or (isinstance(label_head, str) and label_head),
+        "model.encoder.label_head",
+        "must be null or the path of a label head file",
+        label_head,
+    )
     import torchvision
 
     name = cfg.model.encoder.name
-    require(name in torchvision.models.list_models(module=torchvision.models), "model.encoder.name",
-            "must be a torchvision classification model (resnet18, resnet50, resnet101, efficientnet_b0...)", name)
+    require(
+        name in torchvision.models.list_models(module=torchvision.models),
+        "model.encoder.name",
+        "must be a torchvision classification model (resnet18, resnet50, resnet101, efficientnet_b0...)",
+        name,
+    )

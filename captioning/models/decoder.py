@@ -3,6 +3,7 @@
 The recurrent state is always a tuple of (layers, N, H) tensors: (h, c) for an LSTM, (h,) otherwise,
 so that reordering beams is one index_select per tensor whatever the cell.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,16 +14,30 @@ State = tuple[torch.Tensor, ...]
 
 
 class RNNDecoder(nn.Module):
-    def __init__(self, vocab_size: int, embed_dim: int = 512, hidden_dim: int = 512, num_layers: int = 1,
-                 cell: str = "lstm", dropout: float = 0.0, pad_id: int = 0):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        num_layers: int = 1,
+        cell: str = "lstm",
+        dropout: float = 0.0,
+        pad_id: int = 0,
+    ):
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"model.decoder.cell must be one of {sorted(CELLS)} (got {cell!r})")
         self.cell = cell
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         kwargs = {"nonlinearity": "tanh"} if cell == "rnn" else {}
-        self.rnn = CELLS[cell](embed_dim, hidden_dim, num_layers=num_layers, batch_first=True,
-                               dropout=dropout if num_layers > 1 else 0.0, **kwargs)
+        self.rnn = CELLS[cell](
+            embed_dim,
+            hidden_dim,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+            **kwargs,
+        )
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
 

@@ -7,13 +7,14 @@ the pooled feature the classifier would have read: 512 for resnet18/34, 2048 for
 With `label_head` (a file the scene-label pretraining writes), the encoder returns instead what a trained
 classifier on that feature says is in the image: one probability distribution per label, concatenated.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from torch import nn
 import torchvision
+from torch import nn
 
 
 def _load_local_weights(model: nn.Module, path: Path) -> None:
@@ -27,20 +28,26 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # tensors of other shapes: another architecture
         first = str(e).strip().splitlines()[1:2] or [str(e)]
-        raise ValueError(f"model.encoder.weights: {path} does not match the architecture ({first[0].strip()})") from None
+        raise ValueError(
+            f"model.encoder.weights: {path} does not match the architecture ({first[0].strip()})"
+        ) from None
     # The classifier head may be absent from a backbone-only file; anything else is a mismatch.
     missing = [k for k in missing if not k.startswith(("fc.", "classifier.", "heads."))]
     if missing or unexpected:
-        raise ValueError(f"model.encoder.weights: {path} does not match the architecture: "
-                         f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
+        raise ValueError(
+            f"model.encoder.weights: {path} does not match the architecture: "
+            f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+        )
 
 
 def build_backbone(name: str, weights: str | None) -> nn.Module:
     """A torchvision classification model by name, with weights from a name, a local file or none."""
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise ValueError(f"model.encoder.name: unknown torchvision model {name!r}; "
-                         f"e.g. resnet18, resnet50, resnet101, resnet152, efficientnet_b0, convnext_tiny")
+        raise ValueError(
+            f"model.encoder.name: unknown torchvision model {name!r}; "
+            f"e.g. resnet18, resnet50, resnet101, resnet152, efficientnet_b0, convnext_tiny"
+        )
     if weights in (None, "", "none", "None"):
         return torchvision.models.get_model(name, weights=None)
     path = Path(str(weights)).expanduser()
@@ -55,8 +62,10 @@ def build_backbone(name: str, weights: str | None) -> nn.Module:
         resolved = enum[str(weights).split(".")[-1]] if str(weights) != "DEFAULT" else enum.DEFAULT
     except KeyError:
         options = ", ".join(["DEFAULT"] + [w.name for w in torchvision.models.get_model_weights(name)])
-        raise ValueError(f"model.encoder.weights: {weights!r} is not a weights name for {name} "
-                         f"(one of: {options}), nor an existing file") from None
+        raise ValueError(
+            f"model.encoder.weights: {weights!r} is not a weights name for {name} "
+            f"(one of: {options}), nor an existing file"
+        ) from None
     # Downloads into TORCH_HOME on first use; air-gapped clusters pass a local file instead.
     return torchvision.models.get_model(name, weights=resolved)
 
@@ -72,18 +81,28 @@ def headless_backbone(name: str, weights: str | None, pool: str = "avg", grid_si
     cells = 1
     if pool == "grid":
         if not isinstance(getattr(backbone, "avgpool", None), nn.AdaptiveAvgPool2d):
-            raise ValueError(f"model.encoder.pool=grid needs a backbone with a global average pool "
-                             f"(resnet, regnet, efficientnet, mobilenet...); {name} has none")
+            raise ValueError(
+                f"model.encoder.pool=grid needs a backbone with a global average pool "
+                f"(resnet, regnet, efficientnet, mobilenet...); {name} has none"
+            )
         backbone.avgpool = nn.AdaptiveAvgPool2d(grid_size)
         cells = grid_size * grid_size
-    linears = [(parent, child_name, child) for parent in backbone.modules()
-               for child_name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    linears = [
+        (parent, child_name, child)
+        for parent in backbone.modules()
+        for child_name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
     if not linears:
-        raise ValueError(f"model.encoder.name: {name} has no linear classifier to remove; "
-                         "pick a backbone ending in a linear layer (resnet, efficientnet, convnext, vgg...)")
+        raise ValueError(
+            f"model.encoder.name: {name} has no linear classifier to remove; "
+            "pick a backbone ending in a linear layer (resnet, efficientnet, convnext, vgg...)"
+        )
     if pool == "grid" and len(linears) > 1:  # the grid's cells would reach a hidden layer sized for one average
-        raise ValueError(f"model.encoder.pool=grid needs a classifier of one linear layer on the pooled feature "
-                         f"(resnet, regnet, efficientnet...); {name}'s has {len(linears)}")
+        raise ValueError(
+            f"model.encoder.pool=grid needs a classifier of one linear layer on the pooled feature "
+            f"(resnet, regnet, efficientnet...); {name}'s has {len(linears)}"
+        )
     parent, child_name, linear = linears[-1]
     setattr(parent, child_name, nn.Identity())
     return backbone, linear.in_features * cells
@@ -98,8 +117,9 @@ def read_label_head(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state["weight"], state["bias"], [(str(n), int(k)) for n, k in state["groups"]]
     except Exception as e:  # not a torch file, or not a label head's
-        raise ValueError(f"model.encoder.label_head: {path} is not a label head file (weight, bias, groups): "
-                         f"{e}") from None
+        raise ValueError(
+            f"model.encoder.label_head: {path} is not a label head file (weight, bias, groups): {e}"
+        ) from None
 
 
 class LabelProbabilities(nn.Module):
@@ -114,9 +134,11 @@ class LabelProbabilities(nn.Module):
         super().__init__()
         weight, bias, groups = read_label_head(path)
         if weight.dim() != 2 or weight.shape[1] != in_features or sum(k for _, k in groups) != weight.shape[0]:
-            raise ValueError(f"model.encoder.label_head: {path} reads {weight.shape[1]} features into "
-                             f"{weight.shape[0]} outputs ({sum(k for _, k in groups)} in its groups), but the "
-                             f"encoder gives {in_features} features (check model.encoder.name, pool and grid_size)")
+            raise ValueError(
+                f"model.encoder.label_head: {path} reads {weight.shape[1]} features into "
+                f"{weight.shape[0]} outputs ({sum(k for _, k in groups)} in its groups), but the "
+                f"encoder gives {in_features} features (check model.encoder.name, pool and grid_size)"
+            )
         self.weight, self.bias = nn.Parameter(weight.float()), nn.Parameter(bias.float())  # no random init drawn
         self.groups = groups
         self.out_features = weight.shape[0]
@@ -131,8 +153,15 @@ class ImageEncoder(nn.Module):
     map to a `grid_size` x `grid_size` grid and concatenates the cells, which keeps where things are (left of,
     above...) at `grid_size**2` times the feature size. `label_head`: a LabelProbabilities file read on top."""
 
-    def __init__(self, name: str = "resnet18", weights: str | None = None, trainable: bool = True,
-                 pool: str = "avg", grid_size: int = 2, label_head: str | None = None):
+    def __init__(
+        self,
+        name: str = "resnet18",
+        weights: str | None = None,
+        trainable: bool = True,
+        pool: str = "avg",
+        grid_size: int = 2,
+        label_head: str | None = None,
+    ):
         super().__init__()
         self.backbone, self.feature_dim = headless_backbone(name, weights, pool, grid_size)
         self.label_head = None
@@ -148,7 +177,7 @@ class ImageEncoder(nn.Module):
             p.requires_grad_(trainable)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "ImageEncoder":
+    def train(self, mode: bool = True) -> ImageEncoder:
         super().train(mode)
         if not self.trainable:
             self.backbone.eval()

@@ -17,6 +17,7 @@ prompt in place of the image:
 A text has no end: <eos> never occurs in training and `step` gives it probability 0, so decoding runs for the
 length asked for (`max_len` tokens).
 """
+
 from __future__ import annotations
 
 import torch
@@ -99,8 +100,10 @@ def load_language_model(checkpoint_path, device: torch.device):
     cfg = OmegaConf.create(state["config"])
     task = OmegaConf.select(cfg, "task.name", default="caption")
     if task != "lm":
-        raise ValueError(f"checkpoint: {checkpoint_path} is a {task} model, not a language model; captioning-sample "
-                         f"reads checkpoints of captioning-train task=lm (captioning-predict captions images)")
+        raise ValueError(
+            f"checkpoint: {checkpoint_path} is a {task} model, not a language model; captioning-sample "
+            f"reads checkpoints of captioning-train task=lm (captioning-predict captions images)"
+        )
     vocab = Vocabulary.from_state_dict(state["vocab"])
     model = build_language_model(cfg.model, len(vocab))
     model.load_state_dict(state["model"])

@@ -1,4 +1,5 @@
 """A model back from a checkpoint: the captioner, its vocabulary and the config it was trained with."""
+
 from __future__ import annotations
 
 import torch
@@ -21,11 +22,15 @@ def load_model(checkpoint_path, device: torch.device, for_images: bool = False):
     try:
         cfg = OmegaConf.create(state["config"])
         if OmegaConf.select(cfg, "task.name", default="caption") == "lm":
-            raise ValueError(f"{checkpoint_path} is a language model's checkpoint (task=lm), not a captioner's: "
-                             f"sample it with captioning-sample checkpoint={checkpoint_path}")
+            raise ValueError(
+                f"{checkpoint_path} is a language model's checkpoint (task=lm), not a captioner's: "
+                f"sample it with captioning-sample checkpoint={checkpoint_path}"
+            )
         if not isinstance(state["vocab"], dict) or not state["vocab"].get("itos"):
-            raise ValueError(f"checkpoint {checkpoint_path} has an empty vocabulary (no 'itos' words): not a trained "
-                             "captioner's checkpoint")
+            raise ValueError(
+                f"checkpoint {checkpoint_path} has an empty vocabulary (no 'itos' words): not a trained "
+                "captioner's checkpoint"
+            )
         vocab = Vocabulary.from_state_dict(state["vocab"])
         cached = cfg.data.get("features") is not None
         if cached and not for_images and not _store_exists(cfg.data.features):
@@ -41,18 +46,22 @@ def load_model(checkpoint_path, device: torch.device, for_images: bool = False):
         feature_dim = state["model"]["image_proj.weight"].shape[1] if cached else None
         model = build_captioner(model_cfg, len(vocab), feature_dim)
     except (KeyError, AttributeError, TypeError) as e:
-        raise ValueError(f"checkpoint {checkpoint_path} is incomplete or inconsistent ({type(e).__name__}: {e})") \
-            from None
+        raise ValueError(
+            f"checkpoint {checkpoint_path} is incomplete or inconsistent ({type(e).__name__}: {e})"
+        ) from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:  # the config's sizes disagree with the weights
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise ValueError(f"checkpoint {checkpoint_path}: its weights do not fit the model its config describes "
-                         f"({first})") from None
+        raise ValueError(
+            f"checkpoint {checkpoint_path}: its weights do not fit the model its config describes ({first})"
+        ) from None
     if cached and for_images:
         if cfg.model.encoder.weights is None:
-            raise ValueError(f"{checkpoint_path} was trained on cached features of a randomly initialised encoder "
-                             "(model.encoder.weights=null): images cannot be encoded the same way again")
+            raise ValueError(
+                f"{checkpoint_path} was trained on cached features of a randomly initialised encoder "
+                "(model.encoder.weights=null): images cannot be encoded the same way again"
+            )
         model.encoder = build_image_encoder(model_cfg.encoder, trainable=False)
     return model.to(device).eval(), vocab, cfg, state
 
@@ -61,4 +70,3 @@ def _store_exists(features) -> bool:
     from pathlib import Path
 
     return (Path(str(features)).expanduser() / "meta.json").is_file()
-

@@ -13,6 +13,7 @@ file becomes NAME.prev.pt and the new one takes its name. A kill at any instant 
 checkpoint, the new one or both, never a partial file in their place; a full disk or an unwritable folder
 leaves the previous checkpoint intact and raises CheckpointWriteError naming the file.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 CONVERT_COMMAND = "python -m captioning.runtime.convert_checkpoint"
 ENCODER_FILES_DIR = "encoder"
 
@@ -33,8 +33,11 @@ ENCODER_FILES_DIR = "encoder"
 def _numpy_state_to_plain(state: tuple) -> tuple:
     """np.random.get_state()'s tuple with its key array as an int64 tensor (weights_only loads no numpy arrays)."""
     name, key, *rest = state
-    return (name, torch.from_numpy(np.asarray(key).astype(np.int64)), *(r.item() if isinstance(r, np.generic) else r
-                                                                        for r in rest))
+    return (
+        name,
+        torch.from_numpy(np.asarray(key).astype(np.int64)),
+        *(r.item() if isinstance(r, np.generic) else r for r in rest),
+    )
 
 
 def _numpy_state_from_plain(state) -> tuple:
@@ -44,8 +47,11 @@ def _numpy_state_from_plain(state) -> tuple:
 
 
 def capture_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": _numpy_state_to_plain(np.random.get_state()),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -57,7 +63,7 @@ def restore_rng_state(state: dict) -> None:
     # A checkpoint loaded with map_location=cuda brings the states onto the GPU: the setters take CPU tensors.
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
@@ -101,8 +107,9 @@ def attach_encoder_files(checkpoint: dict, folder: Path) -> dict:
         source = Path(source).expanduser()
         relative = Path(ENCODER_FILES_DIR) / f"{field}{source.suffix or '.pth'}"
         target = folder / relative
-        if source.resolve() != target.resolve() and (not target.is_file() or
-                                                     target.stat().st_size != source.stat().st_size):
+        if source.resolve() != target.resolve() and (
+            not target.is_file() or target.stat().st_size != source.stat().st_size
+        ):
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp")
             shutil.copyfile(source, tmp)
@@ -117,16 +124,19 @@ def encoder_file(checkpoint: dict, checkpoint_path: str | Path, field: str) -> s
     line) when neither exists."""
     named = _encoder_config(checkpoint).get(field)
     beside = (checkpoint.get("encoder_files") or {}).get(field)
-    candidates = ([Path(str(checkpoint_path)).expanduser().parent / beside] if beside else []) + \
-                 ([Path(str(named)).expanduser()] if isinstance(named, str) and _looks_like_file(named) else [])
+    candidates = ([Path(str(checkpoint_path)).expanduser().parent / beside] if beside else []) + (
+        [Path(str(named)).expanduser()] if isinstance(named, str) and _looks_like_file(named) else []
+    )
     for candidate in candidates:
         if candidate.is_file():
             return str(candidate)
     if not candidates:
         return named
-    raise FileNotFoundError(f"checkpoint {checkpoint_path} needs its encoder's model.encoder.{field} file, found at "
-                            f"none of {[str(c) for c in candidates]}: copy the run folder's checkpoints/"
-                            f"{ENCODER_FILES_DIR}/ along with the checkpoint")
+    raise FileNotFoundError(
+        f"checkpoint {checkpoint_path} needs its encoder's model.encoder.{field} file, found at "
+        f"none of {[str(c) for c in candidates]}: copy the run folder's checkpoints/"
+        f"{ENCODER_FILES_DIR}/ along with the checkpoint"
+    )
 
 
 def _looks_like_file(value: str) -> bool:
@@ -155,8 +165,11 @@ def save_checkpoint(checkpoint: dict, path: str | Path, keep_previous: bool = Fa
             os.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
             kept = sorted(p.name for p in path.parent.glob("*.pt"))
-            raise CheckpointWriteError(e.errno, f"could not write checkpoint {path} ({e.strerror or e}); left intact "
-                                       f"in {path.parent}: {', '.join(kept) if kept else 'nothing saved before'}") from e
+            raise CheckpointWriteError(
+                e.errno,
+                f"could not write checkpoint {path} ({e.strerror or e}); left intact "
+                f"in {path.parent}: {', '.join(kept) if kept else 'nothing saved before'}",
+            ) from e
         raise
     return path
 
@@ -174,8 +187,11 @@ def probe_writable(folder: str | Path) -> None:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise CheckpointWriteError(e.errno, f"the run folder {folder} is not writable ({e.strerror or e}): "
-                                   "checkpoints could not be saved; choose another hydra.run.dir or free space") from e
+        raise CheckpointWriteError(
+            e.errno,
+            f"the run folder {folder} is not writable ({e.strerror or e}): "
+            "checkpoints could not be saved; choose another hydra.run.dir or free space",
+        ) from e
 
 
 class UnsafeCheckpointError(ValueError):
@@ -196,8 +212,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     naming the one-time conversion command."""
     path = Path(str(path)).expanduser()
     if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file "
-                         f"(e.g. {path / 'checkpoints' / 'best.pt'})")
+        raise ValueError(
+            f"checkpoint {path} is a folder, not a checkpoint file (e.g. {path / 'checkpoints' / 'best.pt'})"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -208,11 +225,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UnsafeCheckpointError(
             f"checkpoint {path} holds pickled objects, not only tensors and plain data ({_unsafe_global(e)}), so "
             f"loading it could run code: refused. If you trust where it came from, convert it once with "
-            f"`{CONVERT_COMMAND} {path}`") from None
+            f"`{CONVERT_COMMAND} {path}`"
+        ) from None
     except Exception as e:
         raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path} is not a captioning checkpoint (a {type(checkpoint).__name__}, not a dict)")
+        raise ValueError(
+            f"checkpoint {path} is not a captioning checkpoint (a {type(checkpoint).__name__}, not a dict)"
+        )
     for key in ("model", "vocab", "config", "step"):
         if key not in checkpoint:
             raise ValueError(f"checkpoint {path} is not a captioning checkpoint (no {key!r} entry)")
@@ -241,6 +261,9 @@ def load_newest_usable(paths: list[Path], map_location, check) -> tuple[dict, Pa
             log.warning("resume: resuming from %s (newer checkpoints were unusable)", path)
         return checkpoint, path
     if problems:
-        raise ValueError(f"no usable checkpoint to resume from in {paths[0].parent}: " + "; ".join(problems) +
-                         ". Move the folder away to start over, or pass trainer.resume=never or trainer.resume=PATH")
+        raise ValueError(
+            f"no usable checkpoint to resume from in {paths[0].parent}: "
+            + "; ".join(problems)
+            + ". Move the folder away to start over, or pass trainer.resume=never or trainer.resume=PATH"
+        )
     return None

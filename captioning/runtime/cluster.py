@@ -10,6 +10,7 @@ rules submitit's TorchDistributedEnvironment uses under SLURM; and a run folder 
                     use srun.
     anything else   one process.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,14 @@ def detect_world(env: dict[str, str] | None = None) -> World:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         port = env.get("MASTER_PORT")
-        return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), env.get("MASTER_ADDR"),
-                     int(port) if port else None, "torchrun")
+        return World(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR"),
+            int(port) if port else None,
+            "torchrun",
+        )
     tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
     if tasks <= 1:
         return World()
@@ -61,12 +68,19 @@ def detect_world(env: dict[str, str] | None = None) -> World:
         raise ClusterEnvironmentError(
             f"this SLURM job has {tasks} tasks (SLURM_NTASKS) but this process is not an srun step: start one process "
             f"per task with `srun captioning-train ...` (or one torchrun per node), or ask for --ntasks=1 "
-            f"--cpus-per-task=N for a single-process run")
+            f"--cpus-per-task=N for a single-process run"
+        )
     nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     master = expand_hostlist(nodes)[0] if nodes else "127.0.0.1"
     job_id = int(re.sub(r"\D", "", env.get("SLURM_JOB_ID", "0")) or 0)
-    return World(int(env["SLURM_PROCID"]), tasks, int(env.get("SLURM_LOCALID", 0)), env.get("MASTER_ADDR", master),
-                 int(env.get("MASTER_PORT", 20000 + job_id % 20000)), "srun")
+    return World(
+        int(env["SLURM_PROCID"]),
+        tasks,
+        int(env.get("SLURM_LOCALID", 0)),
+        env.get("MASTER_ADDR", master),
+        int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
+        "srun",
+    )
 
 
 def run_folder_name(env: dict[str, str] | None = None, now: str | None = None) -> str:

@@ -6,6 +6,7 @@ it only on a checkpoint whose origin you trust (one written by an older version 
 states, OmegaConf configs). Each file is rewritten in place, atomically; `--output` writes elsewhere (one input).
 Exit status 0 when every file converted, 2 otherwise, with one line per file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ def to_plain(value, where: str = "checkpoint"):
     if isinstance(value, (list, tuple)):
         items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
-    raise ValueError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint cannot "
-                     "hold as plain data")
+    raise ValueError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint cannot "
+        "hold as plain data"
+    )
 
 
 def convert(path: Path, output: Path | None = None) -> Path:

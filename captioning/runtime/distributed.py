@@ -4,6 +4,7 @@ Launch: `torchrun --nproc_per_node=N -m captioning.train trainer=ddp` (see conf/
 helper here is a no-op returning the single-process answer when the world has one process, so the
 training loop calls them unconditionally.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,9 @@ class DistInfo:
         return self.world_size > 1
 
 
+SINGLE_PROCESS = DistInfo()  # the default of the functions that take a DistInfo: one process, no group
+
+
 def read_env() -> DistInfo:
     """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or an srun step's SLURM_* (runtime.cluster.detect_world); an sbatch
     shell of several tasks without srun is an error naming the fix, not a hang."""
@@ -43,7 +47,7 @@ def read_env() -> DistInfo:
     return DistInfo(world.rank, world.world_size, world.local_rank)
 
 
-def pick_device(name: str, info: DistInfo = DistInfo(), key: str = "device") -> torch.device:
+def pick_device(name: str, info: DistInfo = SINGLE_PROCESS, key: str = "device") -> torch.device:
     """`auto` | `cpu` | `cuda` | `cuda:N` -> the device; `cuda` (and `auto` on a GPU node) is this rank's GPU.
     Any other value, or CUDA asked for where there is none, is a ValueError naming `key` (the config key)."""
     name = str(name)
@@ -56,8 +60,10 @@ def pick_device(name: str, info: DistInfo = DistInfo(), key: str = "device") -> 
     if name == "cuda":
         return torch.device("cuda", info.local_rank)
     if name.startswith("cuda:") and info.enabled:
-        raise ValueError(f"trainer.device={name} would put every process on one GPU; under torchrun use "
-                         "trainer.device=cuda or auto (rank r uses cuda:LOCAL_RANK)")
+        raise ValueError(
+            f"trainer.device={name} would put every process on one GPU; under torchrun use "
+            "trainer.device=cuda or auto (rank r uses cuda:LOCAL_RANK)"
+        )
     return torch.device(name)
 
 
@@ -85,8 +91,12 @@ def init_distributed(backend: str | None = None, device: str = "auto", timeout_m
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         # rank and world size passed explicitly: under srun they are not in RANK/WORLD_SIZE.
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            backend=backend,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
         if backend != "gloo":
             info.cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return info

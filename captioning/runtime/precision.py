@@ -1,4 +1,5 @@
 """Mixed precision: the autocast dtype of `trainer.precision` on a device."""
+
 from __future__ import annotations
 
 import torch

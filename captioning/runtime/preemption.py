@@ -1,4 +1,5 @@
 """Preemption: a signal sets a flag, the training loop saves at the next step boundary, then asks for a requeue."""
+
 from __future__ import annotations
 
 import logging

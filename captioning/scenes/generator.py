@@ -43,8 +43,20 @@ from PIL import Image, ImageDraw
 
 from captioning.scenes import grammar as scene_grammar
 from captioning.scenes.grammar import (  # noqa: F401  (re-exported: the module's public names since v1)
-    COLORS, GREY, PICTURE, POSITION_WORDS, RELATION_TO_IT, RELATION_WORDS, SHAPE_WORDS, SHAPES, SIZE_WORDS,
-    TEMPLATES, THINGS, VERBS, tokenize)
+    COLORS,
+    GREY,
+    PICTURE,
+    POSITION_WORDS,
+    RELATION_TO_IT,
+    RELATION_WORDS,
+    SHAPE_WORDS,
+    SHAPES,
+    SIZE_WORDS,
+    TEMPLATES,
+    THINGS,
+    VERBS,
+    tokenize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +91,13 @@ OWNED_FILES = (KARPATHY_FILE, OBJECTS_FILE, META_FILE)
 
 # COLORS (colour word -> RGB) and SHAPES come from scene_grammar, the words of the caption grammar.
 SIZE_EXTENT = {"small": 0.16, "large": 0.30}  # object extent as a fraction of the image side
-SINGLE_POSITIONS = {"center": (0.5, 0.5), "left": (0.25, 0.5), "right": (0.75, 0.5),
-                    "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
+SINGLE_POSITIONS = {
+    "center": (0.5, 0.5),
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+}
 
 
 @dataclass
@@ -157,9 +174,20 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
         return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
     if shape == "cross":
         t = r / 3  # half the arm thickness
-        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t),
-                (cx + r, cy + t), (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r),
-                (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
+        return [
+            (cx - t, cy - r),
+            (cx + t, cy - r),
+            (cx + t, cy - t),
+            (cx + r, cy - t),
+            (cx + r, cy + t),
+            (cx + t, cy + t),
+            (cx + t, cy + r),
+            (cx - t, cy + r),
+            (cx - t, cy + t),
+            (cx - r, cy + t),
+            (cx - r, cy - t),
+            (cx - t, cy - t),
+        ]
     if shape == "star":
         points = []
         for k in range(10):  # 5 outer and 5 inner vertices, first one pointing up
@@ -203,12 +231,13 @@ def _surface(text: str, rng: random.Random) -> str:
     elif roll < 0.06:
         spaces = [i for i, ch in enumerate(text) if ch == " "]
         i = rng.choice(spaces)
-        text = text[:i] + "  " + text[i + 1:]
+        text = text[:i] + "  " + text[i + 1 :]
     return text
 
 
-def caption_scene(scene: Scene, rng: random.Random, num_captions: int = 5,
-                  words: tuple[int, int] = (MIN_WORDS, MAX_WORDS)) -> list[str]:
+def caption_scene(
+    scene: Scene, rng: random.Random, num_captions: int = 5, words: tuple[int, int] = (MIN_WORDS, MAX_WORDS)
+) -> list[str]:
     """Distinct true captions of `scene`, words[0]..words[1] words each; for 2-3 object scenes the
     first caption drawn is long (at least LONG_MIN_WORDS words). Returned in random order."""
     templates, weights = zip(*TEMPLATES[len(scene.objects)])
@@ -232,6 +261,7 @@ def caption_scene(scene: Scene, rng: random.Random, num_captions: int = 5,
 # ---------------------------------------------------------------------------------------------------
 # Writing the COCO folder
 
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary name, then rename: a reader never sees a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -253,8 +283,13 @@ def _cocoid(split_code: int, index: int, seed: int) -> int:
 
 
 def _check_args(num_train: int, num_val: int, num_test: int, image_size: int, seed: int) -> None:
-    for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("num_test", num_test, 1),
-                             ("image_size", image_size, 16), ("seed", seed, 0)):
+    for name, value, low in (
+        ("num_train", num_train, 1),
+        ("num_val", num_val, 1),
+        ("num_test", num_test, 1),
+        ("image_size", image_size, 16),
+        ("seed", seed, 0),
+    ):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{name} must be an int, got {value!r}")
         if value < low:
@@ -273,9 +308,11 @@ def _clear_previous(root: Path) -> None:
     present = [name for name in OWNED_DIRS + OWNED_FILES if (root / name).exists()]
     if present and not ours:
         raise ValueError(
-            f"{root} already contains {present} but none of {META_FILE}, {OBJECTS_FILE}, {INCOMPLETE_MARKER}: it does not look like a synthetic "
+            f"{root} already contains {present} but none of {META_FILE}, {OBJECTS_FILE}, {INCOMPLETE_MARKER}: "
+            "it does not look like a synthetic "
             f"data set generated here (a real COCO folder?); refusing to overwrite it. "
-            f"Use an empty folder for the synthetic data.")
+            f"Use an empty folder for the synthetic data."
+        )
     (root / INCOMPLETE_MARKER).touch()
     (root / META_FILE).unlink(missing_ok=True)
     for name in OWNED_DIRS:
@@ -300,8 +337,15 @@ def _meta(num_train: int, num_val: int, num_test: int, image_size: int, seed: in
     return {"format_version": FORMAT_VERSION, "generator": _generator_fingerprint(), "kwargs": kwargs}
 
 
-def generate_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250, num_test: int = 250,
-                       image_size: int = 64, seed: int = 0, kind: str = "standard") -> Path:
+def generate_synthetic(
+    root: str | Path,
+    num_train: int = 4000,
+    num_val: int = 250,
+    num_test: int = 250,
+    image_size: int = 64,
+    seed: int = 0,
+    kind: str = "standard",
+) -> Path:
     """Write a synthetic COCO 2014 + Karpathy data set into `root` and return `root` as a Path.
 
     `num_train` counts Karpathy "train" + "restval" images (like the 113,287 of real COCO); every
@@ -319,17 +363,29 @@ def generate_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 2
         (root / name).mkdir()
 
     # (split, folder, split_code, index): the scene of an image depends only on (seed, split_code, index).
-    plan = [("restval" if i % 10 == 9 else "train", "val2014" if i % 10 == 9 else "train2014", 0, i)
-            for i in range(num_train)]
+    plan = [
+        ("restval" if i % 10 == 9 else "train", "val2014" if i % 10 == 9 else "train2014", 0, i)
+        for i in range(num_train)
+    ]
     plan += [("val", "val2014", 1, i) for i in range(num_val)]
     plan += [("test", "val2014", 2, i) for i in range(num_test)]
 
     karpathy_images, scenes_meta = [], {}
-    coco = {folder: {"info": {"description": f"Synthetic shape scenes in COCO format ({folder})",
-                              "version": str(FORMAT_VERSION), "year": 2014,
-                              "contributor": "captioning.data.synthetic", "date_created": "2014-01-01"},
-                     "licenses": [], "images": [], "annotations": []}
-            for folder in ("train2014", "val2014")}
+    coco = {
+        folder: {
+            "info": {
+                "description": f"Synthetic shape scenes in COCO format ({folder})",
+                "version": str(FORMAT_VERSION),
+                "year": 2014,
+                "contributor": "captioning.data.synthetic",
+                "date_created": "2014-01-01",
+            },
+            "licenses": [],
+            "images": [],
+            "annotations": [],
+        }
+        for folder in ("train2014", "val2014")
+    }
     sentid = 0
     for imgid, (split, folder, split_code, index) in enumerate(plan):
         rng = random.Random(f"synthetic-v{FORMAT_VERSION}:{seed}:{split_code}:{index}")
@@ -342,38 +398,66 @@ def generate_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 2
         draw_scene(scene, image_size).save(buffer, format="JPEG", quality=90)
         _write_atomic(root / folder / filename, buffer.getvalue())
 
-        coco[folder]["images"].append({"id": cocoid, "file_name": filename,
-                                       "width": image_size, "height": image_size})
+        coco[folder]["images"].append({"id": cocoid, "file_name": filename, "width": image_size, "height": image_size})
         sentences = []
         for j, caption in enumerate(captions):
             coco[folder]["annotations"].append({"id": cocoid * 10 + j, "image_id": cocoid, "caption": caption})
             sentences.append({"tokens": tokenize(caption), "raw": caption, "imgid": imgid, "sentid": sentid + j})
-        karpathy_images.append({"filepath": folder, "sentids": list(range(sentid, sentid + len(captions))),
-                                "filename": filename, "imgid": imgid, "split": split,
-                                "sentences": sentences, "cocoid": cocoid})
+        karpathy_images.append(
+            {
+                "filepath": folder,
+                "sentids": list(range(sentid, sentid + len(captions))),
+                "filename": filename,
+                "imgid": imgid,
+                "split": split,
+                "sentences": sentences,
+                "cocoid": cocoid,
+            }
+        )
         sentid += len(captions)
         scenes_meta[str(cocoid)] = {
-            "split": split, "file": f"{folder}/{filename}", "background": list(scene.background),
-            "layout": scene.layout, "position": scene.position,
-            "objects": [{"shape": o.shape, "color": o.color, "size": o.size,
-                         # COCO-style box [x, y, width, height] in pixels
-                         "bbox": [round((o.cx - o.extent / 2) * image_size, 2),
-                                  round((o.cy - o.extent / 2) * image_size, 2),
-                                  round(o.extent * image_size, 2), round(o.extent * image_size, 2)]}
-                        for o in scene.objects]}
+            "split": split,
+            "file": f"{folder}/{filename}",
+            "background": list(scene.background),
+            "layout": scene.layout,
+            "position": scene.position,
+            "objects": [
+                {
+                    "shape": o.shape,
+                    "color": o.color,
+                    "size": o.size,
+                    # COCO-style box [x, y, width, height] in pixels
+                    "bbox": [
+                        round((o.cx - o.extent / 2) * image_size, 2),
+                        round((o.cy - o.extent / 2) * image_size, 2),
+                        round(o.extent * image_size, 2),
+                        round(o.extent * image_size, 2),
+                    ],
+                }
+                for o in scene.objects
+            ],
+        }
 
     _write_json(root / "annotations" / "captions_train2014.json", coco["train2014"])
     _write_json(root / "annotations" / "captions_val2014.json", coco["val2014"])
     _write_json(root / KARPATHY_FILE, {"images": karpathy_images, "dataset": "coco"})
-    _write_json(root / OBJECTS_FILE, {"format_version": FORMAT_VERSION, "image_size": image_size,
-                                      "images": scenes_meta})
+    _write_json(
+        root / OBJECTS_FILE, {"format_version": FORMAT_VERSION, "image_size": image_size, "images": scenes_meta}
+    )
     _write_json(root / META_FILE, _meta(num_train, num_val, num_test, image_size, seed, kind))  # LAST: marks completion
     (root / INCOMPLETE_MARKER).unlink()
     return root
 
 
-def ensure_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250, num_test: int = 250,
-                     image_size: int = 64, seed: int = 0, kind: str = "standard") -> Path:
+def ensure_synthetic(
+    root: str | Path,
+    num_train: int = 4000,
+    num_val: int = 250,
+    num_test: int = 250,
+    image_size: int = 64,
+    seed: int = 0,
+    kind: str = "standard",
+) -> Path:
     """Return `root` holding the synthetic data set for these arguments, generating it only if needed.
 
     Reuses a complete generation with identical arguments and format version; regenerates (in place)
@@ -400,6 +484,7 @@ def ensure_synthetic(root: str | Path, num_train: int = 4000, num_val: int = 250
 # ---------------------------------------------------------------------------------------------------
 # Reading a generation back
 
+
 def is_synthetic_root(root: str | Path) -> bool:
     """Is `root` a finished synthetic generation (its scene metadata present, no generation in progress)?
     False for a real COCO folder, which has no synthetic_objects.json."""
@@ -416,20 +501,32 @@ def load_scenes(root: str | Path, split: str | None = None) -> dict[int, Scene]:
     synthetic generation or was written by another FORMAT_VERSION (its captions follow another grammar)."""
     root = Path(root)
     if not is_synthetic_root(root):
-        raise ValueError(f"{root} is not a synthetic data set generated here (no {OBJECTS_FILE}, or a generation "
-                         f"in progress)")
+        raise ValueError(
+            f"{root} is not a synthetic data set generated here (no {OBJECTS_FILE}, or a generation in progress)"
+        )
     meta = json.loads((root / OBJECTS_FILE).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{root / OBJECTS_FILE} has format_version {meta.get('format_version')!r}, this code reads "
-                         f"{FORMAT_VERSION}: regenerate the data set")
+        raise ValueError(
+            f"{root / OBJECTS_FILE} has format_version {meta.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}: regenerate the data set"
+        )
     size = meta["image_size"]
     scenes = {}
     for cocoid, info in meta["images"].items():
         if split is not None and info["split"] != split:
             continue
-        objects = [SceneObject(o["shape"], o["color"], o["size"], (o["bbox"][0] + o["bbox"][2] / 2) / size,
-                               (o["bbox"][1] + o["bbox"][3] / 2) / size, o["bbox"][2] / size, COLORS[o["color"]])
-                   for o in info["objects"]]
+        objects = [
+            SceneObject(
+                o["shape"],
+                o["color"],
+                o["size"],
+                (o["bbox"][0] + o["bbox"][2] / 2) / size,
+                (o["bbox"][1] + o["bbox"][3] / 2) / size,
+                o["bbox"][2] / size,
+                COLORS[o["color"]],
+            )
+            for o in info["objects"]
+        ]
         scenes[int(cocoid)] = Scene(tuple(info["background"]), info["layout"], info["position"], objects)
     return scenes
 
@@ -446,9 +543,9 @@ def load_scenes(root: str | Path, split: str | None = None) -> dict[int, Scene]:
 #
 # The shapes are drawn smaller than in the standard scenes (the same small/large ratio) so that six fit in a row.
 KINDS = ("standard", "long")
-LONG_OBJECTS = (4, 6)       # fewest and most objects of a long scene
-LONG_WORDS = (25, 40)       # caption length window of long scenes (tokens, <eos> not counted)
-MIN_GAP = 0.02              # smallest gap between neighbours and to the border, a fraction of the image side
+LONG_OBJECTS = (4, 6)  # fewest and most objects of a long scene
+LONG_WORDS = (25, 40)  # caption length window of long scenes (tokens, <eos> not counted)
+MIN_GAP = 0.02  # smallest gap between neighbours and to the border, a fraction of the image side
 
 
 def check_kind(kind) -> str:
@@ -506,13 +603,26 @@ def ensure_data(cfg_data) -> Path:
 
     s = cfg_data.synthetic
     kind = s.get("kind", "standard")
-    root = Path(str(cfg_data.root)).expanduser() if cfg_data.root else cache_dir() / (
-        f"synthetic_{s.num_train}_{s.num_val}_{s.num_test}_{s.image_size}px_seed{s.seed}"
-        + ("" if kind == "standard" else f"_{kind}"))
+    root = (
+        Path(str(cfg_data.root)).expanduser()
+        if cfg_data.root
+        else cache_dir()
+        / (
+            f"synthetic_{s.num_train}_{s.num_val}_{s.num_test}_{s.image_size}px_seed{s.seed}"
+            + ("" if kind == "standard" else f"_{kind}")
+        )
+    )
     if cfg_data.root:
         check_synthetic_root(root)
-    return ensure_synthetic(root, num_train=s.num_train, num_val=s.num_val, num_test=s.num_test,
-                            image_size=s.image_size, seed=s.seed, kind=kind)
+    return ensure_synthetic(
+        root,
+        num_train=s.num_train,
+        num_val=s.num_val,
+        num_test=s.num_test,
+        image_size=s.image_size,
+        seed=s.seed,
+        kind=kind,
+    )
 
 
 def check_synthetic_root(root: Path) -> None:
@@ -526,12 +636,17 @@ def check_synthetic_root(root: Path) -> None:
         return  # ours: reused, or regenerated by ensure_synthetic
     others = [name for name in entries if name != LOCK_FILE]
     if others:
-        raise ValueError(f"data.root={root} holds other files ({', '.join(others[:5])}"
-                         f"{' ...' if len(others) > 5 else ''}) and no synthetic data set: with data=synthetic, name "
-                         "a new or empty folder, or leave data.root unset (generated in the cache); for real COCO "
-                         "use data=coco")
-    log.warning("data.root=%s %s: generating the synthetic data set there", root,
-                                        "is empty" if root.is_dir() else "does not exist")
+        raise ValueError(
+            f"data.root={root} holds other files ({', '.join(others[:5])}"
+            f"{' ...' if len(others) > 5 else ''}) and no synthetic data set: with data=synthetic, name "
+            "a new or empty folder, or leave data.root unset (generated in the cache); for real COCO "
+            "use data=coco"
+        )
+    log.warning(
+        "data.root=%s %s: generating the synthetic data set there",
+        root,
+        "is empty" if root.is_dir() else "does not exist",
+    )
 
 
 def load_scene_truth(cfg_data) -> dict | None:

@@ -38,9 +38,10 @@ from __future__ import annotations
 import itertools
 import random
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Iterator, NamedTuple, Sequence, Union
+from functools import cache
+from typing import NamedTuple
 
 # ---------------------------------------------------------------------------------------------------
 # Scene vocabulary and phrase tables (the data the generator draws from and the checker parses with)
@@ -57,18 +58,34 @@ COLORS: dict[str, tuple[int, int, int]] = {  # colour word -> the RGB the genera
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 
-SHAPE_WORDS = {"circle": ["circle", "disc", "round shape"], "square": ["square", "box"],
-               "triangle": ["triangle"], "star": ["star"], "cross": ["cross"], "diamond": ["diamond"]}
+SHAPE_WORDS = {
+    "circle": ["circle", "disc", "round shape"],
+    "square": ["square", "box"],
+    "triangle": ["triangle"],
+    "star": ["star"],
+    "cross": ["cross"],
+    "diamond": ["diamond"],
+}
 SIZE_WORDS = {"large": ["large", "big"], "small": ["small", "little", "tiny"]}
-RELATION_WORDS = {"left": ["to the left of", "left of", "on the left of"],
-                  "right": ["to the right of", "right of", "on the right of"],
-                  "above": ["above", "on top of", "over"],
-                  "below": ["below", "under", "beneath", "underneath"]}
-RELATION_TO_IT = {"left": ["to its left", "on its left"], "right": ["to its right", "on its right"],
-                  "above": ["above it", "over it"], "below": ["below it", "under it", "beneath it"]}
-POSITION_WORDS = {"center": ["in the middle", "in the center", "at the center"],
-                  "left": ["on the left", "on the left side"], "right": ["on the right", "on the right side"],
-                  "top": ["at the top", "near the top"], "bottom": ["at the bottom", "near the bottom"]}
+RELATION_WORDS = {
+    "left": ["to the left of", "left of", "on the left of"],
+    "right": ["to the right of", "right of", "on the right of"],
+    "above": ["above", "on top of", "over"],
+    "below": ["below", "under", "beneath", "underneath"],
+}
+RELATION_TO_IT = {
+    "left": ["to its left", "on its left"],
+    "right": ["to its right", "on its right"],
+    "above": ["above it", "over it"],
+    "below": ["below it", "under it", "beneath it"],
+}
+POSITION_WORDS = {
+    "center": ["in the middle", "in the center", "at the center"],
+    "left": ["on the left", "on the left side"],
+    "right": ["on the right", "on the right side"],
+    "top": ["at the top", "near the top"],
+    "bottom": ["at the bottom", "near the bottom"],
+}
 # Layout phrases: a list is drawn from (rng.choice), a string is the one phrase (no random draw).
 LINE_WORDS = {"horizontal": ["in a row", "in a line"], "vertical": ["in a column", "in a line"]}
 TOGETHER_WORDS = {"horizontal": ["side by side", "next to each other"], "vertical": ["one above the other"]}
@@ -76,10 +93,17 @@ FIRST_SIDE = {"horizontal": "on the left", "vertical": "at the top"}
 LAST_SIDE = {"horizontal": "on the right", "vertical": "at the bottom"}
 READING_ORDER = {"horizontal": "from left to right", "vertical": "from top to bottom"}
 LINE_NOUN = {"horizontal": "row", "vertical": "column"}
-PHRASE_TABLES = {"RELATION_WORDS": RELATION_WORDS, "RELATION_TO_IT": RELATION_TO_IT,
-                 "POSITION_WORDS": POSITION_WORDS, "LINE_WORDS": LINE_WORDS, "TOGETHER_WORDS": TOGETHER_WORDS,
-                 "FIRST_SIDE": FIRST_SIDE, "LAST_SIDE": LAST_SIDE, "READING_ORDER": READING_ORDER,
-                 "LINE_NOUN": LINE_NOUN}
+PHRASE_TABLES = {
+    "RELATION_WORDS": RELATION_WORDS,
+    "RELATION_TO_IT": RELATION_TO_IT,
+    "POSITION_WORDS": POSITION_WORDS,
+    "LINE_WORDS": LINE_WORDS,
+    "TOGETHER_WORDS": TOGETHER_WORDS,
+    "FIRST_SIDE": FIRST_SIDE,
+    "LAST_SIDE": LAST_SIDE,
+    "READING_ORDER": READING_ORDER,
+    "LINE_NOUN": LINE_NOUN,
+}
 # Fixed phrase lists (no claim about the scene).
 VERBS = ["is", "sits", "lies", "is placed"]
 THINGS = ["shapes", "objects"]
@@ -109,21 +133,25 @@ def _join(*parts: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Parts and templates
 
+
 @dataclass(frozen=True)
 class Words:
     """Fixed template text; its punctuation (',' ':') only shows in the raw caption, tokenize drops it."""
+
     text: str
 
 
 @dataclass(frozen=True)
 class Pick:
     """One of fixed phrases, drawn with rng.choice; states nothing about the scene."""
+
     options: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Maybe:
     """The parts or nothing: the parts are drawn first, then kept if rng.random() < p."""
+
     parts: tuple
     p: float = 0.5
 
@@ -131,6 +159,7 @@ class Maybe:
 @dataclass(frozen=True)
 class Around:
     """`inner` (drawn first), then a coin: `before` + inner if rng.random() < 0.5, else inner + `after`."""
+
     inner: tuple
     before: tuple
     after: tuple
@@ -141,6 +170,7 @@ class Noun:
     """Noun phrase of the object in `role`: '[a|an|the] [size] colour shape'. The size word is there with
     probability 1/2. article=False drops the article; bound=True takes the template's bound shape word for the
     role (drawn once, before the parts) instead of drawing one here."""
+
     role: int
     definite: bool = False
     article: bool = True
@@ -150,6 +180,7 @@ class Noun:
 @dataclass(frozen=True)
 class Again:
     """The bound shape word of the object in `role`, said again ('... , the circle is left of the box')."""
+
     role: int
 
 
@@ -160,6 +191,7 @@ class Say:
     fact: "relation" (of the object in roles[0] to the one in roles[1]: left/right/above/below),
     "position" (of the single object: a key of POSITION_WORDS) or "layout" (horizontal/vertical).
     kind: the claim kind it is reported as; what: the claim's subject, '{0}', '{1}' = object numbers of roles."""
+
     kind: str
     fact: str
     table: str
@@ -167,7 +199,7 @@ class Say:
     what: str = ""
 
 
-Part = Union[Words, Pick, Maybe, Around, Noun, Again, Say]
+Part = Words | Pick | Maybe | Around | Noun | Again | Say
 
 
 @dataclass(frozen=True)
@@ -175,6 +207,7 @@ class Template:
     """One sentence form for `count` objects. frames: role -> object index maps; with two, the generator draws
     rng.random() first and takes frames[0] if it is < 0.5. bind: roles whose shape word is drawn once (in this
     order, after the frame) and used by Noun(bound=True) and Again."""
+
     name: str
     count: int
     parts: tuple
@@ -193,8 +226,10 @@ def _relation_to_it(a: int, b: int) -> Say:  # 'B with A to its left': A is left
     return Say("relation", "relation", "RELATION_TO_IT", (a, b), "relation of object {0} to object {1}")
 
 
-_POSITION = (Say("position", "position", "POSITION_WORDS", (0,), "position of object {0}"),
-             Maybe((Pick(tuple(OF_IMAGE)),), 0.3))
+_POSITION = (
+    Say("position", "position", "POSITION_WORDS", (0,), "position of object {0}"),
+    Maybe((Pick(tuple(OF_IMAGE)),), 0.3),
+)
 _LINE = Say("order", "layout", "LINE_WORDS", (), "arrangement of the objects")
 _TOGETHER = Say("relation", "layout", "TOGETHER_WORDS", (0, 1), "relation of objects {0} and {1}")
 _READING_ORDER = Say("order", "layout", "READING_ORDER", (), "reading order")
@@ -238,39 +273,141 @@ def _t(name: str, count: int, parts, frames, bind=()) -> Template:
 # has 17 words, beyond the generator's MAX_WORDS (16), so it is always redrawn (its random draws still count, and
 # the checker accepts its sentences as true).
 TEMPLATES: dict[int, list[tuple[Template, float]]] = {
-    1: [(_t("one_position", 1, (Noun(0), _maybe(_VERB), *_POSITION), ONE), 1.0),
+    1: [
+        (_t("one_position", 1, (Noun(0), _maybe(_VERB), *_POSITION), ONE), 1.0),
         (_t("one_single", 1, (Words("a single"), Noun(0, article=False), _maybe(*_POSITION)), ONE), 1.0),
         (_t("one_picture", 1, (_PICTURE, Noun(0), _maybe(*_POSITION)), ONE), 1.0),
         (_t("one_background", 1, (Noun(0), *_ON_GREY), ONE), 1.0),
-        (_t("one_count", 1, (_pick(ONE_LEAD), _pick(ONE_NOUN), Words(":"), Noun(0)), ONE), 0.7)],
-    2: [(_t("pair_plain", 2, (Noun(_S), _relation(_S, _O), Noun(_O)), SUBJECT), 1.0),
+        (_t("one_count", 1, (_pick(ONE_LEAD), _pick(ONE_NOUN), Words(":"), Noun(0)), ONE), 0.7),
+    ],
+    2: [
+        (_t("pair_plain", 2, (Noun(_S), _relation(_S, _O), Noun(_O)), SUBJECT), 1.0),
         (_t("pair_verb", 2, (Noun(_S), _VERB, _relation(_S, _O), Noun(_O)), SUBJECT), 1.0),
         (_t("pair_there", 2, (Words("there is"), Noun(_S), _relation(_S, _O), Noun(_O)), SUBJECT), 1.0),
         (_t("pair_count", 2, (Words("two"), _THINGS, Words(":"), Noun(_S), Words("and"), Noun(_O)), SUBJECT), 0.7),
         (_t("pair_with", 2, (Noun(_O), Words("with"), Noun(_S), _relation_to_it(_S, _O)), SUBJECT), 1.0),
         (_t("pair_together", 2, (Noun(_S), Words("and"), Noun(_O), _TOGETHER), SUBJECT), 0.5),
-        (_t("pair_definite", 2, (Noun(_S, definite=True), _VERB, _relation(_S, _O), Noun(_O, definite=True)),
-            SUBJECT), 1.0),
-        (_t("pair_picture", 2, (_PICTURE, Words("two"), _THINGS, Words(":"), Noun(_S), _VERB, _relation(_S, _O),
-                                Noun(_O)), SUBJECT), 1.0),
-        (_t("pair_refer", 2, (Noun(_S, bound=True), Words("and"), Noun(_O, bound=True), Words(", the"), Again(_S),
-                              _VERB, _relation(_S, _O), Words("the"), Again(_O)), SUBJECT, bind=(_S, _O)), 1.0),
-        (_t("pair_sides", 2, (_first_side(0), Words("there is"), Noun(0), Words("and"), _last_side(1),
-                              _maybe(Words("there is")), Noun(1)), FIXED_PAIR), 1.0),
-        (_t("pair_background", 2, (Noun(_S), _maybe(_VERB), _relation(_S, _O), Noun(_O), *_ON_GREY), SUBJECT), 1.0)],
-    3: [(_t("tri_count", 3, (Words("three"), _THINGS, Words(":"), Noun(0), Words(","), Noun(1), Words("and"), Noun(2),
-                             _LINE), FIXED_TRIPLE), 1.0),
+        (
+            _t(
+                "pair_definite",
+                2,
+                (Noun(_S, definite=True), _VERB, _relation(_S, _O), Noun(_O, definite=True)),
+                SUBJECT,
+            ),
+            1.0,
+        ),
+        (
+            _t(
+                "pair_picture",
+                2,
+                (_PICTURE, Words("two"), _THINGS, Words(":"), Noun(_S), _VERB, _relation(_S, _O), Noun(_O)),
+                SUBJECT,
+            ),
+            1.0,
+        ),
+        (
+            _t(
+                "pair_refer",
+                2,
+                (
+                    Noun(_S, bound=True),
+                    Words("and"),
+                    Noun(_O, bound=True),
+                    Words(", the"),
+                    Again(_S),
+                    _VERB,
+                    _relation(_S, _O),
+                    Words("the"),
+                    Again(_O),
+                ),
+                SUBJECT,
+                bind=(_S, _O),
+            ),
+            1.0,
+        ),
+        (
+            _t(
+                "pair_sides",
+                2,
+                (
+                    _first_side(0),
+                    Words("there is"),
+                    Noun(0),
+                    Words("and"),
+                    _last_side(1),
+                    _maybe(Words("there is")),
+                    Noun(1),
+                ),
+                FIXED_PAIR,
+            ),
+            1.0,
+        ),
+        (_t("pair_background", 2, (Noun(_S), _maybe(_VERB), _relation(_S, _O), Noun(_O), *_ON_GREY), SUBJECT), 1.0),
+    ],
+    3: [
+        (
+            _t(
+                "tri_count",
+                3,
+                (Words("three"), _THINGS, Words(":"), Noun(0), Words(","), Noun(1), Words("and"), Noun(2), _LINE),
+                FIXED_TRIPLE,
+            ),
+            1.0,
+        ),
         (_t("tri_between", 3, (Noun(0), _maybe(_VERB), Words("between"), Noun(1), Words("and"), Noun(2)), ENDS), 1.0),
-        (_t("tri_order", 3, (Around((Noun(0), Words(","), Noun(1), Words("and"), Noun(2)),
-                                    before=(_READING_ORDER, Words(":")), after=(_READING_ORDER,)),), FIXED_TRIPLE),
-         1.0),
-        (_t("tri_chain", 3, (Noun(0), _relation(0, 1), Noun(1), Words(", which"), _VERB, _relation(1, 2), Noun(2)),
-            CHAIN), 1.0),
+        (
+            _t(
+                "tri_order",
+                3,
+                (
+                    Around(
+                        (Noun(0), Words(","), Noun(1), Words("and"), Noun(2)),
+                        before=(_READING_ORDER, Words(":")),
+                        after=(_READING_ORDER,),
+                    ),
+                ),
+                FIXED_TRIPLE,
+            ),
+            1.0,
+        ),
+        (
+            _t(
+                "tri_chain",
+                3,
+                (Noun(0), _relation(0, 1), Noun(1), Words(", which"), _VERB, _relation(1, 2), Noun(2)),
+                CHAIN,
+            ),
+            1.0,
+        ),
         (_t("tri_there", 3, (Words("there are three"), _THINGS, _LINE, *_ON_GREY), FIXED_TRIPLE), 0.25),
-        (_t("tri_sides", 3, (Noun(1), _maybe(_VERB), Words("between"), Noun(0), _first_side(0), Words("and"), Noun(2),
-                             _last_side(2)), FIXED_TRIPLE), 1.0),
-        (_t("tri_middle", 3, (Noun(1), Words("in the middle of a"), _LINE_NOUN, Words("of three"), _THINGS),
-            FIXED_TRIPLE), 0.5)],
+        (
+            _t(
+                "tri_sides",
+                3,
+                (
+                    Noun(1),
+                    _maybe(_VERB),
+                    Words("between"),
+                    Noun(0),
+                    _first_side(0),
+                    Words("and"),
+                    Noun(2),
+                    _last_side(2),
+                ),
+                FIXED_TRIPLE,
+            ),
+            1.0,
+        ),
+        (
+            _t(
+                "tri_middle",
+                3,
+                (Noun(1), Words("in the middle of a"), _LINE_NOUN, Words("of three"), _THINGS),
+                FIXED_TRIPLE,
+            ),
+            0.5,
+        ),
+    ],
 }
 
 
@@ -288,8 +425,11 @@ def _long_templates(n: int) -> list[tuple[Template, float]]:
     there = [Words("there are"), Words(NUMBER_WORDS[n]), _THINGS, _LINE, Words(": first"), Noun(0)]
     there += [part for k in middle for part in (Words(", next"), Noun(k))] + [Words(", and last"), Noun(n - 1)]
     frame = (tuple(range(n)),)
-    return [(_t(f"long_order_{n}", n, order, frame), 1.0), (_t(f"long_chain_{n}", n, chain, frame), 1.0),
-            (_t(f"long_there_{n}", n, there, frame), 1.0)]
+    return [
+        (_t(f"long_order_{n}", n, order, frame), 1.0),
+        (_t(f"long_chain_{n}", n, chain, frame), 1.0),
+        (_t(f"long_there_{n}", n, there, frame), 1.0),
+    ]
 
 
 TEMPLATES.update({n: _long_templates(n) for n in NUMBER_WORDS})
@@ -298,6 +438,7 @@ ALL_TEMPLATES: tuple[Template, ...] = tuple(t for n in sorted(TEMPLATES) for t, 
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Sampling (the generator)
+
 
 def _object(scene, frame: tuple[int, ...], role: int):
     return scene.objects[frame[role]]
@@ -371,6 +512,7 @@ def _draw_part(part: Part, scene, frame, bound: dict, rng: random.Random) -> str
 # ---------------------------------------------------------------------------------------------------
 # Alternatives of a part: every way to say it, over every scene, with what each way says
 
+
 class NounSaid(NamedTuple):
     size: str | None  # size class said, None when no size word
     colour: str
@@ -401,7 +543,7 @@ def _noun_alternatives(part: Noun) -> Iterator[tuple[Tokens, NounSaid]]:
                         yield tokens, NounSaid(size, colour, shape, word)
 
 
-@lru_cache(maxsize=None)
+@cache
 def alternatives(part: Part) -> tuple[tuple[Tokens, object], ...]:
     """Every token sequence an atomic part can be, in any scene, with what it says (None: says nothing)."""
     if isinstance(part, Words):
@@ -421,7 +563,7 @@ def alternatives(part: Part) -> tuple[tuple[Tokens, object], ...]:
     raise TypeError(f"not an atomic grammar part: {part!r}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _index(part: Part) -> tuple[dict[Tokens, list], tuple[int, ...]]:
     """alternatives(part) as {tokens: [said, ...]} and the distinct token lengths, ascending."""
     by_tokens: dict[Tokens, list] = {}
@@ -438,15 +580,16 @@ def _flatten(parts: tuple) -> list[tuple]:
             options = [()] + _flatten(part.parts)
         elif isinstance(part, Around):
             inner = _flatten(part.inner)
-            options = ([b + i for b in _flatten(part.before) for i in inner]
-                       + [i + a for i in inner for a in _flatten(part.after)])
+            options = [b + i for b in _flatten(part.before) for i in inner] + [
+                i + a for i in inner for a in _flatten(part.after)
+            ]
         else:
             options = [(part,)]
         sequences = [s + o for s in sequences for o in options]
     return sequences
 
 
-@lru_cache(maxsize=None)
+@cache
 def _variants(template: Template) -> tuple[tuple, ...]:
     return tuple(_flatten(template.parts))
 
@@ -454,10 +597,12 @@ def _variants(template: Template) -> tuple[tuple, ...]:
 # ---------------------------------------------------------------------------------------------------
 # Claims
 
+
 @dataclass(frozen=True)
 class Claim:
     """One thing a caption says. kind: one of CLAIM_KINDS; what: its subject ("colour of object 2"; objects are
     numbered 1.. in reading order); said / truth: what the caption says and what a true caption says there."""
+
     kind: str
     what: str
     said: str
@@ -480,8 +625,10 @@ def part_claims(part: Part, said, scene, frame: tuple[int, ...]) -> list[Claim]:
     if isinstance(part, Noun):
         obj = _object(scene, frame, part.role)
         number = frame[part.role] + 1
-        claims = [Claim("colour", f"colour of object {number}", said.colour, obj.color, said.colour == obj.color),
-                  Claim("shape", f"shape of object {number}", said.word, obj.shape, said.shape == obj.shape)]
+        claims = [
+            Claim("colour", f"colour of object {number}", said.colour, obj.color, said.colour == obj.color),
+            Claim("shape", f"shape of object {number}", said.word, obj.shape, said.shape == obj.shape),
+        ]
         if said.size is not None:
             claims.append(Claim("size", f"size of object {number}", said.size, obj.size, said.size == obj.size))
         return claims
@@ -499,9 +646,11 @@ def part_claims(part: Part, said, scene, frame: tuple[int, ...]) -> list[Claim]:
 # ---------------------------------------------------------------------------------------------------
 # 2. Checking a caption: parse with every template, judge every claim
 
+
 @dataclass(frozen=True)
 class Reading:
     """One parse of a caption: the template and, per stating part, the part and what it was read as."""
+
     template: Template
     items: tuple[tuple[Part, object], ...]
 
@@ -516,7 +665,7 @@ def _match(parts: tuple, tokens: Tokens, i: int, items: tuple) -> Iterator[tuple
     for n in lengths:
         if i + n > len(tokens):
             break
-        for said in by_tokens.get(tokens[i:i + n], ()):
+        for said in by_tokens.get(tokens[i : i + n], ()):
             if said is None:
                 yield from _match(rest, tokens, i + n, items)
             elif _consistent(part, said, items):
@@ -535,8 +684,12 @@ def _consistent(part: Part, said, items: tuple) -> bool:
 def readings(tokens: Sequence[str]) -> list[Reading]:
     """Every parse of the tokens by any template (of any number of objects), in template order."""
     tokens = tuple(tokens)
-    return [Reading(template, items) for template in ALL_TEMPLATES for parts in _variants(template)
-            for items in _match(parts, tokens, 0, ())]
+    return [
+        Reading(template, items)
+        for template in ALL_TEMPLATES
+        for parts in _variants(template)
+        for items in _match(parts, tokens, 0, ())
+    ]
 
 
 def reading_claims(reading: Reading, scene) -> tuple[Claim, ...]:
@@ -549,8 +702,9 @@ def reading_claims(reading: Reading, scene) -> tuple[Claim, ...]:
         return (count_claim,)
     best = None
     for frame in reading.template.frames:
-        claims = (count_claim,) + tuple(claim for part, said in reading.items
-                                        for claim in part_claims(part, said, scene, frame))
+        claims = (count_claim,) + tuple(
+            claim for part, said in reading.items for claim in part_claims(part, said, scene, frame)
+        )
         if best is None or _false(claims) < _false(best):
             best = claims
     return best
@@ -578,6 +732,7 @@ class CaptionCheck:
     (SceneOracle.is_caption). claims: those of the best reading (fewest false claims; count-matching readings
     first on ties), () when not grammatical. true_prefix_length: how many leading tokens some true caption starts
     with. named: the shapes it names (see named_shapes)."""
+
     tokens: tuple[str, ...]
     grammatical: bool
     correct: bool
@@ -596,8 +751,10 @@ class CaptionCheck:
         if self.correct:
             return None
         if not self.grammatical:
-            return (f"grammar: not a sentence of the caption grammar (true up to word {self.true_prefix_length} "
-                    f"of {len(self.tokens)})")
+            return (
+                f"grammar: not a sentence of the caption grammar (true up to word {self.true_prefix_length} "
+                f"of {len(self.tokens)})"
+            )
         false = self.false_claims
         return str(false[0]) if false else "grammar: not a true sentence of this scene"
 
@@ -619,15 +776,22 @@ def check_caption(caption: str | Sequence[str], scene, oracle: SceneOracle | Non
         key = (_false(claims), not claims[0].ok)
         if best_reading is None or key < (_false(best_claims), not best_claims[0].ok):
             best_reading, best_claims = reading, claims
-    return CaptionCheck(tokens=tokens, grammatical=best_reading is not None, correct=oracle.is_caption(tokens),
-                        template=best_reading.template.name if best_reading else None, claims=best_claims,
-                        true_prefix_length=oracle.true_prefix_length(tokens), named=named_shapes(tokens))
+    return CaptionCheck(
+        tokens=tokens,
+        grammatical=best_reading is not None,
+        correct=oracle.is_caption(tokens),
+        template=best_reading.template.name if best_reading else None,
+        claims=best_claims,
+        true_prefix_length=oracle.true_prefix_length(tokens),
+        named=named_shapes(tokens),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # 3. The true captions of one scene as a token automaton (the prefix oracle)
 
-@lru_cache(maxsize=None)
+
+@cache
 def _true_tokens(part: Part, truth: tuple, bound_word: str | None) -> tuple[Tokens, ...]:
     """The token sequences of an atomic part whose claims all hold, given `truth` (the facts the part's claims
     are about, see _truth_key) and the bound shape word."""
@@ -673,8 +837,9 @@ def true_paths(scene) -> list[tuple[tuple[Tokens, ...], ...]]:
             for words in itertools.product(*choices):
                 bound = dict(zip(template.bind, words))
                 for parts in _variants(template):
-                    paths.append(tuple(_true_tokens(p, _truth_key(p, scene, frame), _bound_word(p, bound))
-                                       for p in parts))
+                    paths.append(
+                        tuple(_true_tokens(p, _truth_key(p, scene, frame), _bound_word(p, bound)) for p in parts)
+                    )
     return [path for path in paths if all(path)]
 
 

@@ -52,6 +52,7 @@ summary() keys (callers add the split prefix: "test/exposure_oracle/excess_error
                                                          (each (k, image in S_k) pair weighs the same)
   exposure_oracle/images, exposure_oracle/references
 """
+
 from __future__ import annotations
 
 import math
@@ -62,13 +63,23 @@ from pathlib import Path
 
 import torch
 
-from captioning.scenes.grammar import SceneOracle, caption_tokens
 from captioning.decoding.common import never_generated
+from captioning.scenes.grammar import SceneOracle, caption_tokens
 
 __all__ = ["OracleExposureReport", "oracle_exposure"]
 
-PER_POSITION_KEYS = ("position", "tf_scored", "tf_errors", "tf", "free_scored", "free_errors", "free", "excess",
-                     "accerr", "exaccerr")
+PER_POSITION_KEYS = (
+    "position",
+    "tf_scored",
+    "tf_errors",
+    "tf",
+    "free_scored",
+    "free_errors",
+    "free",
+    "excess",
+    "accerr",
+    "exaccerr",
+)
 SWAP_KEYS = ("prefix_length", "images", "own_correct", "ref_captions", "ref_correct", "gap")
 
 
@@ -80,6 +91,7 @@ def _ratio(numerator: float, denominator: float) -> float:
 class OracleExposureReport:
     """per_position: lists over positions t = 1..T (keys PER_POSITION_KEYS; rates NaN where nothing was scored);
     swap: lists over prefix lengths with a non-empty S_k (keys SWAP_KEYS). See the module docstring."""
+
     per_position: dict[str, list[float]]
     swap: dict[str, list[float]]
     images: int
@@ -98,26 +110,37 @@ class OracleExposureReport:
         own = _ratio(sum(c * n for c, n in zip(s["own_correct"], s["images"])), pairs)
         ref = _ratio(sum(c * n for c, n in zip(s["ref_correct"], s["images"])), pairs)
         both = [t for t, value in enumerate(p["excess"]) if not math.isnan(value)]
-        excess = _ratio(sum(p["free_scored"][t] * p["excess"][t] for t in both),
-                        sum(p["free_scored"][t] for t in both))
-        return {"exposure_oracle/error_tf": error_tf, "exposure_oracle/error_free": error_free,
-                "exposure_oracle/excess_error": excess,
-                "exposure_oracle/accerr": p["accerr"][last] if last is not None else math.nan,
-                "exposure_oracle/exaccerr": p["exaccerr"][last] if last is not None else math.nan,
-                "exposure_oracle/free_correct": _ratio(self.free_correct, self.images),
-                "exposure_oracle/swap_own_correct": own, "exposure_oracle/swap_ref_correct": ref,
-                "exposure_oracle/swap_gap": ref - own,
-                "exposure_oracle/images": float(self.images), "exposure_oracle/references": float(self.references)}
+        excess = _ratio(sum(p["free_scored"][t] * p["excess"][t] for t in both), sum(p["free_scored"][t] for t in both))
+        return {
+            "exposure_oracle/error_tf": error_tf,
+            "exposure_oracle/error_free": error_free,
+            "exposure_oracle/excess_error": excess,
+            "exposure_oracle/accerr": p["accerr"][last] if last is not None else math.nan,
+            "exposure_oracle/exaccerr": p["exaccerr"][last] if last is not None else math.nan,
+            "exposure_oracle/free_correct": _ratio(self.free_correct, self.images),
+            "exposure_oracle/swap_own_correct": own,
+            "exposure_oracle/swap_ref_correct": ref,
+            "exposure_oracle/swap_gap": ref - own,
+            "exposure_oracle/images": float(self.images),
+            "exposure_oracle/references": float(self.references),
+        }
 
     def to_json(self) -> dict:
         """Plain JSON types; NaN becomes None."""
+
         def clean(values):
             return [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+
         summary = {k: None if math.isnan(v) else v for k, v in self.summary().items()}
-        return {"summary": summary, "per_position": {k: clean(v) for k, v in self.per_position.items()},
-                "swap": {k: clean(v) for k, v in self.swap.items()}, "images": self.images,
-                "references": self.references, "untrue_references": self.untrue_references,
-                "free_correct": self.free_correct}
+        return {
+            "summary": summary,
+            "per_position": {k: clean(v) for k, v in self.per_position.items()},
+            "swap": {k: clean(v) for k, v in self.swap.items()},
+            "images": self.images,
+            "references": self.references,
+            "untrue_references": self.untrue_references,
+            "free_correct": self.free_correct,
+        }
 
     def plot(self, path: str | Path) -> Path:
         """Three panels (PNG): error rate per position (tf, free, excess), accumulated excess error per length,
@@ -145,16 +168,19 @@ class OracleExposureReport:
             ax.grid(alpha=0.3)
             ax.legend()
         summary = self.summary()
-        fig.suptitle(f"exposure bias against the scene oracle: {self.images} images, {self.references} references; "
-                     f"excess error {summary['exposure_oracle/excess_error']:+.3f}, "
-                     f"ExAccErr {summary['exposure_oracle/exaccerr']:+.3f}, "
-                     f"swap gap {summary['exposure_oracle/swap_gap']:+.3f}")
+        fig.suptitle(
+            f"exposure bias against the scene oracle: {self.images} images, {self.references} references; "
+            f"excess error {summary['exposure_oracle/excess_error']:+.3f}, "
+            f"ExAccErr {summary['exposure_oracle/exaccerr']:+.3f}, "
+            f"swap gap {summary['exposure_oracle/swap_gap']:+.3f}"
+        )
         fig.savefig(path, dpi=100)
         return path
 
 
 # ---------------------------------------------------------------------------------------------------
 # Model side: argmax predictions through the step interface
+
 
 def _predictions(model, state, fed: torch.Tensor, total: int) -> torch.Tensor:
     """Argmax next token after each of `total` steps: steps 0..k-1 are fed fed[:, j] (teacher forcing,
@@ -175,12 +201,13 @@ def _fed(model, rows: Sequence[Sequence[int]], device) -> torch.Tensor:
     fed = torch.full((len(rows), width), model.pad_id, dtype=torch.long)  # (N, W)
     fed[:, 0] = model.bos_id
     for i, ids in enumerate(rows):
-        fed[i, 1:1 + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        fed[i, 1 : 1 + len(ids)] = torch.tensor(ids, dtype=torch.long)
     return fed.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Oracle side
+
 
 def _is_error(oracle: SceneOracle, state, word: str | None) -> bool:
     """word None is <eos>."""
@@ -206,7 +233,7 @@ def _walk_free(oracle: SceneOracle, words: Sequence[str | None]) -> tuple[list[b
 def _walk_reference(oracle: SceneOracle, reference: Sequence[str], predicted: Sequence[str | None]) -> list[bool]:
     """Errors of the teacher-forced predictions at positions 1..len+1, while the reference prefix is true."""
     state, errors = oracle.start, []
-    for t, word in enumerate(predicted[:len(reference) + 1]):
+    for t, word in enumerate(predicted[: len(reference) + 1]):
         if not state:
             break
         errors.append(_is_error(oracle, state, word))
@@ -250,30 +277,50 @@ class _Tally:
             excess = free - tf
             if not math.isnan(excess):
                 accerr, tf_sum, seen_both = accerr + excess, tf_sum + tf, True
-            for key, value in (("position", t), ("tf_scored", self.tf_scored[t]), ("tf_errors", self.tf_errors[t]),
-                               ("tf", tf), ("free_scored", self.free_scored[t]),
-                               ("free_errors", self.free_errors[t]), ("free", free), ("excess", excess),
-                               ("accerr", accerr if seen_both else math.nan),
-                               ("exaccerr", _ratio(accerr, tf_sum) if seen_both else math.nan)):
+            for key, value in (
+                ("position", t),
+                ("tf_scored", self.tf_scored[t]),
+                ("tf_errors", self.tf_errors[t]),
+                ("tf", tf),
+                ("free_scored", self.free_scored[t]),
+                ("free_errors", self.free_errors[t]),
+                ("free", free),
+                ("excess", excess),
+                ("accerr", accerr if seen_both else math.nan),
+                ("exaccerr", _ratio(accerr, tf_sum) if seen_both else math.nan),
+            ):
                 per_position[key].append(value)
         swap = {key: [] for key in SWAP_KEYS}
         for k in sorted(self.swap_images):
             n = self.swap_images[k]
-            for key, value in (("prefix_length", k), ("images", n), ("own_correct", self.swap_own[k] / n),
-                               ("ref_captions", self.swap_captions[k]), ("ref_correct", self.swap_ref[k] / n),
-                               ("gap", (self.swap_ref[k] - self.swap_own[k]) / n)):
+            for key, value in (
+                ("prefix_length", k),
+                ("images", n),
+                ("own_correct", self.swap_own[k] / n),
+                ("ref_captions", self.swap_captions[k]),
+                ("ref_correct", self.swap_ref[k] / n),
+                ("gap", (self.swap_ref[k] - self.swap_own[k]) / n),
+            ):
                 swap[key].append(value)
-        return OracleExposureReport(per_position, swap, self.images, self.references, self.untrue_references,
-                                    self.free_correct)
+        return OracleExposureReport(
+            per_position, swap, self.images, self.references, self.untrue_references, self.free_correct
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def oracle_exposure(model, vocab, batches: Iterable[tuple[torch.Tensor, Sequence[int]]], scenes: Mapping,
-                    references: Mapping[int, Sequence[str | Sequence[str]]], max_len: int,
-                    prefix_lengths: Sequence[int] | None = None, device: torch.device | str | None = None
-                    ) -> OracleExposureReport:
+def oracle_exposure(
+    model,
+    vocab,
+    batches: Iterable[tuple[torch.Tensor, Sequence[int]]],
+    scenes: Mapping,
+    references: Mapping[int, Sequence[str | Sequence[str]]],
+    max_len: int,
+    prefix_lengths: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+) -> OracleExposureReport:
     """Oracle exposure-bias figures (module docstring) of `model` over the images in `batches`.
 
     model: the step interface (init_state(images), step(tokens, state) -> (log_probs (N, V), state),
@@ -288,8 +335,9 @@ def oracle_exposure(model, vocab, batches: Iterable[tuple[torch.Tensor, Sequence
         raise ValueError(f"oracle exposure: max_len must be >= 1 (got {max_len})")
     prefix_lengths = sorted(set(prefix_lengths if prefix_lengths is not None else range(1, max_len)))
     if any(not 1 <= k < max_len for k in prefix_lengths):
-        raise ValueError(f"oracle exposure: prefix lengths must be in 1..max_len - 1 = {max_len - 1} "
-                         f"(got {prefix_lengths})")
+        raise ValueError(
+            f"oracle exposure: prefix lengths must be in 1..max_len - 1 = {max_len - 1} (got {prefix_lengths})"
+        )
     tally = _Tally()
     was_training = isinstance(model, torch.nn.Module) and model.training
     if isinstance(model, torch.nn.Module):
@@ -310,8 +358,17 @@ def _words(vocab, model, ids: Sequence[int]) -> list[str | None]:
     return [None if i == model.eos_id else vocab.itos[i] for i in ids]
 
 
-def _score_batch(model, vocab, images: torch.Tensor, image_ids: list[int], scenes: Mapping, references: Mapping,
-                 max_len: int, prefix_lengths: Sequence[int], tally: _Tally) -> None:
+def _score_batch(
+    model,
+    vocab,
+    images: torch.Tensor,
+    image_ids: list[int],
+    scenes: Mapping,
+    references: Mapping,
+    max_len: int,
+    prefix_lengths: Sequence[int],
+    tally: _Tally,
+) -> None:
     if len(image_ids) != images.shape[0]:
         raise ValueError(f"oracle exposure: {images.shape[0]} images but {len(image_ids)} image ids")
     device = images.device
@@ -341,15 +398,15 @@ def _score_batch(model, vocab, images: torch.Tensor, image_ids: list[int], scene
         predicted = _predictions(model, model.reorder_state(state, index), fed, fed.shape[1]).tolist()  # (N, 1 + L)
         for (b, r), ids in zip(rows, predicted):
             reference = refs[b][r]
-            tally.add_errors(tally.tf_scored, tally.tf_errors, _walk_reference(oracles[b], reference,
-                                                                                _words(vocab, model, ids)))
+            tally.add_errors(
+                tally.tf_scored, tally.tf_errors, _walk_reference(oracles[b], reference, _words(vocab, model, ids))
+            )
             tally.references += 1
             tally.untrue_references += not oracles[b].is_caption(reference)
 
     # Prefix swap: own k-word greedy prefix (its greedy caption) vs each reference's first k words.
     for k in prefix_lengths:
-        chosen = [b for b in range(len(image_ids))
-                  if own_true_words[b] >= k and any(len(ref) >= k for ref in refs[b])]
+        chosen = [b for b in range(len(image_ids)) if own_true_words[b] >= k and any(len(ref) >= k for ref in refs[b])]
         rows = [(b, ref) for b in chosen for ref in refs[b] if len(ref) >= k]
         if not rows:
             continue

@@ -39,6 +39,7 @@ Cache entry (CAPTIONING_CACHE/scene_encoders/<task>_<encoder>_<hash>/):
     labels/          the heads' probabilities (data.features with feed=labels)
     pretrain.json    settings, data fingerprint, validation accuracy per label, timings; written LAST (complete)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,18 @@ FORMAT_VERSION = 2  # bump when the labels, the training or the files change: ol
 TASKS = ("scene_labels",)
 FEEDS = ("labels", "features", "true_labels")
 PRECISIONS = ("auto", "fp32", "bf16")
-DEFAULTS = {"task": "scene_labels", "extra_images": 16000, "epochs": 4, "batch_size": 128, "lr": 3e-3,
-            "weight_decay": 1e-4, "hflip": 0.5, "seed": 0, "feed": "labels", "precision": "auto"}
+DEFAULTS = {
+    "task": "scene_labels",
+    "extra_images": 16000,
+    "epochs": 4,
+    "batch_size": 128,
+    "lr": 3e-3,
+    "weight_decay": 1e-4,
+    "hflip": 0.5,
+    "seed": 0,
+    "feed": "labels",
+    "precision": "auto",
+}
 NOT_IN_KEY = ("feed",)  # settings that pick among the entry's files instead of changing them
 EXTRA_SCENES_STREAM = "scene-pretrain-v1"  # the extra scenes' random streams (the same across format versions)
 JPEG_QUALITY = 90  # as captioning.scenes.generator.generate_synthetic writes its images
@@ -103,8 +114,10 @@ def settings_of(cfg) -> dict | None:
     settings = {**DEFAULTS, **OmegaConf.to_container(node, resolve=True)}
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
-        raise ConfigError(f"model.encoder.pretrain.{unknown[0]} is not a pretraining setting "
-                          f"(the keys are {sorted(DEFAULTS)}) (got {settings[unknown[0]]!r})")
+        raise ConfigError(
+            f"model.encoder.pretrain.{unknown[0]} is not a pretraining setting "
+            f"(the keys are {sorted(DEFAULTS)}) (got {settings[unknown[0]]!r})"
+        )
 
     def require(ok: bool, key: str, message: str) -> None:
         if not ok:
@@ -116,19 +129,27 @@ def settings_of(cfg) -> dict | None:
     for key in ("epochs", "batch_size", "extra_images"):
         value = settings[key]
         low = 0 if key == "extra_images" else 1
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= low, key,
-                f"must be an integer >= {low}")
-    require(isinstance(settings["seed"], int) and not isinstance(settings["seed"], bool) and settings["seed"] >= 0,
-            "seed", "must be an integer >= 0")
-    for key, low in (("lr", 0.0), ("weight_decay", None), ("hflip", None)):
+        require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= low, key, f"must be an integer >= {low}"
+        )
+    require(
+        isinstance(settings["seed"], int) and not isinstance(settings["seed"], bool) and settings["seed"] >= 0,
+        "seed",
+        "must be an integer >= 0",
+    )
+    for key in ("lr", "weight_decay", "hflip"):
         value = settings[key]
-        require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
-                "must be a number")
+        require(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            key,
+            "must be a number",
+        )
     require(settings["lr"] > 0, "lr", "must be > 0")
     require(settings["weight_decay"] >= 0, "weight_decay", "must be >= 0")
     require(0 <= settings["hflip"] <= 1, "hflip", "must be in [0, 1]")
-    settings["lr"], settings["weight_decay"], settings["hflip"] = (float(settings[k]) for k in
-                                                                     ("lr", "weight_decay", "hflip"))
+    settings["lr"], settings["weight_decay"], settings["hflip"] = (
+        float(settings[k]) for k in ("lr", "weight_decay", "hflip")
+    )
     return settings
 
 
@@ -140,17 +161,23 @@ def prepare_inputs(cfg):
         return cfg  # off, no scene labels (COCO), or the user's own feature store: nothing changes
     e = cfg.model.encoder
     if e.weights is not None:
-        raise ConfigError("model.encoder.weights cannot be used with model.encoder.pretrain: pretraining makes the "
-                          "encoder's weights; set model.encoder.pretrain=null to start from "
-                          f"model.encoder.weights (got {e.weights!r})")
+        raise ConfigError(
+            "model.encoder.weights cannot be used with model.encoder.pretrain: pretraining makes the "
+            "encoder's weights; set model.encoder.pretrain=null to start from "
+            f"model.encoder.weights (got {e.weights!r})"
+        )
     if e.get("label_head") is not None:
-        raise ConfigError("model.encoder.label_head cannot be used with model.encoder.pretrain: pretraining makes "
-                          "the label head (model.encoder.pretrain.feed=labels uses it); set model.encoder.pretrain=null "
-                          f"to read a head of your own (got {e.label_head!r})")
+        raise ConfigError(
+            "model.encoder.label_head cannot be used with model.encoder.pretrain: pretraining makes "
+            "the label head (model.encoder.pretrain.feed=labels uses it); set model.encoder.pretrain=null "
+            f"to read a head of your own (got {e.label_head!r})"
+        )
     if e.get("unfreeze_after_steps") is not None:
-        raise ConfigError("model.encoder.unfreeze_after_steps cannot be used with model.encoder.pretrain: the "
-                          "pretrained encoder is frozen and read as cached features; set "
-                          f"model.encoder.pretrain=null to fine-tune from images (got {e.unfreeze_after_steps!r})")
+        raise ConfigError(
+            "model.encoder.unfreeze_after_steps cannot be used with model.encoder.pretrain: the "
+            "pretrained encoder is frozen and read as cached features; set "
+            f"model.encoder.pretrain=null to fine-tune from images (got {e.unfreeze_after_steps!r})"
+        )
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(cfg.trainer.num_threads)
     if settings["feed"] == "true_labels":  # the control without perception errors: no CNN at all
@@ -191,11 +218,18 @@ def data_fingerprint(root: Path) -> dict:
 
 
 def entry_key(fingerprint: dict, encoder_cfg, cfg_data, settings: dict) -> dict:
-    return {"format_version": FORMAT_VERSION, "data": fingerprint,
-            "encoder": {"name": encoder_cfg.name, "pool": encoder_cfg.get("pool", "avg"),
-                        "grid_size": encoder_cfg.get("grid_size", 2)},
-            "image_size": cfg_data.image_size, "resize_size": cfg_data.resize_size,
-            "pretrain": {k: v for k, v in settings.items() if k not in NOT_IN_KEY}}
+    return {
+        "format_version": FORMAT_VERSION,
+        "data": fingerprint,
+        "encoder": {
+            "name": encoder_cfg.name,
+            "pool": encoder_cfg.get("pool", "avg"),
+            "grid_size": encoder_cfg.get("grid_size", 2),
+        },
+        "image_size": cfg_data.image_size,
+        "resize_size": cfg_data.resize_size,
+        "pretrain": {k: v for k, v in settings.items() if k not in NOT_IN_KEY},
+    }
 
 
 def entry_dir(key: dict) -> Path:
@@ -242,8 +276,9 @@ def ensure_scene_features(cfg_data, encoder_cfg, settings: dict, device: torch.d
     return entry
 
 
-def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, encoder_cfg, settings: dict,
-                device: torch.device) -> dict:
+def build_entry(
+    entry: Path, key: dict, records: dict, root: Path, cfg_data, encoder_cfg, settings: dict, device: torch.device
+) -> dict:
     from captioning.scenes.generator import load_scenes
 
     started = time.perf_counter()
@@ -257,39 +292,89 @@ def build_entry(entry: Path, key: dict, records: dict, root: Path, cfg_data, enc
     labels = scene_labels([scenes[i] for i in image_ids], max_objects(kind))  # (N, heads)
     row_of = {image_id: row for row, image_id in enumerate(image_ids)}
     usable = lambda split: [row_of[r.image_id] for r in records[split] if r.image_id not in bad]  # noqa: E731
-    extra_pixels, extra_labels = generated_scenes(settings["extra_images"], key["data"]["kwargs"]["image_size"],
-                                                  cfg_data, settings["seed"], kind)
+    extra_pixels, extra_labels = generated_scenes(
+        settings["extra_images"], key["data"]["kwargs"]["image_size"], cfg_data, settings["seed"], kind
+    )
     train_rows = usable("train") + list(range(len(image_ids), len(image_ids) + len(extra_pixels)))
-    log.info("pretraining %s on the scene labels of %d training images and %d more generated scenes (%d epochs, "
-             "cached in %s)", encoder_cfg.name, len(usable("train")), len(extra_pixels), settings["epochs"], entry)
+    log.info(
+        "pretraining %s on the scene labels of %d training images and %d more generated scenes (%d epochs, "
+        "cached in %s)",
+        encoder_cfg.name,
+        len(usable("train")),
+        len(extra_pixels),
+        settings["epochs"],
+        entry,
+    )
     with torch.random.fork_rng(devices=[]):  # the calling run's random stream is left as it was
         torch.manual_seed(settings["seed"])  # the backbone's initialisation, then the head's: one encoder per seed
-        backbone, feature_dim = headless_backbone(encoder_cfg.name, None, encoder_cfg.get("pool", "avg"),
-                                                  encoder_cfg.get("grid_size", 2))
-        history, head = pretrain(backbone, feature_dim, torch.cat([pixels, extra_pixels]),
-                                 torch.cat([labels, extra_labels]), train_rows, usable("val"), settings, device)
+        backbone, feature_dim = headless_backbone(
+            encoder_cfg.name, None, encoder_cfg.get("pool", "avg"), encoder_cfg.get("grid_size", 2)
+        )
+        history, head = pretrain(
+            backbone,
+            feature_dim,
+            torch.cat([pixels, extra_pixels]),
+            torch.cat([labels, extra_labels]),
+            train_rows,
+            usable("val"),
+            settings,
+            device,
+        )
     trained = time.perf_counter()
     torch.save(backbone.state_dict(), entry / "encoder.pth")
     head = head.cpu()
-    torch.save({"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
-                "groups": [[name, size] for name, size in heads.items()]}, entry / "head.pth")
+    torch.save(
+        {
+            "weight": head.weight.detach().clone(),
+            "bias": head.bias.detach().clone(),
+            "groups": [[name, size] for name, size in heads.items()],
+        },
+        entry / "head.pth",
+    )
     features = encode(backbone, pixels, device)
-    meta = {"name": encoder_cfg.name, "weights": str(entry / "encoder.pth"), "pool": encoder_cfg.get("pool", "avg"),
-            "grid_size": encoder_cfg.get("grid_size", 2), "label_head": None, "image_size": cfg_data.image_size,
-            "resize_size": cfg_data.resize_size, "images": len(image_ids), "feature_dim": feature_dim}
+    meta = {
+        "name": encoder_cfg.name,
+        "weights": str(entry / "encoder.pth"),
+        "pool": encoder_cfg.get("pool", "avg"),
+        "grid_size": encoder_cfg.get("grid_size", 2),
+        "label_head": None,
+        "image_size": cfg_data.image_size,
+        "resize_size": cfg_data.resize_size,
+        "images": len(image_ids),
+        "feature_dim": feature_dim,
+    }
     write_store(entry / "features", image_ids, features.astype(np.float16), bad, meta)
     with torch.no_grad():  # the saved head read as the encoder reads it (model.encoder.label_head)
         label_probs = LabelProbabilities(entry / "head.pth", feature_dim)(torch.from_numpy(features)).numpy()
-    write_store(entry / "labels", image_ids, label_probs.astype(np.float16), bad, {
-        **meta, "label_head": str(entry / "head.pth"), "feature_dim": label_probs.shape[1]})
+    write_store(
+        entry / "labels",
+        image_ids,
+        label_probs.astype(np.float16),
+        bad,
+        {**meta, "label_head": str(entry / "head.pth"), "feature_dim": label_probs.shape[1]},
+    )
     done = time.perf_counter()
-    report = {"key": key, "images": len(image_ids), "bad_images": len(bad), "device": str(device),
-              "threads": torch.get_num_threads(), "val_accuracy": history[-1]["val_accuracy"] if history else {},
-              "history": history, "seconds": {"load": round(loaded - started, 1), "pretrain": round(trained - loaded, 1),
-                                               "extract": round(done - trained, 1), "total": round(done - started, 1)}}
+    report = {
+        "key": key,
+        "images": len(image_ids),
+        "bad_images": len(bad),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "val_accuracy": history[-1]["val_accuracy"] if history else {},
+        "history": history,
+        "seconds": {
+            "load": round(loaded - started, 1),
+            "pretrain": round(trained - loaded, 1),
+            "extract": round(done - trained, 1),
+            "total": round(done - started, 1),
+        },
+    }
     (entry / COMPLETE_FILE).write_text(json.dumps(report, indent=2))  # LAST: marks the entry complete
-    log.info("pretrained scene encoder in %.0f s; validation accuracy %s", done - started,
-             {k: round(v, 3) for k, v in report["val_accuracy"].items()})
+    log.info(
+        "pretrained scene encoder in %.0f s; validation accuracy %s",
+        done - started,
+        {k: round(v, 3) for k, v in report["val_accuracy"].items()},
+    )
     return report
 
 
@@ -306,8 +391,13 @@ def scene_labels(scenes, max_objects: int = MAX_OBJECTS) -> torch.Tensor:
         if scene.layout == "single":
             row["position"] = POSITIONS.index(scene.position)
         for slot, obj in enumerate(scene.objects):
-            row.update({f"slot{slot}_shape": SHAPES.index(obj.shape), f"slot{slot}_colour": colours.index(obj.color),
-                        f"slot{slot}_size": int(obj.size == "large")})
+            row.update(
+                {
+                    f"slot{slot}_shape": SHAPES.index(obj.shape),
+                    f"slot{slot}_colour": colours.index(obj.color),
+                    f"slot{slot}_size": int(obj.size == "large"),
+                }
+            )
         for name, value in row.items():
             out[n, names.index(name)] = value
     return out
@@ -331,8 +421,9 @@ def flipped_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 # -- images -----------------------------------------------------------------------------------------------------
-def generated_scenes(count: int, drawn_size: int, cfg_data, seed: int,
-                     kind: str = "standard") -> tuple[torch.Tensor, torch.Tensor]:
+def generated_scenes(
+    count: int, drawn_size: int, cfg_data, seed: int, kind: str = "standard"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` more scenes from the generator (sample_scene, draw_scene at the data set's size, JPEG-compressed as
     it writes them), never part of any split (their random streams are keyed apart from the data set's), as the
     transform crops them: (count, 3, S, S) uint8 and their labels. The pretraining set's stand-in for ImageNet
@@ -395,8 +486,16 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 # -- the training -----------------------------------------------------------------------------------------------
-def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels: torch.Tensor, train_rows: list[int],
-             val_rows: list[int], settings: dict, device: torch.device) -> tuple[list[dict], nn.Linear]:
+def pretrain(
+    backbone: nn.Module,
+    feature_dim: int,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    train_rows: list[int],
+    val_rows: list[int],
+    settings: dict,
+    device: torch.device,
+) -> tuple[list[dict], nn.Linear]:
     """AdamW with a cosine learning rate (one warm-up epoch's first 5%), summed cross-entropy over the heads. The head
     is initialised from torch's global random stream, which build_entry seeds. `precision` bf16: the forward pass in
     bf16 autocast (weights, optimizer and the accuracy passes stay fp32). Returns (history, the trained head)."""
@@ -411,8 +510,9 @@ def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels
     total = steps_per_epoch * settings["epochs"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
     warmup = max(1, total // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, total) / total)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
     flipped = flipped_labels(labels)
     rows = torch.tensor(train_rows, dtype=torch.long)
     history = []
@@ -420,7 +520,7 @@ def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels
         started, loss_sum = time.perf_counter(), 0.0
         order = rows[torch.randperm(len(rows), generator=generator)]
         for step in range(steps_per_epoch):
-            index = order[step * batch:(step + 1) * batch]
+            index = order[step * batch : (step + 1) * batch]
             flip = torch.rand(len(index), generator=generator) < settings["hflip"]
             images = pixels[index]
             images[flip] = images[flip].flip(-1)
@@ -433,15 +533,24 @@ def pretrain(backbone: nn.Module, feature_dim: int, pixels: torch.Tensor, labels
             optimizer.step()
             scheduler.step()
             loss_sum += float(loss.detach())
-        record = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch,
-                  "seconds": round(time.perf_counter() - started, 1)}
+        record = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / steps_per_epoch,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         if val_rows:
             record["val_accuracy"] = accuracy(model, pixels, labels, val_rows, heads, device)
-            record["train_accuracy"] = accuracy(model, pixels, labels, train_rows[:len(val_rows)], heads, device)
+            record["train_accuracy"] = accuracy(model, pixels, labels, train_rows[: len(val_rows)], heads, device)
             model.train()
         history.append(record)
-        log.info("scene-label pretraining: epoch %d/%d, loss %.3f, %.0f s, val scene accuracy %.3f", epoch + 1,
-                 settings["epochs"], record["loss"], record["seconds"], record.get("val_accuracy", {}).get("scene", math.nan))
+        log.info(
+            "scene-label pretraining: epoch %d/%d, loss %.3f, %.0f s, val scene accuracy %.3f",
+            epoch + 1,
+            settings["epochs"],
+            record["loss"],
+            record["seconds"],
+            record.get("val_accuracy", {}).get("scene", math.nan),
+        )
     model.eval()
     return history, head
 
@@ -457,13 +566,20 @@ def head_losses(logits: torch.Tensor, targets: torch.Tensor, heads: dict[str, in
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, rows: list[int], heads: dict[str, int],
-             device: torch.device, batch: int = 250) -> dict[str, float]:
+def accuracy(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    rows: list[int],
+    heads: dict[str, int],
+    device: torch.device,
+    batch: int = 250,
+) -> dict[str, float]:
     """Accuracy per head over the images it applies to, and `scene`: the fraction of images with every label right."""
     model.eval()
     predictions = []
     for start in range(0, len(rows), batch):
-        index = torch.tensor(rows[start:start + batch], dtype=torch.long)
+        index = torch.tensor(rows[start : start + batch], dtype=torch.long)
         logits = model(normalise(pixels[index]).to(device)).float().cpu()
         predictions.append(torch.stack([p.argmax(1) for p in logits.split(list(heads.values()), dim=1)], 1))
     predicted, target = torch.cat(predictions), labels[torch.tensor(rows, dtype=torch.long)]
@@ -480,7 +596,7 @@ def encode(backbone: nn.Module, pixels: torch.Tensor, device: torch.device, batc
     backbone.eval()
     out = []
     for start in range(0, len(pixels), batch):
-        out.append(backbone(normalise(pixels[start:start + batch]).to(device)).float().cpu().numpy())
+        out.append(backbone(normalise(pixels[start : start + batch]).to(device)).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -530,9 +646,15 @@ def ensure_true_label_store(cfg_data, encoder_cfg) -> Path:
     root = resolve_root(cfg_data)
     fingerprint = data_fingerprint(root)
     heads = _heads(max_objects(fingerprint["kwargs"].get("kind", "standard")))
-    key = {"version": TRUE_LABEL_STORE_VERSION, "data": fingerprint, "heads": heads, "encoder": encoder_cfg.name,
-           "pool": encoder_cfg.get("pool", "avg"), "image_size": cfg_data.image_size,
-           "resize_size": cfg_data.resize_size}
+    key = {
+        "version": TRUE_LABEL_STORE_VERSION,
+        "data": fingerprint,
+        "heads": heads,
+        "encoder": encoder_cfg.name,
+        "pool": encoder_cfg.get("pool", "avg"),
+        "image_size": cfg_data.image_size,
+        "resize_size": cfg_data.resize_size,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     entry = (cache_dir() / "true_labels" / digest).resolve()
     if (entry / "key.json").is_file():
@@ -546,12 +668,26 @@ def ensure_true_label_store(cfg_data, encoder_cfg) -> Path:
     labels = scene_labels([scenes[i] for i in image_ids], max_objects(fingerprint["kwargs"].get("kind", "standard")))
     features = one_hot_labels(labels, list(heads.values()))
     head = entry / "head.pth"  # the path the store's meta names: where it lies once renamed
-    torch.save({"weight": torch.zeros(features.shape[1], 1), "bias": torch.zeros(features.shape[1]),
-                "groups": [[name, size] for name, size in heads.items()]}, tmp / "head.pth")
-    meta = {"name": encoder_cfg.name, "weights": None, "pool": encoder_cfg.get("pool", "avg"),
-            "grid_size": encoder_cfg.get("grid_size", 2), "label_head": str(head), "image_size": cfg_data.image_size,
-            "resize_size": cfg_data.resize_size, "images": len(image_ids), "feature_dim": features.shape[1],
-            "true_labels": True}
+    torch.save(
+        {
+            "weight": torch.zeros(features.shape[1], 1),
+            "bias": torch.zeros(features.shape[1]),
+            "groups": [[name, size] for name, size in heads.items()],
+        },
+        tmp / "head.pth",
+    )
+    meta = {
+        "name": encoder_cfg.name,
+        "weights": None,
+        "pool": encoder_cfg.get("pool", "avg"),
+        "grid_size": encoder_cfg.get("grid_size", 2),
+        "label_head": str(head),
+        "image_size": cfg_data.image_size,
+        "resize_size": cfg_data.resize_size,
+        "images": len(image_ids),
+        "feature_dim": features.shape[1],
+        "true_labels": True,
+    }
     write_store(tmp / "features", image_ids, features.astype(np.float16), {}, meta)
     (tmp / "key.json").write_text(json.dumps(key, indent=2))
     try:

@@ -25,6 +25,7 @@ scene_metrics(captions, scenes) -> {
                                  all captions (a vague true caption such as 'three shapes in a row ...' omits all).
 }
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,10 @@ def check_captions(captions: Mapping[int, str | Sequence[str]], scenes: Mapping)
     """check_caption for every image id -> caption (a raw string or a list of words) against scenes[image_id]."""
     missing = [image_id for image_id in captions if image_id not in scenes]
     if missing:
-        raise KeyError(f"no scene for {len(missing)} captioned image ids (e.g. {missing[:5]}): are these captions "
-                       f"of this synthetic data set?")
+        raise KeyError(
+            f"no scene for {len(missing)} captioned image ids (e.g. {missing[:5]}): are these captions "
+            f"of this synthetic data set?"
+        )
     return {image_id: check_caption(caption, scenes[image_id]) for image_id, caption in captions.items()}
 
 
@@ -53,8 +56,11 @@ def summarize_checks(checks: Sequence[CaptionCheck], scenes: Sequence) -> dict[s
     if len(checks) != len(scenes):
         raise ValueError(f"{len(checks)} checks but {len(scenes)} scenes")
     n = len(checks)
-    out = {"scene/captions": float(n), "scene/correct": _ratio(sum(c.correct for c in checks), n),
-           "scene/grammatical": _ratio(sum(c.grammatical for c in checks), n)}
+    out = {
+        "scene/captions": float(n),
+        "scene/correct": _ratio(sum(c.correct for c in checks), n),
+        "scene/grammatical": _ratio(sum(c.grammatical for c in checks), n),
+    }
     for kind in CLAIM_KINDS:
         claims = [claim for c in checks for claim in c.claims if claim.kind == kind]
         out[f"scene/{kind}_precision"] = _ratio(sum(claim.ok for claim in claims), len(claims))
@@ -62,8 +68,9 @@ def summarize_checks(checks: Sequence[CaptionCheck], scenes: Sequence) -> dict[s
     hallucinated = [len(c.named - shapes) for c, shapes in zip(checks, present)]
     out["scene/hallucinated_objects"] = _ratio(sum(hallucinated), sum(len(c.named) for c in checks))
     out["scene/hallucinated_captions"] = _ratio(sum(h > 0 for h in hallucinated), n)
-    out["scene/omitted_objects"] = _ratio(sum(len(shapes - c.named) for c, shapes in zip(checks, present)),
-                                          sum(len(shapes) for shapes in present))
+    out["scene/omitted_objects"] = _ratio(
+        sum(len(shapes - c.named) for c, shapes in zip(checks, present)), sum(len(shapes) for shapes in present)
+    )
     return out
 
 

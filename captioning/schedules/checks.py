@@ -1,4 +1,5 @@
 """Checks of the `schedule` group (conf/schedule/*.yaml): the schedule is built once, its own errors named."""
+
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,5 +20,7 @@ def validate_schedule(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "task.name", default="caption") == "lm":
         raise ConfigError(f"schedule.targets={targets}: the language model trains on reference targets only")
     if targets == "oracle" and OmegaConf.select(cfg, "data.name") != "synthetic":
-        raise ConfigError(f"schedule.targets=oracle needs the synthetic scenes' oracle (data=synthetic); data "
-                          f"{OmegaConf.select(cfg, 'data.name')} has none: use schedule.targets=optimal_completion")
+        raise ConfigError(
+            f"schedule.targets=oracle needs the synthetic scenes' oracle (data=synthetic); data "
+            f"{OmegaConf.select(cfg, 'data.name')} has none: use schedule.targets=optimal_completion"
+        )

@@ -41,8 +41,9 @@ fed prefix is untrue).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 SCHEDULE_NAMES = (
     "teacher_forcing",
@@ -94,16 +95,13 @@ def _resolve_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     the ones a kind ignores); any other unused or unknown key is an error naming it.
     """
     if name not in _SHAPE_PARAMS:
-        raise ValueError(
-            f"schedule.name must be one of {', '.join(SCHEDULE_NAMES)} (got {name!r})"
-        )
+        raise ValueError(f"schedule.name must be one of {', '.join(SCHEDULE_NAMES)} (got {name!r})")
     for key, value in params.items():
         if key not in SCHEDULE_PARAM_KEYS:
             if value is None:
                 continue
             raise ValueError(
-                f"schedule.{key} is not a schedule parameter "
-                f"(known: {', '.join(SCHEDULE_PARAM_KEYS)}); got {value!r}"
+                f"schedule.{key} is not a schedule parameter (known: {', '.join(SCHEDULE_PARAM_KEYS)}); got {value!r}"
             )
         if key in ("unit", "warmup_steps") or key in _SHAPE_PARAMS[name]:
             continue
@@ -113,8 +111,7 @@ def _resolve_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
             used = ", ".join(_SHAPE_PARAMS[name] + (("min_teacher_forcing_prob",) if name in DECAYING else ()))
             used = used or "none"
             raise ValueError(
-                f"schedule.{key} is not used by {name} and must be null "
-                f"(got {value!r}; {name} uses: {used})"
+                f"schedule.{key} is not used by {name} and must be null (got {value!r}; {name} uses: {used})"
             )
 
     unit = params.get("unit")
@@ -126,8 +123,15 @@ def _resolve_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"schedule.warmup_steps must be an integer >= 0 (got {warmup!r})")
 
-    out: dict[str, Any] = {"k": None, "c": None, "eps_min": None, "p": None,
-                           "unit": unit, "warmup_steps": warmup, "min_teacher_forcing_prob": None}
+    out: dict[str, Any] = {
+        "k": None,
+        "c": None,
+        "eps_min": None,
+        "p": None,
+        "unit": unit,
+        "warmup_steps": warmup,
+        "min_teacher_forcing_prob": None,
+    }
     if name in DECAYING:
         floor = params.get("min_teacher_forcing_prob")
         floor = 0.0 if floor is None else _number("min_teacher_forcing_prob", floor, name)
@@ -186,8 +190,7 @@ def validate_schedule_params(name: str, **params: Any) -> None:
     _resolve_params(name, params)
 
 
-def validate_sampling_options(token_source: str, granularity: str, temperature: float,
-                              mode: str) -> None:
+def validate_sampling_options(token_source: str, granularity: str, temperature: float, mode: str) -> None:
     """Check the options that say how the non-ground-truth token is produced.
 
     token_source: "sample" (draw from softmax(logits / temperature)), "argmax" (greedy) or
@@ -198,15 +201,15 @@ def validate_sampling_options(token_source: str, granularity: str, temperature: 
                   (the training loop's faster approximation; see captioning/training).
     """
     if token_source not in TOKEN_SOURCES:
-        raise ValueError(
-            f"schedule.token_source must be one of {', '.join(TOKEN_SOURCES)} (got {token_source!r})"
-        )
+        raise ValueError(f"schedule.token_source must be one of {', '.join(TOKEN_SOURCES)} (got {token_source!r})")
     if granularity not in GRANULARITIES:
-        raise ValueError(
-            f"schedule.granularity must be one of {', '.join(GRANULARITIES)} (got {granularity!r})"
-        )
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature) or temperature <= 0):
+        raise ValueError(f"schedule.granularity must be one of {', '.join(GRANULARITIES)} (got {granularity!r})")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
         raise ValueError(f"schedule.temperature must be a finite number > 0 (got {temperature!r})")
     if mode not in MODES:
         raise ValueError(f"schedule.mode must be one of {', '.join(MODES)} (got {mode!r})")
@@ -254,7 +257,7 @@ class TeacherForcingSchedule:
         if self.name == "linear":
             return max(self.eps_min, self.k - self.c * i)
         if self.name == "exponential":
-            return max(self.eps_min, self.k ** i)  # underflows to 0.0 for large i, never overflows
+            return max(self.eps_min, self.k**i)  # underflows to 0.0 for large i, never overflows
         raise AssertionError(f"unhandled schedule {self.name}")  # unreachable after validation
 
     def teacher_forcing_prob(self, step: int, epoch: int) -> float:
@@ -272,8 +275,10 @@ class TeacherForcingSchedule:
         """Human-readable formula with the parameter values, for logs."""
         i = "optimizer step" if self.unit == "step" else "epoch"
         if self.warmup_steps:
-            index = (f"i = {i} - {self.warmup_steps}; teacher_forcing_prob = 1 for the first "
-                     f"{self.warmup_steps} {self.unit}s (warm-up)")
+            index = (
+                f"i = {i} - {self.warmup_steps}; teacher_forcing_prob = 1 for the first "
+                f"{self.warmup_steps} {self.unit}s (warm-up)"
+            )
         else:
             index = f"i = {i}"
         if self.name == "teacher_forcing":
@@ -285,11 +290,12 @@ class TeacherForcingSchedule:
         elif self.name == "inverse_sigmoid":
             formula = f"teacher_forcing_prob = k / (k + exp(i / k)), k = {self.k:g}"
         elif self.name == "linear":
-            formula = (f"teacher_forcing_prob = max(eps_min, k - c * i), k = {self.k:g}, "
-                       f"c = {self.c:g}, eps_min = {self.eps_min:g}")
+            formula = (
+                f"teacher_forcing_prob = max(eps_min, k - c * i), k = {self.k:g}, "
+                f"c = {self.c:g}, eps_min = {self.eps_min:g}"
+            )
         else:
-            formula = (f"teacher_forcing_prob = max(eps_min, k ** i), k = {self.k:g}, "
-                       f"eps_min = {self.eps_min:g}")
+            formula = f"teacher_forcing_prob = max(eps_min, k ** i), k = {self.k:g}, eps_min = {self.eps_min:g}"
         if self.min_teacher_forcing_prob:
             formula += f", floored at min_teacher_forcing_prob = {self.min_teacher_forcing_prob:g}"
         return f"{self.name}: {formula}; {index}"
@@ -311,8 +317,7 @@ def config_keys(name: str) -> tuple[str, ...]:
     if name == "teacher_forcing":
         return ("name", "targets")
     floor = ("min_teacher_forcing_prob",) if name in DECAYING else ()
-    return ("name", *_SHAPE_PARAMS[name], *floor, "unit", "warmup_steps", *SAMPLING_OPTION_KEYS,
-            *TARGET_OPTION_KEYS)
+    return ("name", *_SHAPE_PARAMS[name], *floor, "unit", "warmup_steps", *SAMPLING_OPTION_KEYS, *TARGET_OPTION_KEYS)
 
 
 def target_options_from_config(cfg: Mapping[str, Any]) -> dict[str, str]:
@@ -342,15 +347,16 @@ def build_schedule_from_config(cfg: Mapping[str, Any]) -> TeacherForcingSchedule
         raise ValueError(f"schedule.name must be one of {', '.join(SCHEDULE_NAMES)} (got {name!r})")
     unknown = sorted(set(cfg) - set(config_keys(name)))
     if unknown:
-        raise ValueError(f"{', '.join('schedule.' + k for k in unknown)}: not a key of schedule {name} "
-                         f"(its keys: {', '.join(config_keys(name))})")
+        raise ValueError(
+            f"{', '.join('schedule.' + k for k in unknown)}: not a key of schedule {name} "
+            f"(its keys: {', '.join(config_keys(name))})"
+        )
     sampling_options_from_config(cfg)
     target_options_from_config(cfg)
     return build_schedule(name, **{key: cfg[key] for key in SCHEDULE_PARAM_KEYS if key in cfg})
 
 
-def schedule_values(schedule: TeacherForcingSchedule, steps: int,
-                    steps_per_epoch: int | None = None) -> list[float]:
+def schedule_values(schedule: TeacherForcingSchedule, steps: int, steps_per_epoch: int | None = None) -> list[float]:
     """teacher_forcing_prob at steps 0 .. steps-1, e.g. to plot or inspect a schedule.
 
     For unit="epoch" give `steps_per_epoch` to get per-step values (epoch = step // steps_per_epoch);
@@ -358,8 +364,9 @@ def schedule_values(schedule: TeacherForcingSchedule, steps: int,
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0 (got {steps!r})")
-    if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool)
-                                        or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+    if steps_per_epoch is not None and (
+        isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+    ):
         raise ValueError(f"steps_per_epoch must be an integer >= 1 (got {steps_per_epoch!r})")
     per_epoch = steps_per_epoch or 1
     return [schedule.teacher_forcing_prob(step=s, epoch=s // per_epoch) for s in range(steps)]

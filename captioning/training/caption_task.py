@@ -5,14 +5,16 @@
 
 `train(cfg, run_dir)` is both lines; `captioning.training.recipe.train` calls it for `task=caption`.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -57,8 +59,9 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> engine.Engine:
     context = engine.start(cfg, run_dir)
     task = CaptionTask.build(context)
     unfreeze_at = cfg.model.encoder.get("unfreeze_after_steps")
-    optimizer, lr_scheduler = build_optimizer_and_scheduler(task.model, cfg.optim, task.total_steps,
-                                                            unfreeze_at is not None)
+    optimizer, lr_scheduler = build_optimizer_and_scheduler(
+        task.model, cfg.optim, task.total_steps, unfreeze_at is not None
+    )
     return engine.Engine(context, task, optimizer, lr_scheduler)
 
 
@@ -66,6 +69,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> engine.Engine:
 class CaptionTask:
     """The captioning task's data, model and objective (`train_forward`: the objective, DDP-wrapped and/or
     compiled), and what its steps need: the bad-image tracker, the validator."""
+
     cfg: DictConfig
     context: engine.Context
     memory_format: torch.memory_format
@@ -82,7 +86,7 @@ class CaptionTask:
     validator: CaptionValidator
 
     @classmethod
-    def build(cls, context: engine.Context) -> "CaptionTask":
+    def build(cls, context: engine.Context) -> CaptionTask:
         """Records, the vocabulary (train split only), the training loader; the model and its objective."""
         cfg, info, device = context.cfg, context.info, context.device
         if device.type == "cuda":
@@ -93,31 +97,64 @@ class CaptionTask:
         items = data_build.encoded_train_items(records["train"], vocab, cfg.data)
         dataset = data_build.train_dataset(items, vocab, cfg.data, cfg.seed)
         sampler = data_build.ResumableSampler(len(dataset), cfg.seed, True, info.rank, info.world_size)
-        loader = data_build.make_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, sampler, drop_last=True,
-                                        pin_memory=device.type == "cuda", seed=cfg.seed)
+        loader = data_build.make_loader(
+            dataset,
+            cfg.data.batch_size,
+            cfg.data.num_workers,
+            sampler,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+            seed=cfg.seed,
+        )
         steps_per_epoch = len(dataset) // info.world_size // cfg.data.batch_size
         if steps_per_epoch == 0:
-            raise ValueError(f"data.batch_size={cfg.data.batch_size} is larger than the training split "
-                             f"({len(dataset)} images over {info.world_size} process(es))")
-        total_steps = int(min(cfg.trainer.max_steps or math.inf, (cfg.trainer.max_epochs or math.inf) * steps_per_epoch))
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} is larger than the training split "
+                f"({len(dataset)} images over {info.world_size} process(es))"
+            )
+        total_steps = int(
+            min(cfg.trainer.max_steps or math.inf, (cfg.trainer.max_epochs or math.inf) * steps_per_epoch)
+        )
 
         feature_store = open_feature_store(cfg.data)
         if feature_store is not None:
             feature_store.check([r.image_id for split in records.values() for r in split], cfg.model.encoder, cfg.data)
         model = build_captioner(cfg.model, len(vocab), feature_store.feature_dim if feature_store else None).to(device)
         model.encoder.to(memory_format=memory_format)
-        objective = build_objective(cfg, model, cuda_graphs=cfg.trainer.cuda_graphs and device.type == "cuda",
-                                    records=records["train"], vocab=vocab)
+        objective = build_objective(
+            cfg,
+            model,
+            cuda_graphs=cfg.trainer.cuda_graphs and device.type == "cuda",
+            records=records["train"],
+            vocab=vocab,
+        )
         engine.warn_if_schedule_barely_moves(objective, total_steps, steps_per_epoch)
         train_forward = engine.wrap_for_training(objective, cfg, info, device)
-        validator = CaptionValidator(cfg, records["val"], vocab, load_scene_truth(cfg.data),
-                                     context.run_dir, device, info, context.amp_dtype)
-        return cls(cfg, context, memory_format, records, vocab, sampler, loader, steps_per_epoch, total_steps, model,
-                   objective, train_forward, BadImageTracker(cfg.data.on_bad_image), validator)
+        validator = CaptionValidator(
+            cfg, records["val"], vocab, load_scene_truth(cfg.data), context.run_dir, device, info, context.amp_dtype
+        )
+        return cls(
+            cfg,
+            context,
+            memory_format,
+            records,
+            vocab,
+            sampler,
+            loader,
+            steps_per_epoch,
+            total_steps,
+            model,
+            objective,
+            train_forward,
+            BadImageTracker(cfg.data.on_bad_image),
+            validator,
+        )
 
     def describe(self) -> str:
-        return (f"vocabulary: {len(self.vocab)} words (count > {self.cfg.data.word_count_threshold} in the train "
-                f"split); {len(self.loader.dataset)} training images")
+        return (
+            f"vocabulary: {len(self.vocab)} words (count > {self.cfg.data.word_count_threshold} in the train "
+            f"split); {len(self.loader.dataset)} training images"
+        )
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def batches(self, run: engine.Engine) -> Iterator[dict]:
@@ -150,8 +187,9 @@ class CaptionTask:
             loss, stats = self.train_forward(images, targets, image_ids=batch["image_ids"], **run.step_settings)
         finite, _ = engine.guarded_update(run, loss)
         engine.keep_buffers_if(buffers, buffers_before, finite)
-        engine.record_step(run, loss, {"loss": loss, **stats}, finite, targets.shape[0] * targets.shape[1],
-                           targets.shape[0])
+        engine.record_step(
+            run, loss, {"loss": loss, **stats}, finite, targets.shape[0] * targets.shape[1], targets.shape[0]
+        )
 
     def maybe_unfreeze(self, run: engine.Engine) -> None:
         unfreeze_at = self.cfg.model.encoder.get("unfreeze_after_steps")
@@ -159,8 +197,9 @@ class CaptionTask:
             self.model.encoder.set_trainable(True)
             self.model.encoder.train()
             self.train_forward = engine.wrap_for_training(self.objective, self.cfg, run.info, run.device)
-            log.info("step %d: encoder unfrozen (model.encoder.unfreeze_after_steps=%d)", run.progress.step,
-                     unfreeze_at)
+            log.info(
+                "step %d: encoder unfrozen (model.encoder.unfreeze_after_steps=%d)", run.progress.step, unfreeze_at
+            )
 
     # -- validation and test ----------------------------------------------------------------------------------
     def validate(self, run: engine.Engine) -> dict[str, float]:
@@ -179,8 +218,15 @@ class CaptionTask:
 
     def final_test(self, run: engine.Engine) -> dict[str, float]:
         """The best checkpoint on the test split with the `decode` config: written, printed and logged (rank 0)."""
-        evaluation = evaluate_checkpoint(run.checkpoint_dir / "best.pt", "test", self.cfg.decode, device=run.device,
-                                         info=run.info, records=self.records, score_now=not self.validator.deferred)
+        evaluation = evaluate_checkpoint(
+            run.checkpoint_dir / "best.pt",
+            "test",
+            self.cfg.decode,
+            device=run.device,
+            info=run.info,
+            records=self.records,
+            score_now=not self.validator.deferred,
+        )
         if evaluation is None:  # not rank 0
             return {}
         report_evaluation(evaluation, run.run_dir, run.logger, run.progress.step)
@@ -195,8 +241,9 @@ class CaptionTask:
 
     def check_checkpoint(self, checkpoint: dict, path: Path) -> None:
         if checkpoint["vocab"]["itos"] != self.vocab.itos:
-            raise ValueError(f"{path} was trained with a different vocabulary (other data or "
-                             "data.word_count_threshold)")
+            raise ValueError(
+                f"{path} was trained with a different vocabulary (other data or data.word_count_threshold)"
+            )
 
     def load_state_dict(self, checkpoint: dict, run: engine.Engine) -> None:
         """Nothing beyond the weights (the engine's): the objectives of captioning carry no state across steps."""

@@ -13,6 +13,7 @@ pass, then `guarded_update` and `record_step`), validation, its part of the chec
 Everything a record depends on is in the checkpoint, the logging window included: a run resumed at any step
 logs the uninterrupted run's records (apart from the wall-clock rates: captions/s, data_wait_fraction).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -62,6 +64,7 @@ class TrainingWindow:
     (device tensors, read once per record, so the step itself never waits for the device), captions, images,
     tokens (a language model), time blocked on the loader. Saved in checkpoints (`state_dict`): a run resumed
     between two records logs the same next record as the run that was never stopped."""
+
     steps: int = 0
     captions: int = 0
     images: int = 0
@@ -71,8 +74,9 @@ class TrainingWindow:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     finite_steps: torch.Tensor | None = None
 
-    def add(self, values: dict[str, torch.Tensor], finite: torch.Tensor, captions: int, images: int,
-            tokens: int = 0) -> None:
+    def add(
+        self, values: dict[str, torch.Tensor], finite: torch.Tensor, captions: int, images: int, tokens: int = 0
+    ) -> None:
         for name, value in values.items():
             value = torch.where(finite, value.detach(), 0.0)
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
@@ -85,18 +89,30 @@ class TrainingWindow:
     def state_dict(self) -> dict:
         """Plain numbers and CPU tensors (loadable with torch.load(weights_only=True)); `elapsed` instead of the
         clock reading, so the throughput after a resume still covers the whole window."""
-        return {"steps": self.steps, "captions": self.captions, "images": self.images, "tokens": self.tokens,
-                "data_wait": self.data_wait, "elapsed": time.perf_counter() - self.start,
-                "sums": {name: value.detach().cpu() for name, value in self.sums.items()},
-                "finite_steps": None if self.finite_steps is None else self.finite_steps.detach().cpu()}
+        return {
+            "steps": self.steps,
+            "captions": self.captions,
+            "images": self.images,
+            "tokens": self.tokens,
+            "data_wait": self.data_wait,
+            "elapsed": time.perf_counter() - self.start,
+            "sums": {name: value.detach().cpu() for name, value in self.sums.items()},
+            "finite_steps": None if self.finite_steps is None else self.finite_steps.detach().cpu(),
+        }
 
     @classmethod
-    def from_state_dict(cls, saved: dict, device: torch.device) -> "TrainingWindow":
+    def from_state_dict(cls, saved: dict, device: torch.device) -> TrainingWindow:
         finite_steps = saved["finite_steps"]
-        return cls(int(saved["steps"]), int(saved["captions"]), int(saved["images"]), float(saved["data_wait"]),
-                   int(saved["tokens"]), time.perf_counter() - float(saved["elapsed"]),
-                   {name: value.to(device) for name, value in saved["sums"].items()},
-                   None if finite_steps is None else finite_steps.to(device))
+        return cls(
+            int(saved["steps"]),
+            int(saved["captions"]),
+            int(saved["images"]),
+            float(saved["data_wait"]),
+            int(saved["tokens"]),
+            time.perf_counter() - float(saved["elapsed"]),
+            {name: value.to(device) for name, value in saved["sums"].items()},
+            None if finite_steps is None else finite_steps.to(device),
+        )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -107,6 +123,7 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteGuard:
     """Device-side record of non-finite steps (no host synchronisation per step): the total, the current run of
     them in a row, the longest run, and the first bad step and its loss; the grad scaler's own skips (fp16)."""
+
     total: torch.Tensor
     in_a_row: torch.Tensor
     longest: torch.Tensor
@@ -117,7 +134,7 @@ class NonFiniteGuard:
     FIELDS = ("total", "in_a_row", "longest", "first_step", "first_loss", "scaler_skips")
 
     @classmethod
-    def on(cls, device: torch.device) -> "NonFiniteGuard":
+    def on(cls, device: torch.device) -> NonFiniteGuard:
         zero = torch.zeros((), dtype=torch.long, device=device)
         return cls(zero.clone(), zero.clone(), zero.clone(), zero - 1, torch.zeros((), device=device), zero.clone())
 
@@ -142,6 +159,7 @@ class NonFiniteGuard:
 class Task(Protocol):
     """What a task gives the engine. `model` (its weights are the checkpoint's "model"), `objective` (with
     `step_settings(step, epoch)` and `describe()`), `steps_per_epoch` and `total_steps`."""
+
     model: torch.nn.Module
     objective: torch.nn.Module
     steps_per_epoch: int
@@ -149,30 +167,31 @@ class Task(Protocol):
 
     def describe(self) -> str: ...  # the start-up line: data and steps
 
-    def batches(self, run: "Engine") -> Iterator[Any]: ...  # from run.progress on, epoch after epoch
+    def batches(self, run: Engine) -> Iterator[Any]: ...  # from run.progress on, epoch after epoch
 
-    def step(self, run: "Engine", batch: Any) -> None: ...  # forward, guarded_update, record_step
+    def step(self, run: Engine, batch: Any) -> None: ...  # forward, guarded_update, record_step
 
-    def validate(self, run: "Engine") -> dict[str, float]: ...  # val/ metrics, the same on every rank
+    def validate(self, run: Engine) -> dict[str, float]: ...  # val/ metrics, the same on every rank
 
-    def monitored_value(self, metrics: dict[str, float], run: "Engine") -> float: ...  # higher is better
+    def monitored_value(self, metrics: dict[str, float], run: Engine) -> float: ...  # higher is better
 
     def state_dict(self) -> dict: ...  # the task's part of the checkpoint (vocabulary, objective name...)
 
     def check_checkpoint(self, checkpoint: dict, path: Path) -> None: ...  # ValueError: cannot continue this run
 
-    def load_state_dict(self, checkpoint: dict, run: "Engine") -> None: ...  # at a resume
+    def load_state_dict(self, checkpoint: dict, run: Engine) -> None: ...  # at a resume
 
-    def after_resume(self, run: "Engine") -> None: ...  # e.g. the encoder unfrozen if the run is past that step
+    def after_resume(self, run: Engine) -> None: ...  # e.g. the encoder unfrozen if the run is past that step
 
-    def final_test(self, run: "Engine") -> dict[str, Any]: ...
+    def final_test(self, run: Engine) -> dict[str, Any]: ...
 
-    def summary(self, run: "Engine") -> dict: ...  # the task's entries of the returned summary
+    def summary(self, run: Engine) -> dict: ...  # the task's entries of the returned summary
 
 
 @dataclass(frozen=True)
 class Context:
     """Where a run runs: its config, folder (rank 0's), process group, device and autocast dtype."""
+
     cfg: DictConfig
     run_dir: Path
     info: dist_utils.DistInfo
@@ -208,9 +227,13 @@ def warn_if_schedule_barely_moves(objective, total_steps: int, steps_per_epoch: 
         return
     last = schedule.teacher_forcing_prob(total_steps - 1, (total_steps - 1) // steps_per_epoch)
     if last > 0.9:
-        log.warning("schedule %s ends with teacher_forcing_prob %.3f at step %d: the run is almost pure teacher "
-                    "forcing; scale the schedule to the run (e.g. inverse_sigmoid_k, schedule.k)", schedule.name, last,
-                    total_steps)
+        log.warning(
+            "schedule %s ends with teacher_forcing_prob %.3f at step %d: the run is almost pure teacher "
+            "forcing; scale the schedule to the run (e.g. inverse_sigmoid_k, schedule.k)",
+            schedule.name,
+            last,
+            total_steps,
+        )
 
 
 def show_progress_bar(setting) -> bool:
@@ -225,8 +248,13 @@ class Engine:
 
     def __init__(self, context: Context, task: Task, optimizer: torch.optim.Optimizer, lr_scheduler: Any):
         cfg, info = context.cfg, context.info
-        self.cfg, self.run_dir, self.info, self.device, self.amp_dtype = (cfg, context.run_dir, info, context.device,
-                                                                          context.amp_dtype)
+        self.cfg, self.run_dir, self.info, self.device, self.amp_dtype = (
+            cfg,
+            context.run_dir,
+            info,
+            context.device,
+            context.amp_dtype,
+        )
         self.task, self.model = task, task.model
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -237,16 +265,30 @@ class Engine:
         self.step_settings: dict[str, float] = {}  # what the latest optimizer step used (the records carry them)
         if info.enabled:  # same initial weights everywhere, but each rank its own dropout and sampling draws
             torch.manual_seed(cfg.seed + 1_000_003 * info.rank)
-        self.logger = open_run_logger(cfg, self.run_dir, info.is_main, self.config,
-                                      lambda: {f"train/{k}": v for k, v in self.step_settings.items()})
+        self.logger = open_run_logger(
+            cfg,
+            self.run_dir,
+            info.is_main,
+            self.config,
+            lambda: {f"train/{k}": v for k, v in self.step_settings.items()},
+        )
         if info.is_main:
-            log.info("%s; %d steps per epoch, %d steps; objective: %s", task.describe(), task.steps_per_epoch,
-                     task.total_steps, task.objective.describe())
+            log.info(
+                "%s; %d steps per epoch, %d steps; objective: %s",
+                task.describe(),
+                task.steps_per_epoch,
+                task.total_steps,
+                task.objective.describe(),
+            )
             probe_writable(self.checkpoint_dir)  # an unwritable or full run folder stops the run now, not at a save
         self.preemption = PreemptionFlag()
         self.last_checkpoint_time = time.monotonic()
-        self.bar = tqdm(total=task.total_steps, dynamic_ncols=True, desc="train",
-                        disable=not (info.is_main and show_progress_bar(cfg.trainer.progress_bar)))
+        self.bar = tqdm(
+            total=task.total_steps,
+            dynamic_ncols=True,
+            desc="train",
+            disable=not (info.is_main and show_progress_bar(cfg.trainer.progress_bar)),
+        )
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -271,8 +313,14 @@ def fit(run: Engine) -> dict:
     after a preemption signal: requeue me)."""
     resume(run)
     stopped_by_signal = run_steps(run)
-    summary = {"run_dir": str(run.run_dir), "steps": run.progress.step, "best_step": run.progress.best_step,
-               "best_metric": run.progress.best_metric, "preempted": False, **run.task.summary(run)}
+    summary = {
+        "run_dir": str(run.run_dir),
+        "steps": run.progress.step,
+        "best_step": run.progress.best_step,
+        "best_metric": run.progress.best_metric,
+        "preempted": False,
+        **run.task.summary(run),
+    }
     if stopped_by_signal:
         return stop_for_requeue(run, summary)
     if run.cfg.trainer.evaluate_after_training:
@@ -332,8 +380,15 @@ def guarded_update(run: Engine, loss: torch.Tensor) -> tuple[torch.Tensor, torch
     return finite, grad_norm
 
 
-def record_step(run: Engine, loss: torch.Tensor, values: dict[str, torch.Tensor], finite: torch.Tensor,
-                captions: int, images: int, tokens: int = 0) -> None:
+def record_step(
+    run: Engine,
+    loss: torch.Tensor,
+    values: dict[str, torch.Tensor],
+    finite: torch.Tensor,
+    captions: int,
+    images: int,
+    tokens: int = 0,
+) -> None:
     """After the update: the learning-rate schedule, the guard, the step count, the logging window, the bar."""
     if run.lr_scheduler:
         run.lr_scheduler.step()
@@ -352,8 +407,12 @@ def apply_update_if(run: Engine, finite: torch.Tensor) -> None:
             scaler.step(optimizer)
         scaler.update()
         return
-    kept = [t for group in optimizer.param_groups for p in group["params"]
-            for t in (p, *(v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)))]
+    kept = [
+        t
+        for group in optimizer.param_groups
+        for p in group["params"]
+        for t in (p, *(v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)))
+    ]
     before = [t.detach().clone() for t in kept]
     scale = scaler._scale.clone() if scaler.is_enabled() else None
     scaler.step(optimizer)
@@ -365,8 +424,12 @@ def apply_update_if(run: Engine, finite: torch.Tensor) -> None:
 
 def updated_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     """The buffers a training forward pass updates: those of BatchNorm layers in training mode."""
-    return [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-            for b in m.buffers(recurse=False)]
+    return [
+        b
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+        for b in m.buffers(recurse=False)
+    ]
 
 
 def keep_buffers_if(buffers: list[torch.Tensor], before: list[torch.Tensor], finite: torch.Tensor) -> None:
@@ -392,13 +455,17 @@ def check_finite(run: Engine) -> tuple[dict[str, float], NonFiniteLossError | No
     if run.scaler.is_enabled():
         figures["train/scaler_skipped_steps"] = float(g.scaler_skips)
     if total and (t.on_nonfinite == "stop" or longest >= t.max_nonfinite_in_a_row):
-        why = ("trainer.on_nonfinite=stop" if t.on_nonfinite == "stop"
-               else f"{longest} steps in a row (trainer.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row})")
+        why = (
+            "trainer.on_nonfinite=stop"
+            if t.on_nonfinite == "stop"
+            else f"{longest} steps in a row (trainer.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row})"
+        )
         return figures, NonFiniteLossError(
             f"training diverged: the loss or gradient was not finite at step {first_step} (loss {first_loss}), "
             f"{total} such step(s) so far, {why}; their updates were not applied and no checkpoint holds them. "
             f"Try a lower learning rate (optim.optimizer.lr), gradient clipping (optim.grad_clip_norm), or "
-            f"trainer.precision=fp32/bf16 instead of fp16")
+            f"trainer.precision=fp32/bf16 instead of fp16"
+        )
     return figures, None
 
 
@@ -421,13 +488,20 @@ def log_progress(run: Engine) -> None:
     metrics["train/lr"] = run.optimizer.param_groups[0]["lr"]
     metrics["train/epoch"] = progress.epoch + progress.batch_in_epoch / run.task.steps_per_epoch
     run.logger.log_metrics(metrics, progress.step)
-    run.bar.set_postfix(loss=f"{metrics.get('train/loss', math.nan):.3f}",
-                        cap_s=f"{metrics['train/captions_per_s']:.0f}",
-                        **{k: f"{v:.3f}" for k, v in run.step_settings.items()})
+    run.bar.set_postfix(
+        loss=f"{metrics.get('train/loss', math.nan):.3f}",
+        cap_s=f"{metrics['train/captions_per_s']:.0f}",
+        **{k: f"{v:.3f}" for k, v in run.step_settings.items()},
+    )
     if run.bar.disable and info.is_main:  # batch jobs: one line per record instead of a redrawn bar
-        log.info("step %d/%d  loss %s  %s  %.0f captions/s", progress.step, run.total_steps,
-                 f"{metrics['train/loss']:.4f}" if "train/loss" in metrics else "n/a",
-                 "  ".join(f"{k} {v:.3f}" for k, v in run.step_settings.items()), metrics["train/captions_per_s"])
+        log.info(
+            "step %d/%d  loss %s  %s  %.0f captions/s",
+            progress.step,
+            run.total_steps,
+            f"{metrics['train/loss']:.4f}" if "train/loss" in metrics else "n/a",
+            "  ".join(f"{k} {v:.3f}" for k, v in run.step_settings.items()),
+            metrics["train/captions_per_s"],
+        )
     run.window = TrainingWindow()
     if divergence is not None:  # after the record: the log shows the steps that led here
         raise divergence
@@ -446,8 +520,9 @@ def validate_and_save(run: Engine) -> bool:
         progress.best_metric, progress.best_step = value, progress.step
     save(run, ("last.pt", "best.pt") if improved else ("last.pt",))
     if run.info.is_main:
-        run.bar.write(f"step {progress.step}: " + "  ".join(
-            f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/")))
+        run.bar.write(
+            f"step {progress.step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+        )
     dist_utils.barrier(run.info)
     run.window.start += time.perf_counter() - started  # throughput counts training only
     return True
@@ -458,22 +533,33 @@ def checkpoint_dict(run: Engine, per_rank: list[dict]) -> dict:
     """Everything to resume, in one dict; `per_rank` from `gather_per_rank` (every rank's random streams, logging
     window and non-finite guard)."""
     p = run.progress
-    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "lr_scheduler": run.lr_scheduler.state_dict() if run.lr_scheduler else None,
-            "scaler": run.scaler.state_dict(), "step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch,
-            "best_metric": p.best_metric, "best_step": p.best_step,
-            # the per-step settings of the step that produced these weights, as the metrics records carry them
-            "last_step_settings": dict(run.step_settings),
-            "rng": [r["rng"] for r in per_rank],
-            "logging_window": [r["logging_window"] for r in per_rank],
-            "nonfinite_guard": [r["nonfinite_guard"] for r in per_rank],
-            "config": run.config, **run.task.state_dict()}
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict() if run.lr_scheduler else None,
+        "scaler": run.scaler.state_dict(),
+        "step": p.step,
+        "epoch": p.epoch,
+        "batch_in_epoch": p.batch_in_epoch,
+        "best_metric": p.best_metric,
+        "best_step": p.best_step,
+        # the per-step settings of the step that produced these weights, as the metrics records carry them
+        "last_step_settings": dict(run.step_settings),
+        "rng": [r["rng"] for r in per_rank],
+        "logging_window": [r["logging_window"] for r in per_rank],
+        "nonfinite_guard": [r["nonfinite_guard"] for r in per_rank],
+        "config": run.config,
+        **run.task.state_dict(),
+    }
 
 
 def gather_per_rank(run: Engine) -> list[dict]:
     """Every rank's random streams, logging window and non-finite guard (a collective: all ranks call it)."""
-    mine = {"rng": capture_rng_state(), "logging_window": run.window.state_dict(),
-            "nonfinite_guard": run.guard.state_dict()}
+    mine = {
+        "rng": capture_rng_state(),
+        "logging_window": run.window.state_dict(),
+        "nonfinite_guard": run.guard.state_dict(),
+    }
     return dist_utils.gather_objects(mine, run.info)
 
 
@@ -483,13 +569,16 @@ def save(run: Engine, names: tuple[str, ...] = ("last.pt",)) -> None:
     written."""
     per_rank = gather_per_rank(run)
     if run.info.is_main:
-        bad = [name for name, v in run.model.state_dict().items()
-               if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = [
+            name for name, v in run.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()
+        ]
         if bad:
-            raise NonFiniteLossError(f"training diverged: at step {run.progress.step} the model's {bad[0]} ({len(bad)} "
-                                     f"tensors in all) is not finite; not saving it (the checkpoints in "
-                                     f"{run.checkpoint_dir} are from before). Try a lower learning rate "
-                                     "(optim.optimizer.lr), gradient clipping (optim.grad_clip_norm) or fp32")
+            raise NonFiniteLossError(
+                f"training diverged: at step {run.progress.step} the model's {bad[0]} ({len(bad)} "
+                f"tensors in all) is not finite; not saving it (the checkpoints in "
+                f"{run.checkpoint_dir} are from before). Try a lower learning rate "
+                "(optim.optimizer.lr), gradient clipping (optim.grad_clip_norm) or fp32"
+            )
         checkpoint = checkpoint_dict(run, per_rank)
         for name in names:
             save_checkpoint(checkpoint, run.checkpoint_dir / name, keep_previous=name == "last.pt")
@@ -518,9 +607,12 @@ def stop_for_requeue(run: Engine, summary: dict) -> dict:
     """After a preemption signal: save last.pt, close, and ask for the requeue (exit code 124)."""
     save(run)
     if run.info.is_main:
-        log.warning("%s received: saved %s at step %d; exiting for requeue",
-                    run.preemption.signal_name or "a signal (on another rank)", run.checkpoint_dir / "last.pt",
-                    run.progress.step)
+        log.warning(
+            "%s received: saved %s at step %d; exiting for requeue",
+            run.preemption.signal_name or "a signal (on another rank)",
+            run.checkpoint_dir / "last.pt",
+            run.progress.step,
+        )
     run.logger.finish()
     dist_utils.cleanup(run.info)
     summary.update(preempted=True, exit_code=PREEMPTION_EXIT_CODE)
@@ -551,8 +643,13 @@ def resume(run: Engine) -> None:
     if found is not None:
         checkpoint, path = found
         load_training_state(run, checkpoint)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, run.progress.step, run.progress.epoch,
-                 run.progress.batch_in_epoch)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            path,
+            run.progress.step,
+            run.progress.epoch,
+            run.progress.batch_in_epoch,
+        )
     if run.info.is_main:  # a run killed before its first checkpoint starts again from step 0: the same rule
         metrics_file = run.run_dir / "metrics.jsonl"
         if metrics_file.is_file():  # the logger appends (O_APPEND): its next record follows the kept ones
@@ -568,7 +665,9 @@ def resume(run: Engine) -> None:
 def check_resumable(run: Engine, checkpoint: dict, path: Path) -> None:
     """ValueError if `checkpoint` cannot continue this run: missing entries, non-finite weights, or what the task
     says (another vocabulary)."""
-    missing = [k for k in ("optimizer", "scaler", "rng", "epoch", "batch_in_epoch", "best_metric") if k not in checkpoint]
+    missing = [
+        k for k in ("optimizer", "scaler", "rng", "epoch", "batch_in_epoch", "best_metric") if k not in checkpoint
+    ]
     if missing:
         raise ValueError(f"{path} lacks {missing}: not a training checkpoint")
     run.task.check_checkpoint(checkpoint, path)
@@ -582,14 +681,23 @@ def load_training_state(run: Engine, checkpoint: dict) -> None:
     if run.lr_scheduler and checkpoint["lr_scheduler"]:
         run.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
-    run.progress = Progress(checkpoint["step"], checkpoint["epoch"], checkpoint["batch_in_epoch"],
-                            checkpoint["best_metric"], checkpoint["best_step"])
+    run.progress = Progress(
+        checkpoint["step"],
+        checkpoint["epoch"],
+        checkpoint["batch_in_epoch"],
+        checkpoint["best_metric"],
+        checkpoint["best_step"],
+    )
     rng = checkpoint["rng"] if isinstance(checkpoint["rng"], list) else [checkpoint["rng"]]
     info = run.info
     same_world = len(rng) == info.world_size
     if not same_world:
-        log.warning("resuming %d process(es) from a checkpoint of %d: random streams restart from rank 0's, "
-                    "the logging window from empty", info.world_size, len(rng))
+        log.warning(
+            "resuming %d process(es) from a checkpoint of %d: random streams restart from rank 0's, "
+            "the logging window from empty",
+            info.world_size,
+            len(rng),
+        )
     restore_rng_state(rng[info.rank] if same_world else rng[0])
     windows, guards = checkpoint.get("logging_window"), checkpoint.get("nonfinite_guard")
     if windows is not None and same_world:  # older checkpoints have none: the window starts empty

@@ -27,6 +27,7 @@ Everything stays on the device: coins, Gumbel-max sampling and the mixing are te
 choosing loop has no host synchronisation, and on a GPU `GraphedInputChooser` replays it as one
 CUDA graph per batch shape instead of launching its ~15 kernels per step from Python.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,9 @@ from captioning.models.captioner import Captioner, DropoutMasks, never_generated
 log = logging.getLogger(__name__)
 
 
-def draw_coins(shape: tuple[int, int], teacher_forcing_prob: float | torch.Tensor, granularity: str,
-               device: torch.device) -> torch.Tensor:
+def draw_coins(
+    shape: tuple[int, int], teacher_forcing_prob: float | torch.Tensor, granularity: str, device: torch.device
+) -> torch.Tensor:
     """(N, T) bool, True where the ground truth is fed. A tensor of its own (not an expanded view), so that
     setting one column, as callers do for <bos>, leaves the other columns alone."""
     n, t = shape
@@ -50,8 +52,7 @@ def draw_coins(shape: tuple[int, int], teacher_forcing_prob: float | torch.Tenso
     return torch.rand(n, t, device=device) < teacher_forcing_prob
 
 
-def coins_after_bos(inputs: torch.Tensor, teacher_forcing_prob: float | torch.Tensor, granularity: str
-                    ) -> torch.Tensor:
+def coins_after_bos(inputs: torch.Tensor, teacher_forcing_prob: float | torch.Tensor, granularity: str) -> torch.Tensor:
     """`draw_coins` for decoder inputs (N, T); the first input, <bos>, is always the ground truth."""
     use_truth = draw_coins(inputs.shape, teacher_forcing_prob, granularity, inputs.device)  # (N, T)
     use_truth[:, 0] = True
@@ -79,9 +80,15 @@ class ChosenInputs(NamedTuple):
 
 
 @torch.no_grad()
-def choose_inputs(model: Captioner, features: torch.Tensor, inputs: torch.Tensor,
-                  teacher_forcing_prob: float | torch.Tensor, token_source: str, granularity: str,
-                  temperature: float) -> ChosenInputs:
+def choose_inputs(
+    model: Captioner,
+    features: torch.Tensor,
+    inputs: torch.Tensor,
+    teacher_forcing_prob: float | torch.Tensor,
+    token_source: str,
+    granularity: str,
+    temperature: float,
+) -> ChosenInputs:
     """Flip the coins, draw the dropout masks, and step through the decoder without gradient to choose
     every input: features (N, F), inputs (N, T) ground truth starting with <bos>."""
     n, t = inputs.shape
@@ -124,23 +131,32 @@ class GraphedInputChooser:
         self.disabled_reason: str | None = None
 
     @torch.compiler.disable
-    def __call__(self, model: Captioner, features: torch.Tensor, inputs: torch.Tensor, teacher_forcing_prob: float,
-                 token_source: str, granularity: str, temperature: float) -> ChosenInputs:
+    def __call__(
+        self,
+        model: Captioner,
+        features: torch.Tensor,
+        inputs: torch.Tensor,
+        teacher_forcing_prob: float,
+        token_source: str,
+        granularity: str,
+        temperature: float,
+    ) -> ChosenInputs:
         settings = (token_source, granularity, temperature)
         if self.disabled_reason is not None or not features.is_cuda:
             return choose_inputs(model, features, inputs, teacher_forcing_prob, *settings)
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         pointers = tuple(p.data_ptr() for p in model.step_parameters())
-        key = (tuple(features.shape), features.dtype, tuple(inputs.shape), model.training, autocast, settings,
-               pointers)
+        key = (tuple(features.shape), features.dtype, tuple(inputs.shape), model.training, autocast, settings, pointers)
         entry = self.graphs.get(key)
         if entry is None:
             try:
                 entry = self._capture(model, features, inputs, autocast, settings)
             except RuntimeError as error:  # capture is all or nothing: fall back to the same computation, eager
                 self.disabled_reason = str(error).splitlines()[0]
-                log.warning("CUDA graph capture of the scheduled-sampling loop failed (%s): running it eagerly",
-                            self.disabled_reason)
+                log.warning(
+                    "CUDA graph capture of the scheduled-sampling loop failed (%s): running it eagerly",
+                    self.disabled_reason,
+                )
                 torch.cuda.synchronize()
                 return choose_inputs(model, features, inputs, teacher_forcing_prob, *settings)
             self.graphs[key] = entry
@@ -183,8 +199,14 @@ class GraphedInputChooser:
         return _Graph(graph, static_features, static_inputs, static_prob, chosen)
 
 
-def _exact_single_pass(model: Captioner, features: torch.Tensor, inputs: torch.Tensor, use_truth: torch.Tensor,
-                       token_source: str, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact_single_pass(
+    model: Captioner,
+    features: torch.Tensor,
+    inputs: torch.Tensor,
+    use_truth: torch.Tensor,
+    token_source: str,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The step-by-step loop with gradient. Only the rows whose next input the model chooses go through
     the output layer without gradient (selecting them synchronises with the host: CPU only)."""
     select_rows = inputs.device.type == "cpu"
@@ -210,11 +232,17 @@ def _exact_single_pass(model: Captioner, features: torch.Tensor, inputs: torch.T
     return model.project(torch.stack(hidden, 1)), torch.stack(fed, 1)  # (N, T, V), (N, T)
 
 
-def scheduled_sampling_logits(model: Captioner, features: torch.Tensor, inputs: torch.Tensor,
-                              teacher_forcing_prob: float, token_source: str = "sample", granularity: str = "token",
-                              temperature: float = 1.0, mode: str = "exact",
-                              chooser: GraphedInputChooser | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scheduled_sampling_logits(
+    model: Captioner,
+    features: torch.Tensor,
+    inputs: torch.Tensor,
+    teacher_forcing_prob: float,
+    token_source: str = "sample",
+    granularity: str = "token",
+    temperature: float = 1.0,
+    mode: str = "exact",
+    chooser: GraphedInputChooser | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """features (N, F), inputs (N, T) ground truth starting with <bos>
     -> logits (N, T, V), fed (N, T) token ids, use_truth (N, T) bool (True where the coin chose the ground truth).
 
@@ -238,6 +266,7 @@ def scheduled_sampling_logits(model: Captioner, features: torch.Tensor, inputs: 
         use_truth = coins_after_bos(inputs, teacher_forcing_prob, granularity)
         logits, fed = _exact_single_pass(model, features, inputs, use_truth, token_source, temperature)
         return logits, fed, use_truth
-    chosen = (chooser or choose_inputs)(model, features.detach(), inputs, teacher_forcing_prob, token_source,
-                                        granularity, temperature)
+    chosen = (chooser or choose_inputs)(
+        model, features.detach(), inputs, teacher_forcing_prob, token_source, granularity, temperature
+    )
     return model.forward_teacher_forcing(features, chosen.fed, chosen.masks), chosen.fed, chosen.use_truth

@@ -11,14 +11,16 @@ The state restarts from zeros at the start of every epoch and is saved in checkp
 bit for bit. Scheduled sampling applies within a chunk, one coin per token (`schedule.granularity=sequence`: one
 per stream and chunk); the first input of a chunk is always the text's own.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +49,16 @@ log = logging.getLogger(__name__)
 
 
 # -- the objective ------------------------------------------------------------------------------------------------
-def chunk_logits(model: LanguageModel, inputs: torch.Tensor, state: State, teacher_forcing_prob: float,
-                 token_source: str = "sample", granularity: str = "token", temperature: float = 1.0,
-                 mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor, State]:
+def chunk_logits(
+    model: LanguageModel,
+    inputs: torch.Tensor,
+    state: State,
+    teacher_forcing_prob: float,
+    token_source: str = "sample",
+    granularity: str = "token",
+    temperature: float = 1.0,
+    mode: str = "exact",
+) -> tuple[torch.Tensor, torch.Tensor, State]:
     """inputs (N, T), the state carried in -> logits (N, T, V), use_truth (N, T) bool, the state after the chunk.
 
     teacher_forcing_prob >= 1: one fused pass, no random numbers drawn. Otherwise each input after the first is
@@ -66,8 +75,9 @@ def chunk_logits(model: LanguageModel, inputs: torch.Tensor, state: State, teach
         with torch.no_grad():
             draft, _ = model.forward_chunk(inputs, state)  # (N, T, V)
         fed = inputs.clone()
-        fed[:, 1:] = torch.where(use_truth[:, 1:], inputs[:, 1:],
-                                 choose_tokens(draft[:, :-1], token_source, temperature, model))
+        fed[:, 1:] = torch.where(
+            use_truth[:, 1:], inputs[:, 1:], choose_tokens(draft[:, :-1], token_source, temperature, model)
+        )
         logits, state = model.forward_chunk(fed, state)
         return logits, use_truth, state
     hidden, token = [], inputs[:, 0]  # (N,)
@@ -87,12 +97,23 @@ class LanguageModelObjective(nn.Module):
 
     name = "language_model"
 
-    def __init__(self, model: LanguageModel, schedule: TeacherForcingSchedule, token_source: str = "sample",
-                 granularity: str = "token", temperature: float = 1.0, mode: str = "exact"):
+    def __init__(
+        self,
+        model: LanguageModel,
+        schedule: TeacherForcingSchedule,
+        token_source: str = "sample",
+        granularity: str = "token",
+        temperature: float = 1.0,
+        mode: str = "exact",
+    ):
         super().__init__()
         self.model, self.schedule = model, schedule
-        self.options = {"token_source": token_source, "granularity": granularity, "temperature": temperature,
-                        "mode": mode}
+        self.options = {
+            "token_source": token_source,
+            "granularity": granularity,
+            "temperature": temperature,
+            "mode": mode,
+        }
         self.carry: State | None = None
 
     def step_settings(self, step: int, epoch: int) -> dict[str, float]:
@@ -104,8 +125,9 @@ class LanguageModelObjective(nn.Module):
     def reset_carry(self) -> None:
         self.carry = None
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, teacher_forcing_prob: float = 1.0
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, teacher_forcing_prob: float = 1.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """inputs, targets (N, T) -> mean loss over the real (non-<pad>) targets, stats."""
         state = self.carry if self.carry is not None else self.model.zero_state(inputs.shape[0], inputs.device)
         logits, use_truth, state = chunk_logits(self.model, inputs, state, teacher_forcing_prob, **self.options)
@@ -114,8 +136,10 @@ class LanguageModelObjective(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad)
         real = targets[:, 1:] != pad  # (N, T-1) inputs after the first that precede a real target
         model_fed = (~use_truth[:, 1:] & real).sum()
-        return loss, {"bits_per_token": loss.detach() / math.log(2),
-                      "model_token_fraction": model_fed / real.sum().clamp(min=1)}
+        return loss, {
+            "bits_per_token": loss.detach() / math.log(2),
+            "model_token_fraction": model_fed / real.sum().clamp(min=1),
+        }
 
     def keep_carry_where(self, finite: torch.Tensor) -> None:
         """After a non-finite step the carried state restarts from zeros (on the device: no host sync)."""
@@ -134,8 +158,9 @@ class LanguageModelObjective(nn.Module):
 
 def build_lm_objective(cfg: DictConfig, model: LanguageModel) -> LanguageModelObjective:
     schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True)
-    return LanguageModelObjective(model, build_schedule_from_config(schedule_cfg),
-                                  **sampling_options_from_config(schedule_cfg))
+    return LanguageModelObjective(
+        model, build_schedule_from_config(schedule_cfg), **sampling_options_from_config(schedule_cfg)
+    )
 
 
 # -- the task ---------------------------------------------------------------------------------------------------------
@@ -172,6 +197,7 @@ def build_optimizer(model: nn.Module, cfg_optim, total_steps: int):
 class LanguageModelTask:
     """The text, its training streams, the model and its objective (`train_forward`: the objective, DDP-wrapped
     and/or compiled)."""
+
     cfg: DictConfig
     corpus: Corpus
     streams: TokenStreams
@@ -182,14 +208,23 @@ class LanguageModelTask:
     train_forward: Any
 
     @classmethod
-    def build(cls, context: engine.Context) -> "LanguageModelTask":
+    def build(cls, context: engine.Context) -> LanguageModelTask:
         cfg, info, device = context.cfg, context.info, context.device
         corpus = load_corpus(cfg.data)
         vocab = corpus.vocab
-        streams = TokenStreams(corpus.splits["train"], cfg.data.batch_size, cfg.data.tbptt_steps, vocab.pad_id,
-                               vocab.bos_id, info.rank, info.world_size)
+        streams = TokenStreams(
+            corpus.splits["train"],
+            cfg.data.batch_size,
+            cfg.data.tbptt_steps,
+            vocab.pad_id,
+            vocab.bos_id,
+            info.rank,
+            info.world_size,
+        )
         steps_per_epoch = streams.num_chunks
-        total_steps = int(min(cfg.trainer.max_steps or math.inf, (cfg.trainer.max_epochs or math.inf) * steps_per_epoch))
+        total_steps = int(
+            min(cfg.trainer.max_steps or math.inf, (cfg.trainer.max_epochs or math.inf) * steps_per_epoch)
+        )
         model = build_language_model(cfg.model, len(vocab)).to(device)
         objective = build_lm_objective(cfg, model)
         engine.warn_if_schedule_barely_moves(objective, total_steps, steps_per_epoch)
@@ -201,7 +236,8 @@ class LanguageModelTask:
         return self.corpus.vocab
 
     def describe(self) -> str:
-        return f"{self.corpus.describe()}; {self.cfg.data.batch_size} streams x {self.cfg.data.tbptt_steps} tokens per step"
+        data = self.cfg.data
+        return f"{self.corpus.describe()}; {data.batch_size} streams x {data.tbptt_steps} tokens per step"
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def batches(self, run: engine.Engine) -> Iterator[dict]:
@@ -228,15 +264,22 @@ class LanguageModelTask:
             loss, stats = self.train_forward(inputs, targets, **run.step_settings)
         finite, grad_norm = engine.guarded_update(run, loss)
         self.objective.keep_carry_where(finite)
-        engine.record_step(run, loss, {"loss": loss, "grad_norm": grad_norm.detach(), **stats}, finite,
-                           inputs.shape[0], 0, tokens)
+        engine.record_step(
+            run, loss, {"loss": loss, "grad_norm": grad_norm.detach(), **stats}, finite, inputs.shape[0], 0, tokens
+        )
 
     # -- validation and test ----------------------------------------------------------------------------------
     def validate(self, run: engine.Engine) -> dict[str, float]:
         """val/loss, val/bits_per_token, val/bpc (char) or val/perplexity (word)."""
         cfg = self.cfg
-        figures = evaluate_text(self.model, self.corpus.splits["val"], self.corpus.level, cfg.data.eval_batch_size,
-                                cfg.data.tbptt_steps, run.device)
+        figures = evaluate_text(
+            self.model,
+            self.corpus.splits["val"],
+            self.corpus.level,
+            cfg.data.eval_batch_size,
+            cfg.data.tbptt_steps,
+            run.device,
+        )
         return {f"val/{k}": v for k, v in figures.items()}
 
     def monitored_value(self, metrics: dict[str, float], run: engine.Engine) -> float:
@@ -250,23 +293,41 @@ class LanguageModelTask:
             return {}
         cfg, level = self.cfg, self.corpus.level
         model, vocab, _, checkpoint = load_language_model(run.checkpoint_dir / "best.pt", run.device)
-        figures = evaluate_text(model, self.corpus.splits["test"], level, cfg.data.eval_batch_size,
-                                cfg.data.tbptt_steps, run.device)
+        figures = evaluate_text(
+            model, self.corpus.splits["test"], level, cfg.data.eval_batch_size, cfg.data.tbptt_steps, run.device
+        )
         metrics = {f"test/{k}": v for k, v in figures.items()}
         length = int(cfg.task.sample_length)
-        samples = [{"strategy": "greedy", "text": generate_text(model, vocab, level, "", length, "greedy",
-                                                                run.device)[0][0]}]
+        samples = [
+            {"strategy": "greedy", "text": generate_text(model, vocab, level, "", length, "greedy", run.device)[0][0]}
+        ]
         for index, temperature in enumerate(cfg.task.sample_temperatures):
-            texts, _ = generate_text(model, vocab, level, "", length, "sample", run.device, seed=cfg.seed + index,
-                                     temperature=float(temperature))
+            texts, _ = generate_text(
+                model,
+                vocab,
+                level,
+                "",
+                length,
+                "sample",
+                run.device,
+                seed=cfg.seed + index,
+                temperature=float(temperature),
+            )
             samples.append({"strategy": "sample", "temperature": float(temperature), "text": texts[0]})
-        (run.run_dir / "test_metrics.json").write_text(json.dumps(
-            {**metrics, "checkpoint_step": checkpoint["step"]}, indent=1))
+        (run.run_dir / "test_metrics.json").write_text(
+            json.dumps({**metrics, "checkpoint_step": checkpoint["step"]}, indent=1)
+        )
         run.logger.log_metrics(metrics, run.progress.step)
-        run.logger.log_table("test/samples", ["strategy", "temperature", "text"],  # RUN_DIR/test_samples.json too
-                             [[s["strategy"], s.get("temperature"), s["text"]] for s in samples], run.progress.step)
-        print("test (best checkpoint, step %d): %s" % (checkpoint["step"], "  ".join(
-            f"{k}={v:.4f}" for k, v in metrics.items())))
+        run.logger.log_table(
+            "test/samples",
+            ["strategy", "temperature", "text"],  # RUN_DIR/test_samples.json too
+            [[s["strategy"], s.get("temperature"), s["text"]] for s in samples],
+            run.progress.step,
+        )
+        print(
+            f"test (best checkpoint, step {checkpoint['step']}): "
+            + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        )
         return metrics
 
     def summary(self, run: engine.Engine) -> dict:

@@ -18,6 +18,7 @@ Every objective's forward also takes `image_ids` (B,), the batch's images (self-
 references; cross-entropy needs them for `schedule.targets` other than reference and for the share of reference
 targets that are no valid continuation of the fed prefix, see targets.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioning.models.captioner import Captioner
-from captioning.schedules import (TeacherForcingSchedule, build_schedule, build_schedule_from_config,
-                                  sampling_options_from_config)
+from captioning.schedules import (
+    TeacherForcingSchedule,
+    build_schedule,
+    build_schedule_from_config,
+    sampling_options_from_config,
+)
 from captioning.training.feeding import GraphedInputChooser, scheduled_sampling_logits
 from captioning.training.self_critical import build_self_critical
 from captioning.training.targets import INVALID_SHARE, TrainingTargets, build_training_targets
@@ -47,9 +52,17 @@ class CrossEntropyObjective(nn.Module):
 
     name = "cross_entropy"
 
-    def __init__(self, model: Captioner, schedule: TeacherForcingSchedule | None = None, token_source: str = "sample",
-                 granularity: str = "token", temperature: float = 1.0, mode: str = "exact", cuda_graphs: bool = False,
-                 targets: TrainingTargets | None = None):
+    def __init__(
+        self,
+        model: Captioner,
+        schedule: TeacherForcingSchedule | None = None,
+        token_source: str = "sample",
+        granularity: str = "token",
+        temperature: float = 1.0,
+        mode: str = "exact",
+        cuda_graphs: bool = False,
+        targets: TrainingTargets | None = None,
+    ):
         super().__init__()
         self.model = model
         self.schedule = schedule or build_schedule("teacher_forcing")
@@ -64,8 +77,13 @@ class CrossEntropyObjective(nn.Module):
         targets = f"; {self.targets.describe()}" if self.targets is not None else ""
         return f"cross-entropy; teacher forcing: {self.schedule.describe()}{targets}"
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_forcing_prob: float = 1.0,
-                image_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        teacher_forcing_prob: float = 1.0,
+        image_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """images (B, 3, H, W) (or cached features (B, F)), targets (B, C, T) -> mean token loss, stats.
         `image_ids` (B,): the references and scenes of `self.targets`."""
         features = self.model.encode(images)  # (B, F)
@@ -74,8 +92,16 @@ class CrossEntropyObjective(nn.Module):
         targets = targets.flatten(0, 1)  # (N, T)
         inputs = shift_right(targets, self.model.bos_id)  # (N, T)
         logits, fed, use_truth = scheduled_sampling_logits(
-            self.model, features, inputs, teacher_forcing_prob, self.token_source, self.granularity,
-            self.temperature, self.mode, self.chooser)  # (N, T, V)
+            self.model,
+            features,
+            inputs,
+            teacher_forcing_prob,
+            self.token_source,
+            self.granularity,
+            self.temperature,
+            self.mode,
+            self.chooser,
+        )  # (N, T, V)
         real = targets != self.model.pad_id  # (N, T)
         stats = {}
         if self.targets is None or teacher_forcing_prob >= 1.0:
@@ -97,9 +123,13 @@ def build_objective(cfg, model: Captioner, cuda_graphs: bool, records=None, voca
     from omegaconf import OmegaConf
 
     schedule_cfg = OmegaConf.to_container(cfg.schedule, resolve=True)
-    cross_entropy = CrossEntropyObjective(model, build_schedule_from_config(schedule_cfg),
-                                          **sampling_options_from_config(schedule_cfg), cuda_graphs=cuda_graphs,
-                                          targets=build_training_targets(cfg, records, vocab))
+    cross_entropy = CrossEntropyObjective(
+        model,
+        build_schedule_from_config(schedule_cfg),
+        **sampling_options_from_config(schedule_cfg),
+        cuda_graphs=cuda_graphs,
+        targets=build_training_targets(cfg, records, vocab),
+    )
     name = OmegaConf.select(cfg, "objective.name", default="cross_entropy")
     if name == "cross_entropy":
         return cross_entropy

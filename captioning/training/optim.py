@@ -1,4 +1,5 @@
 """Optimizer and learning-rate scheduler from the `optim` config."""
+
 from __future__ import annotations
 
 import hydra

@@ -6,6 +6,7 @@ training engine (captioning.training.engine):
 
 `captioning-train` (captioning/train.py) and the tests call it with a composed config.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

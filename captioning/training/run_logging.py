@@ -1,4 +1,5 @@
 """The training run's loggers (JSON lines always, W&B when configured; rank 0 only) and its name, group, tags."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,9 +34,21 @@ def open_run_logger(cfg: DictConfig, run_dir: Path, is_main: bool, config: dict,
         from captioning.loggers.wandb_logger import WandbLogger
 
         w = cfg.logger.wandb
-        loggers.append(WandbLogger(run_dir, w.project, w.entity, run_group(cfg), w.name or run_name(cfg),
-                                   list(w.tags) + run_tags(cfg), w.mode, "train", config,
-                                   num_table_images=w.num_table_images, thumbnail_size=w.thumbnail_size))
+        loggers.append(
+            WandbLogger(
+                run_dir,
+                w.project,
+                w.entity,
+                run_group(cfg),
+                w.name or run_name(cfg),
+                list(w.tags) + run_tags(cfg),
+                w.mode,
+                "train",
+                config,
+                num_table_images=w.num_table_images,
+                thumbnail_size=w.thumbnail_size,
+            )
+        )
     logger = TaggedLogger(MultiLogger(loggers), tags)
     logger.log_config(config)
     return logger

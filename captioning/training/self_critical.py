@@ -29,6 +29,7 @@ What the objective holds beyond the model is the reward's reference tables, rebu
 at every start (nothing to checkpoint); its random draws come from the global generators, which checkpoints
 carry.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,10 @@ class ReferenceRows:
             rows = torch.searchsorted(self.ids, image_ids).clamp(max=len(self.ids) - 1)
             unknown = image_ids[self.ids[rows] != image_ids]
             if unknown.numel():
-                raise ValueError(f"objective=self_critical: image(s) {unknown[:5].tolist()} have no training "
-                                 "references (the reward scores training images only)")
+                raise ValueError(
+                    f"objective=self_critical: image(s) {unknown[:5].tolist()} have no training "
+                    "references (the reward scores training images only)"
+                )
             return rows.to(device, non_blocking=True)
         ids = self._on.setdefault(image_ids.device, self.ids.to(image_ids.device))
         return torch.searchsorted(ids, image_ids).clamp(max=len(ids) - 1).to(device)
@@ -99,8 +102,14 @@ def evaluating(model: nn.Module):
 
 
 @torch.no_grad()
-def sample_tokens(model: Captioner, features: torch.Tensor, steps: int, token_source: str = "sample",
-                  temperature: float = 1.0, masks: DropoutMasks | None = None) -> torch.Tensor:
+def sample_tokens(
+    model: Captioner,
+    features: torch.Tensor,
+    steps: int,
+    token_source: str = "sample",
+    temperature: float = 1.0,
+    masks: DropoutMasks | None = None,
+) -> torch.Tensor:
     """features (N, F) -> tokens (N, steps): the chosen token at each step (`sample` or `argmax`), <pad> after
     the first <eos>. A fixed number of steps and a `finished` mask: no host synchronisation. `masks`: dropout
     drawn for a teacher-forced pass over (N, steps) inputs, applied here the same way."""
@@ -119,8 +128,9 @@ def sample_tokens(model: Captioner, features: torch.Tensor, steps: int, token_so
     return torch.stack(chosen, 1)  # (N, steps)
 
 
-def sample_log_probs(model: Captioner, features: torch.Tensor, samples: torch.Tensor, masks: DropoutMasks | None,
-                     temperature: float) -> torch.Tensor:
+def sample_log_probs(
+    model: Captioner, features: torch.Tensor, samples: torch.Tensor, masks: DropoutMasks | None, temperature: float
+) -> torch.Tensor:
     """One fused teacher-forced pass with gradient: features (N, F), samples (N, L) -> log p of each sampled
     token (N, L) under log_softmax(logits / temperature); 0 after the sample's <eos> (its <pad>s)."""
     bos = torch.full_like(samples[:, :1], model.bos_id)
@@ -149,9 +159,19 @@ class SelfCriticalObjective(nn.Module):
 
     name = "self_critical"
 
-    def __init__(self, model: Captioner, reward: CiderD, rows: ReferenceRows, warm_up: nn.Module,
-                 baseline: str = "greedy", samples_per_image: int = 5, temperature: float = 1.0, max_len: int = 16,
-                 reward_weights: dict[str, float] | None = None, start_step: int = 0):
+    def __init__(
+        self,
+        model: Captioner,
+        reward: CiderD,
+        rows: ReferenceRows,
+        warm_up: nn.Module,
+        baseline: str = "greedy",
+        samples_per_image: int = 5,
+        temperature: float = 1.0,
+        max_len: int = 16,
+        reward_weights: dict[str, float] | None = None,
+        start_step: int = 0,
+    ):
         super().__init__()
         if baseline not in ("greedy", "mean"):
             raise ValueError(f"objective.baseline must be greedy or mean (got {baseline!r})")
@@ -172,9 +192,11 @@ class SelfCriticalObjective(nn.Module):
     def describe(self) -> str:
         weights = " + ".join(f"{w:g} {name}" for name, w in self.reward_weights.items() if w)
         warm = f"; cross-entropy before step {self.start_step} ({self.warm_up.describe()})" if self.start_step else ""
-        return (f"self-critical: reward {weights} (<eos> as a word: {self.reward.append_eos}), baseline "
-                f"{self.baseline}, {self.samples_per_image} samples per image at temperature {self.temperature:g}, "
-                f"at most {self.steps - 1} words{warm}")
+        return (
+            f"self-critical: reward {weights} (<eos> as a word: {self.reward.append_eos}), baseline "
+            f"{self.baseline}, {self.samples_per_image} samples per image at temperature {self.temperature:g}, "
+            f"at most {self.steps - 1} words{warm}"
+        )
 
     def scores(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """tokens (B, S, L), rows (B,) -> rewards (B, S) float64."""
@@ -188,9 +210,14 @@ class SelfCriticalObjective(nn.Module):
             greedy = sample_tokens(self.model, features, self.steps, "argmax")  # (B, L)
         return self.scores(greedy[:, None], rows).expand_as(rewards)  # (B, S)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, image_ids: torch.Tensor | None = None,
-                self_critical: float = 1.0, teacher_forcing_prob: float = 1.0
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+        self_critical: float = 1.0,
+        teacher_forcing_prob: float = 1.0,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """images (B, 3, H, W) or features (B, F), targets (B, C, T) (used before start_step only), image_ids (B,)
         -> loss, stats."""
         if not self_critical:
@@ -201,15 +228,19 @@ class SelfCriticalObjective(nn.Module):
         features = model.encode(images)  # (B, F)
         rows = self.rows(image_ids, features.device)  # (B,)
         repeated = features.repeat_interleave(s, dim=0)  # (B*S, F)
-        masks = None if model.dropout_inside_rnn else model.draw_dropout_masks(len(repeated), self.steps,
-                                                                               features.device)
+        masks = (
+            None if model.dropout_inside_rnn else model.draw_dropout_masks(len(repeated), self.steps, features.device)
+        )
         samples = sample_tokens(model, repeated.detach(), self.steps, "sample", self.temperature, masks)  # (B*S, L)
         rewards = self.scores(samples.view(len(features), s, -1), rows)  # (B, S)
         baselines = self.baselines(features.detach(), rewards, rows)  # (B, S)
         log_probs = sample_log_probs(model, repeated, samples, masks, self.temperature)  # (B*S, L)
         loss = self_critical_loss(log_probs, rewards.flatten(), baselines.flatten())
-        return loss, {"reward": rewards.mean().float(), "baseline_reward": baselines.mean().float(),
-                      "beat_baseline_fraction": (rewards > baselines).float().mean()}
+        return loss, {
+            "reward": rewards.mean().float(),
+            "baseline_reward": baselines.mean().float(),
+            "beat_baseline_fraction": (rewards > baselines).float().mean(),
+        }
 
 
 # -- building it ------------------------------------------------------------------------------------------
@@ -224,14 +255,17 @@ def load_initial_weights(model: Captioner, path: str, vocab) -> None:
     theirs = checkpoint["vocab"].get("itos", []) if isinstance(checkpoint["vocab"], dict) else []
     if theirs != vocab.itos:
         diff = next((i for i, (a, b) in enumerate(zip(theirs, vocab.itos)) if a != b), min(len(theirs), len(vocab)))
-        raise ValueError(f"objective.init_from: {path} was trained with another vocabulary ({len(theirs)} words, "
-                         f"this run's has {len(vocab)}; they first differ at id {diff}): use the same data and "
-                         "data.word_count_threshold as the run that wrote it")
+        raise ValueError(
+            f"objective.init_from: {path} was trained with another vocabulary ({len(theirs)} words, "
+            f"this run's has {len(vocab)}; they first differ at id {diff}): use the same data and "
+            "data.word_count_threshold as the run that wrote it"
+        )
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
-        raise ValueError(f"objective.init_from: {path} does not fit this model (another model config?): "
-                         f"{str(e).splitlines()[0]}") from None
+        raise ValueError(
+            f"objective.init_from: {path} does not fit this model (another model config?): {str(e).splitlines()[0]}"
+        ) from None
     log.info("objective.init_from: model weights from %s (step %s)", path, checkpoint.get("step"))
 
 
@@ -245,7 +279,15 @@ def build_self_critical(cfg, model: Captioner, warm_up: nn.Module, records, voca
     image_ids, references = reference_sets(records, vocab)
     reward = CiderD(references, len(vocab), vocab.eos_id, vocab.pad_id, append_eos=bool(o.reward_eos))
     weights = {name: float(o.reward.get(name, 0.0)) for name in ("cider_d", "bleu4")}
-    return SelfCriticalObjective(model, reward, ReferenceRows(image_ids), warm_up, baseline=str(o.baseline),
-                                 samples_per_image=int(o.samples_per_image), temperature=float(o.temperature),
-                                 max_len=int(o.max_len or cfg.data.max_len), reward_weights=weights,
-                                 start_step=int(o.start_step))
+    return SelfCriticalObjective(
+        model,
+        reward,
+        ReferenceRows(image_ids),
+        warm_up,
+        baseline=str(o.baseline),
+        samples_per_image=int(o.samples_per_image),
+        temperature=float(o.temperature),
+        max_len=int(o.max_len or cfg.data.max_len),
+        reward_weights=weights,
+        start_step=int(o.start_step),
+    )

@@ -49,6 +49,7 @@ was fed, up to the reference's <eos>), the share whose reference target is not a
 prefix. On scenes valid means by the oracle (after an untrue prefix nothing is valid); elsewhere (COCO) it means in
 the optimal-completion set, a proxy: a word outside every cheapest completion to the references.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -56,8 +57,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from captioning.scenes.grammar import SceneOracle
 from captioning.data.text import training_tokens
+from captioning.scenes.grammar import SceneOracle
 
 INVALID_SHARE = "reference_target_invalid_share"
 
@@ -83,8 +84,9 @@ def _extend(distance: torch.Tensor, references: torch.Tensor, word: torch.Tensor
     return torch.cummin(best - j, -1).values + j  # then r[j] inserted: min over k <= j of best[k] + (j - k)
 
 
-def _first_tokens(distance: torch.Tensor, in_reference: torch.Tensor, next_tokens: torch.Tensor,
-                  vocab_size: int) -> torch.Tensor:
+def _first_tokens(
+    distance: torch.Tensor, in_reference: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     """(N, R, L + 1) distances, which (r, j) exist, the token after r[:j] -> (N, V) bool: the optimal first tokens."""
     cost = distance.masked_fill(~in_reference, torch.iinfo(distance.dtype).max)  # (N, R, L + 1)
     optimal = (cost == cost.amin((1, 2), keepdim=True)) & in_reference  # (N, R, L + 1)
@@ -92,8 +94,9 @@ def _first_tokens(distance: torch.Tensor, in_reference: torch.Tensor, next_token
     return counts.scatter_add_(1, next_tokens.flatten(1), optimal.flatten(1).long()) > 0
 
 
-def optimal_completion_sets(fed: torch.Tensor, references: torch.Tensor, lengths: torch.Tensor, vocab_size: int,
-                            eos_id: int) -> torch.Tensor:
+def optimal_completion_sets(
+    fed: torch.Tensor, references: torch.Tensor, lengths: torch.Tensor, vocab_size: int, eos_id: int
+) -> torch.Tensor:
     """fed (N, T) token ids, <bos> first; references (N, R, L) word ids (anything after a reference's length);
     lengths (N, R) (< 0: no reference in that slot; each row needs one) -> (N, T, V) bool: at position t the
     tokens that begin a minimum-edit-distance completion of fed[:, 1:t + 1] to any of the row's references."""
@@ -126,7 +129,7 @@ class ReferenceTable:
         self.lengths = torch.full((len(rows), slots), -1, dtype=torch.long)  # (I, R)
         for i, row in enumerate(rows):
             for r, caption in enumerate(row):
-                self.tokens[i, r, :len(caption)] = torch.tensor(caption, dtype=torch.long)
+                self.tokens[i, r, : len(caption)] = torch.tensor(caption, dtype=torch.long)
                 self.lengths[i, r] = len(caption)
 
     @classmethod
@@ -168,8 +171,9 @@ class SceneTargets:
         ids = [self.vocab.stoi.get(word, self.vocab.unk_id) for word in oracle.next_words(state)]
         return ids + [self.vocab.eos_id] if oracle.accepts(state) else ids
 
-    def sets(self, fed: torch.Tensor, image_ids: Sequence[int], wanted: torch.Tensor, vocab_size: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sets(
+        self, fed: torch.Tensor, image_ids: Sequence[int], wanted: torch.Tensor, vocab_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """fed (N, T) (<bos> first), image_ids (N rows' images), wanted (N, T) bool: the positions to judge ->
         valid (N, T, V) bool (the oracle's next tokens, empty after an untrue prefix), true_prefix (N, T) bool
         (both only at the wanted positions; False elsewhere)."""
@@ -181,7 +185,7 @@ class SceneTargets:
                 continue
             oracle = self.oracle(int(image_ids[n]))
             state = oracle.start
-            for t, token in enumerate(tokens[:max(t for t, w in enumerate(judged) if w) + 1]):
+            for t, token in enumerate(tokens[: max(t for t, w in enumerate(judged) if w) + 1]):
                 if t > 0 and state:
                     word = self.vocab.itos[token] if token != self.vocab.eos_id else None
                     state = oracle.advance(state, word) if word is not None else frozenset()
@@ -209,14 +213,23 @@ class TrainingTargets:
     optimal_completion, by oracle with repair, and for the invalid share without scenes); `scenes`: SceneTargets
     (needed by oracle; on synthetic data it judges the invalid share)."""
 
-    def __init__(self, option: str, oracle_untrue: str = "repair", references: ReferenceTable | None = None,
-                 scenes: SceneTargets | None = None, pad_id: int = 0, eos_id: int = 2):
+    def __init__(
+        self,
+        option: str,
+        oracle_untrue: str = "repair",
+        references: ReferenceTable | None = None,
+        scenes: SceneTargets | None = None,
+        pad_id: int = 0,
+        eos_id: int = 2,
+    ):
         needs_references = option == "optimal_completion" or (option == "oracle" and oracle_untrue == "repair")
         if needs_references and references is None:
             raise ValueError(f"schedule.targets={option}: needs the training references")
         if option == "oracle" and scenes is None:
-            raise ValueError("schedule.targets=oracle needs a scene oracle (data=synthetic); other data has none: "
-                             "use schedule.targets=optimal_completion")
+            raise ValueError(
+                "schedule.targets=oracle needs a scene oracle (data=synthetic); other data has none: "
+                "use schedule.targets=optimal_completion"
+            )
         self.option, self.oracle_untrue = option, oracle_untrue
         self.references, self.scenes, self.pad_id, self.eos_id = references, scenes, pad_id, eos_id
 
@@ -225,8 +238,15 @@ class TrainingTargets:
             return f"targets: oracle (untrue prefixes: {self.oracle_untrue})"
         return f"targets: {self.option}"
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, fed: torch.Tensor,
-                 use_truth: torch.Tensor, image_ids: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        inputs: torch.Tensor,
+        fed: torch.Tensor,
+        use_truth: torch.Tensor,
+        image_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict]:
         """logits (N, T, V), targets / inputs / fed (N, T), use_truth (N, T) bool, image_ids (N,) per row (None:
         reference targets only, no invalid share) -> mean loss, {reference_target_invalid_share} (when judged)."""
         real = targets != self.pad_id  # (N, T)
@@ -239,14 +259,16 @@ class TrainingTargets:
         vocab_size = logits.shape[-1]
         completion = oracle = true_prefix = None
         if self.option != "reference" and self.references is not None:
-            completion = optimal_completion_sets(fed, *self.references.lookup(image_ids, fed.device), vocab_size,
-                                                 self.eos_id)  # (N, T, V)
+            completion = optimal_completion_sets(
+                fed, *self.references.lookup(image_ids, fed.device), vocab_size, self.eos_id
+            )  # (N, T, V)
         if self.scenes is not None:
             wanted = model_fed | off_reference if self.option == "oracle" else model_fed
             oracle, true_prefix = self.scenes.sets(fed, image_ids.tolist(), wanted, vocab_size)
         elif completion is None and self.references is not None:
-            completion = optimal_completion_sets(fed, *self.references.lookup(image_ids, fed.device), vocab_size,
-                                                 self.eos_id)
+            completion = optimal_completion_sets(
+                fed, *self.references.lookup(image_ids, fed.device), vocab_size, self.eos_id
+            )
         valid = oracle if oracle is not None else completion
         stats = {}
         if valid is not None:
@@ -296,8 +318,12 @@ def build_training_targets(cfg, records, vocab) -> TrainingTargets | None:
     data = OmegaConf.select(cfg, "data")
     scenes = load_scene_truth(data) if data is not None else None
     scene_targets = SceneTargets(scenes, vocab) if scenes is not None else None
-    needs_references = (options["targets"] == "optimal_completion" or scene_targets is None
-                        or (options["targets"] == "oracle" and options["oracle_untrue"] == "repair"))
+    needs_references = (
+        options["targets"] == "optimal_completion"
+        or scene_targets is None
+        or (options["targets"] == "oracle" and options["oracle_untrue"] == "repair")
+    )
     references = ReferenceTable.from_records(records, vocab, int(data.max_len)) if needs_references else None
-    return TrainingTargets(options["targets"], options["oracle_untrue"], references, scene_targets,
-                           vocab.pad_id, vocab.eos_id)
+    return TrainingTargets(
+        options["targets"], options["oracle_untrue"], references, scene_targets, vocab.pad_id, vocab.eos_id
+    )
