@@ -26,4 +26,5 @@ def validate_decode(cfg: DictConfig) -> None:
 def decode_kwargs(d) -> dict:
     """The keyword arguments of the chosen decoder: every key of the `decode` config but `strategy`."""
     items = OmegaConf.to_container(d, resolve=True) if OmegaConf.is_config(d) else dict(d)
+    assert isinstance(items, dict)  # `decode` is a mapping (a DictConfig or a dict)
     return {k: v for k, v in items.items() if k != "strategy"}

@@ -46,7 +46,7 @@ def validate_model(cfg: DictConfig) -> None:
     positive_int(cfg, "model.encoder.grid_size")
     label_head = cfg.model.encoder.get("label_head")
     require(
-        label_head is None or (isinstance(label_head, str) and label_head),
+        label_head is None or (isinstance(label_head, str) and label_head != ""),
         "model.encoder.label_head",
         "must be null or the path of a label head file",
         label_head,

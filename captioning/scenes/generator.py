@@ -38,6 +38,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from PIL import Image, ImageDraw
 
@@ -132,7 +133,7 @@ def sample_scene(rng: random.Random) -> Scene:
     if n == 3 and all(s == "large" for s in sizes):  # three large shapes do not fit in a row with gaps
         sizes[rng.randrange(3)] = "small"
     grey = rng.randint(105, 150)
-    background = tuple(grey + rng.randint(-6, 6) for _ in range(3))
+    background = cast(tuple[int, int, int], tuple(grey + rng.randint(-6, 6) for _ in range(3)))
     extents = [SIZE_EXTENT[s] for s in sizes]
 
     if n == 1:
@@ -158,7 +159,7 @@ def sample_scene(rng: random.Random) -> Scene:
 
     objects = []
     for shape, color, size, extent, (cx, cy) in zip(shapes, colors, sizes, extents, centers):
-        rgb = tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in COLORS[color])
+        rgb = cast(tuple[int, int, int], tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in COLORS[color]))
         objects.append(SceneObject(shape, color, size, cx, cy, extent, rgb))
     return Scene(background, layout, position, objects)
 
@@ -331,7 +332,13 @@ def _generator_fingerprint() -> str:
 
 
 def _meta(num_train: int, num_val: int, num_test: int, image_size: int, seed: int, kind: str = "standard") -> dict:
-    kwargs = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "image_size": image_size, "seed": seed}
+    kwargs: dict[str, int | str] = {
+        "num_train": num_train,
+        "num_val": num_val,
+        "num_test": num_test,
+        "image_size": image_size,
+        "seed": seed,
+    }
     if kind != "standard":  # the standard scenes' metadata stays as it was
         kwargs["kind"] = kind
     return {"format_version": FORMAT_VERSION, "generator": _generator_fingerprint(), "kwargs": kwargs}
@@ -371,7 +378,7 @@ def generate_synthetic(
     plan += [("test", "val2014", 2, i) for i in range(num_test)]
 
     karpathy_images, scenes_meta = [], {}
-    coco = {
+    coco: dict[str, dict[str, Any]] = {
         folder: {
             "info": {
                 "description": f"Synthetic shape scenes in COCO format ({folder})",
@@ -573,7 +580,7 @@ def sample_long_scene(rng: random.Random):
     colors = [rng.choice(list(COLORS)) for _ in range(n)]
     sizes = [rng.choice(["small", "large"]) for _ in range(n)]
     grey = rng.randint(105, 150)
-    background = tuple(grey + rng.randint(-6, 6) for _ in range(3))
+    background = cast(tuple[int, int, int], tuple(grey + rng.randint(-6, 6) for _ in range(3)))
     # the largest scale at which six large shapes still fit with their gaps: every scene drawn at that scale
     scale = (1.0 - (LONG_OBJECTS[1] + 1) * MIN_GAP) / (LONG_OBJECTS[1] * SIZE_EXTENT["large"])
     extents = [SIZE_EXTENT[s] * scale for s in sizes]
@@ -589,7 +596,7 @@ def sample_long_scene(rng: random.Random):
     centers = list(zip(along, across)) if layout == "horizontal" else list(zip(across, along))
     objects = []
     for shape, color, size, extent, (cx, cy) in zip(shapes, colors, sizes, extents, centers):
-        rgb = tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in COLORS[color])
+        rgb = cast(tuple[int, int, int], tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in COLORS[color]))
         objects.append(SceneObject(shape, color, size, cx, cy, extent, rgb))
     return Scene(background, layout, None, objects)
 

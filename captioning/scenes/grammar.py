@@ -38,7 +38,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import NamedTuple
@@ -93,7 +93,7 @@ FIRST_SIDE = {"horizontal": "on the left", "vertical": "at the top"}
 LAST_SIDE = {"horizontal": "on the right", "vertical": "at the bottom"}
 READING_ORDER = {"horizontal": "from left to right", "vertical": "from top to bottom"}
 LINE_NOUN = {"horizontal": "row", "vertical": "column"}
-PHRASE_TABLES = {
+PHRASE_TABLES: dict[str, Mapping[str, str | list[str]]] = {
     "RELATION_WORDS": RELATION_WORDS,
     "RELATION_TO_IT": RELATION_TO_IT,
     "POSITION_WORDS": POSITION_WORDS,
@@ -504,7 +504,9 @@ def _draw_part(part: Part, scene, frame, bound: dict, rng: random.Random) -> str
     if isinstance(part, Again):
         return bound[part.role]
     if isinstance(part, Say):
-        phrases = PHRASE_TABLES[part.table][_fact(part, scene, frame)]
+        fact = _fact(part, scene, frame)
+        assert fact is not None  # a frame maps a relation's two roles to two different objects
+        phrases = PHRASE_TABLES[part.table][fact]
         return phrases if isinstance(phrases, str) else rng.choice(phrases)
     raise TypeError(f"unknown grammar part {part!r}")
 
@@ -544,7 +546,7 @@ def _noun_alternatives(part: Noun) -> Iterator[tuple[Tokens, NounSaid]]:
 
 
 @cache
-def alternatives(part: Part) -> tuple[tuple[Tokens, object], ...]:
+def alternatives(part: Part) -> tuple[tuple[Tokens, NounSaid | ShapeSaid | PhraseSaid | None], ...]:
     """Every token sequence an atomic part can be, in any scene, with what it says (None: says nothing)."""
     if isinstance(part, Words):
         return ((tuple(tokenize(part.text)), None),)
@@ -707,6 +709,7 @@ def reading_claims(reading: Reading, scene) -> tuple[Claim, ...]:
         )
         if best is None or _false(claims) < _false(best):
             best = claims
+    assert best is not None  # every template has at least one frame
     return best
 
 
@@ -770,7 +773,8 @@ def check_caption(caption: str | Sequence[str], scene, oracle: SceneOracle | Non
     scene's oracle to reuse it."""
     tokens = caption_tokens(caption)
     oracle = oracle or SceneOracle(scene)
-    best_reading, best_claims = None, ()
+    best_reading: Reading | None = None
+    best_claims: tuple[Claim, ...] = ()
     for reading in readings(tokens):
         claims = reading_claims(reading, scene)
         key = (_false(claims), not claims[0].ok)
@@ -800,12 +804,15 @@ def _true_tokens(part: Part, truth: tuple, bound_word: str | None) -> tuple[Toke
     out = []
     for tokens, said in alternatives(part):
         if isinstance(part, Noun):
+            assert isinstance(said, NounSaid)
             colour, shape, size = truth
             ok = said.colour == colour and said.shape == shape and said.size in (None, size)
             ok = ok and (bound_word is None or said.word == bound_word)
         elif isinstance(part, Again):
+            assert isinstance(said, ShapeSaid)
             ok = said.word == bound_word
         else:  # Say
+            assert isinstance(said, PhraseSaid)
             ok = truth[0] in said.values
         if ok:
             out.append(tokens)
@@ -853,7 +860,7 @@ class SceneOracle:
     no true caption starts with them. `accepts(state)`: the tokens so far are themselves a complete true caption
     (so ending there, <eos>, is right). States are cached, so walking many prefixes of one scene is cheap."""
 
-    def __init__(self, scene):
+    def __init__(self, scene) -> None:
         self.paths = true_paths(scene)
         self._first = [[self._by_first_word(alts) for alts in path] for path in self.paths]
         self._ends = frozenset((p, len(path)) for p, path in enumerate(self.paths))

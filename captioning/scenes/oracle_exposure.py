@@ -268,7 +268,7 @@ class _Tally:
 
     def report(self) -> OracleExposureReport:
         last = max([*self.tf_scored, *self.free_scored], default=0)
-        per_position = {key: [] for key in PER_POSITION_KEYS}
+        per_position: dict[str, list[float]] = {key: [] for key in PER_POSITION_KEYS}
         accerr = tf_sum = 0.0
         seen_both = False  # some position <= t has both rates: accerr(t) is defined
         for t in range(1, last + 1):
@@ -290,7 +290,7 @@ class _Tally:
                 ("exaccerr", _ratio(accerr, tf_sum) if seen_both else math.nan),
             ):
                 per_position[key].append(value)
-        swap = {key: [] for key in SWAP_KEYS}
+        swap: dict[str, list[float]] = {key: [] for key in SWAP_KEYS}
         for k in sorted(self.swap_images):
             n = self.swap_images[k]
             for key, value in (
@@ -407,17 +407,17 @@ def _score_batch(
     # Prefix swap: own k-word greedy prefix (its greedy caption) vs each reference's first k words.
     for k in prefix_lengths:
         chosen = [b for b in range(len(image_ids)) if own_true_words[b] >= k and any(len(ref) >= k for ref in refs[b])]
-        rows = [(b, ref) for b in chosen for ref in refs[b] if len(ref) >= k]
-        if not rows:
+        swap_rows = [(b, ref) for b in chosen for ref in refs[b] if len(ref) >= k]
+        if not swap_rows:
             continue
-        fed = _fed(model, [vocab.encode(ref[:k], k) for _, ref in rows], device)  # (N, 1 + k)
-        index = torch.tensor([b for b, _ in rows], dtype=torch.long, device=device)  # (N,)
+        fed = _fed(model, [vocab.encode(ref[:k], k) for _, ref in swap_rows], device)  # (N, 1 + k)
+        index = torch.tensor([b for b, _ in swap_rows], dtype=torch.long, device=device)  # (N,)
         predicted = _predictions(model, model.reorder_state(state, index), fed, max_len).tolist()  # (N, max_len)
-        correct = {b: [] for b in chosen}
-        for (b, ref), ids in zip(rows, predicted):
-            words = ref[:k] + _caption(_words(vocab, model, ids[k:]), max_len - k)
-            correct[b].append(oracles[b].is_caption(words))
+        correct: dict[int, list[bool]] = {b: [] for b in chosen}
+        for (b, ref), ids in zip(swap_rows, predicted):
+            caption = ref[:k] + _caption(_words(vocab, model, ids[k:]), max_len - k)
+            correct[b].append(oracles[b].is_caption(caption))
         tally.swap_images[k] += len(chosen)
         tally.swap_own[k] += sum(own_correct[b] for b in chosen)
         tally.swap_ref[k] += sum(sum(c) / len(c) for c in correct.values())
-        tally.swap_captions[k] += len(rows)
+        tally.swap_captions[k] += len(swap_rows)

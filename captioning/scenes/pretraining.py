@@ -111,7 +111,9 @@ def settings_of(cfg) -> dict | None:
         return None
     if not OmegaConf.is_dict(node):
         raise ConfigError(f"model.encoder.pretrain must be null or a node with task: {TASKS[0]} (got {node!r})")
-    settings = {**DEFAULTS, **OmegaConf.to_container(node, resolve=True)}
+    given = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(given, dict)  # node is a DictConfig (checked above)
+    settings = {**DEFAULTS, **given}
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
         raise ConfigError(
@@ -434,14 +436,14 @@ def generated_scenes(
     from PIL import Image
 
     from captioning.data.images import build_transform
-    from captioning.scenes.generator import draw_scene, sampler
+    from captioning.scenes.generator import Scene, draw_scene, sampler
 
     sample_scene = sampler(kind)[0]
 
     geometric = build_transform(cfg_data.image_size, cfg_data.resize_size).transforms[:3]
     size = cfg_data.image_size
     pixels = torch.zeros((count, 3, size, size), dtype=torch.uint8)
-    scenes = []
+    scenes: list[Scene] = []
     for n in range(count):
         scene = sample_scene(random.Random(f"{EXTRA_SCENES_STREAM}:{seed}:{n}"))
         buffer = io.BytesIO()
@@ -449,6 +451,7 @@ def generated_scenes(
         image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
         for t in geometric:
             image = t(image)
+        assert isinstance(image, torch.Tensor)  # the transform's first step is PILToTensor
         pixels[n] = image
         scenes.append(scene)
     return pixels, scene_labels(scenes, max_objects(kind))
@@ -472,6 +475,7 @@ def load_pixels(records, cfg_data) -> tuple[torch.Tensor, dict[int, str]]:
             continue
         for t in geometric:
             image = t(image)
+        assert isinstance(image, torch.Tensor)  # the transform's first step is PILToTensor
         out[n] = image
     return out, bad
 
@@ -504,7 +508,8 @@ def pretrain(
     head = nn.Linear(feature_dim, sum(heads.values()))
     # channels_last: a training step of batch 128 ran 8% faster so on 2 AMD EPYC cores (146 -> 134 s per 20,000
     # images); the same layout suits CUDA's tensor cores
-    model = nn.Sequential(backbone, head).to(device, memory_format=torch.channels_last).train()
+    # Module.to takes memory_format with a device (torch parses its arguments like Tensor.to); the stubs omit it
+    model = nn.Sequential(backbone, head).to(device, memory_format=torch.channels_last).train()  # type: ignore[call-overload]
     batch = settings["batch_size"]
     steps_per_epoch = max(1, len(train_rows) // batch)
     total = steps_per_epoch * settings["epochs"]

@@ -88,7 +88,8 @@ def install(spec: dict) -> None:
 
     engine.save_checkpoint = traced_save_checkpoint
     torch.save = checkpoint_write_faults(torch.save, checkpoint_module.save_checkpoint.__code__, spec, trace)
-    CaptionTask.step = train_step_faults(CaptionTask.step, spec, trace)
+    # the deliberate monkeypatch: the campaign swaps the method for its fault-injecting wrapper in this process
+    CaptionTask.step = train_step_faults(CaptionTask.step, spec, trace)  # type: ignore[method-assign]
 
 
 class SignalHalfway:

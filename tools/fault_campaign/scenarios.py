@@ -52,7 +52,8 @@ class Campaign:
         self.work, self.plan, self.kills, self.seed, self.log = work, plan, kills, seed, log
         self.wandb_init_timeout = wandb_init_timeout
         self.runner = ProcessRunner(work, timeout)
-        self.data_root = ensure_synthetic(work / "data", **TINY_DATA)
+        # TINY_DATA (a dict[str, int]) holds only ensure_synthetic's int parameters; mypy cannot see its keys
+        self.data_root = ensure_synthetic(work / "data", **TINY_DATA)  # type: ignore[arg-type]
         self.overrides = base_overrides(self.data_root, plan)
         self.reference: Reference | None = None
         self.reference_error: RuntimeError | None = None
