@@ -318,9 +318,14 @@ def check_entry_point(words: list[str], conf: Path, tmp_path: Path) -> None:
 
 
 def check_argparse_tool(words: list[str], conf: Path) -> None:
-    """A tools/ script or captioning-score: it exists and knows every --option used; Hydra overrides compose."""
+    """A tools/ script, a `python -m` module of the package or of tools/, or captioning-score: it exists and knows
+    every --option used; Hydra overrides compose."""
     if words[0] == "captioning-score":
         source, args = REPO / "captioning" / "score.py", words[1:]
+    elif words[:2] == ["python", "-m"]:  # a module of the package or of tools/ (python -m captioning.runtime.x)
+        assert words[2].split(".")[0] in ("captioning", "tools"), f"not a documented kind of command: {words}"
+        source, args = REPO.joinpath(*words[2].split(".")), words[3:]
+        source = source if source.is_dir() else source.with_suffix(".py")
     else:
         assert words[0] == "python" and words[1].startswith("tools/"), f"not a documented kind of command: {words}"
         source, args = REPO / words[1], words[2:]
