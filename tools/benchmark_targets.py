@@ -6,7 +6,8 @@ A benchmark, not a test: run it on a quiet machine. Sizes default to the synthet
 conf/data/synthetic): embedding and hidden 256, one LSTM layer, batches of 25 images x 5 captions of up to 16 words
 (+ <eos>), cached image features of --feature-dim (59, the default's label probabilities; the CNN and the decoder's
 attention are not timed). The scenes, their 5 true captions and the vocabulary are generated in memory by the scene
-generator (captioning.scenes.generator), so the oracle judges real scene grammar. Entries (one optimizer step each: forward, targets, backward, Adam):
+generator (captioning.scenes.generator), so the oracle judges real scene grammar. Entries (one optimizer step each:
+forward, targets, backward, Adam):
 
     teacher_forcing          teacher_forcing_prob 1 (the plain fused pass)
     ss_reference             exact scheduled sampling at --teacher-forcing-prob, the paper's targets (with the
