@@ -144,24 +144,34 @@ def sample_scene(rng: random.Random) -> Scene:
     else:
         position = None
         layout = rng.choice(["horizontal", "vertical"])
-        # Along the axis: objects in order, separated by random gaps of at least `min_gap`.
-        min_gap = 0.04
-        extra = 1.0 - sum(extents) - (n + 1) * min_gap
-        weights = [rng.random() + 0.5 for _ in range(n + 1)]
-        gaps = [min_gap + extra * w / sum(weights) for w in weights]
-        along, pos = [], gaps[0]
-        for e, g in zip(extents, gaps[1:]):
-            along.append(pos + e / 2)
-            pos += e + g
-        # Across the axis: small jitter only, so the relation is clearly left/right (or above/below).
-        across = [0.5 + rng.uniform(-0.06, 0.06) for _ in range(n)]
-        centers = list(zip(along, across)) if layout == "horizontal" else list(zip(across, along))
+        centers = centers_in_a_row(rng, extents, layout, min_gap=0.04, jitter=0.06)
+    return Scene(background, layout, position, coloured_objects(rng, shapes, colors, sizes, extents, centers))
 
+
+def centers_in_a_row(
+    rng: random.Random, extents: list[float], layout: str, min_gap: float, jitter: float
+) -> list[tuple[float, float]]:
+    """Object centres in reading order along one axis ("horizontal": left to right), separated by random gaps of at
+    least `min_gap`; across the axis a small jitter only, so the relation is clearly left/right (or above/below)."""
+    n = len(extents)
+    extra = 1.0 - sum(extents) - (n + 1) * min_gap
+    weights = [rng.random() + 0.5 for _ in range(n + 1)]
+    gaps = [min_gap + extra * w / sum(weights) for w in weights]
+    along, pos = [], gaps[0]
+    for e, g in zip(extents, gaps[1:]):
+        along.append(pos + e / 2)
+        pos += e + g
+    across = [0.5 + rng.uniform(-jitter, jitter) for _ in range(n)]
+    return list(zip(along, across)) if layout == "horizontal" else list(zip(across, along))
+
+
+def coloured_objects(rng: random.Random, shapes, colors, sizes, extents, centers) -> list[SceneObject]:
+    """The scene's objects, each colour jittered a little (the drawn RGB)."""
     objects = []
     for shape, color, size, extent, (cx, cy) in zip(shapes, colors, sizes, extents, centers):
         rgb = cast(tuple[int, int, int], tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in COLORS[color]))
         objects.append(SceneObject(shape, color, size, cx, cy, extent, rgb))
-    return Scene(background, layout, position, objects)
+    return objects
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -585,20 +595,8 @@ def sample_long_scene(rng: random.Random):
     scale = (1.0 - (LONG_OBJECTS[1] + 1) * MIN_GAP) / (LONG_OBJECTS[1] * SIZE_EXTENT["large"])
     extents = [SIZE_EXTENT[s] * scale for s in sizes]
     layout = rng.choice(["horizontal", "vertical"])
-    extra = 1.0 - sum(extents) - (n + 1) * MIN_GAP
-    weights = [rng.random() + 0.5 for _ in range(n + 1)]
-    gaps = [MIN_GAP + extra * w / sum(weights) for w in weights]
-    along, pos = [], gaps[0]
-    for e, g in zip(extents, gaps[1:]):
-        along.append(pos + e / 2)
-        pos += e + g
-    across = [0.5 + rng.uniform(-0.04, 0.04) for _ in range(n)]
-    centers = list(zip(along, across)) if layout == "horizontal" else list(zip(across, along))
-    objects = []
-    for shape, color, size, extent, (cx, cy) in zip(shapes, colors, sizes, extents, centers):
-        rgb = cast(tuple[int, int, int], tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in COLORS[color]))
-        objects.append(SceneObject(shape, color, size, cx, cy, extent, rgb))
-    return Scene(background, layout, None, objects)
+    centers = centers_in_a_row(rng, extents, layout, min_gap=MIN_GAP, jitter=0.04)
+    return Scene(background, layout, None, coloured_objects(rng, shapes, colors, sizes, extents, centers))
 
 
 # -- the data config's generator (data.generator) -------------------------------------------------------------
