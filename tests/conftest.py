@@ -35,6 +35,19 @@ def tiny_data_root(tmp_path_factory) -> Path:
     return ensure_synthetic(tmp_path_factory.mktemp("synthetic") / "tiny", **TINY)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data_root, tmp_path_factory) -> Path:
+    """A small captioner that reads images (no cache), trained for 3 steps: its best.pt."""
+    from captioning.training.recipe import train
+
+    run_dir = tmp_path_factory.mktemp("run")
+    train(
+        compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=3", "trainer.evaluate_after_training=false"]),
+        run_dir,
+    )
+    return run_dir / "checkpoints" / "best.pt"
+
+
 def tiny_overrides(root: Path) -> list[str]:
     """A run that trains in seconds on CPU: a tiny CNN (ShuffleNet v2 x0.5, 0.3M parameters, 6x faster than the
     default ResNet-18 here) trained end to end from the JPEGs (no scene-label pretraining: tests of it add it

@@ -46,17 +46,6 @@ def one_line_error(result: subprocess.CompletedProcess, code: int, *phrases: str
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_data_root, tmp_path_factory):
-    """A small captioner that reads images (no cache), trained for 3 steps."""
-    run_dir = tmp_path_factory.mktemp("run")
-    train(
-        compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=3", "trainer.evaluate_after_training=false"]),
-        run_dir,
-    )
-    return run_dir / "checkpoints" / "best.pt"
-
-
 @pytest.fixture
 def photo(tmp_path) -> Path:
     rng = np.random.default_rng(0)

@@ -16,16 +16,6 @@ from captioning.training.recipe import train
 pytestmark = [requires_java(), pytest.mark.java]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_data_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    train(
-        compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=3", "trainer.evaluate_after_training=false"]),
-        run_dir,
-    )
-    return run_dir / "checkpoints" / "best.pt"
-
-
 def test_predict_captions_files_and_folders_as_json_lines(checkpoint, tiny_data_root, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(tiny_data_root / "val2014", folder)
