@@ -112,9 +112,7 @@ class CaptionTask:
                 f"data.batch_size={cfg.data.batch_size} is larger than the training split "
                 f"({len(dataset)} images over {info.world_size} process(es))"
             )
-        total_steps = int(
-            min(cfg.trainer.max_steps or math.inf, (cfg.trainer.max_epochs or math.inf) * steps_per_epoch)
-        )
+        total_steps = engine.total_steps(cfg.trainer, steps_per_epoch)
 
         feature_store = open_feature_store(cfg.data)
         if feature_store is not None:

@@ -211,6 +211,11 @@ def start(cfg: DictConfig, run_dir: str | Path) -> Context:
     return Context(cfg, run_dir, info, device, autocast_dtype(cfg.trainer.precision, device))
 
 
+def total_steps(cfg_trainer, steps_per_epoch: int) -> int:
+    """The run's length in optimizer steps: `trainer.max_steps` or `trainer.max_epochs` epochs, whichever is first."""
+    return int(min(cfg_trainer.max_steps or math.inf, (cfg_trainer.max_epochs or math.inf) * steps_per_epoch))
+
+
 def wrap_for_training(objective: torch.nn.Module, cfg: DictConfig, info, device: torch.device):
     """DDP registers the parameters that need gradients when it is built: rebuilt when the encoder unfreezes."""
     forward = objective

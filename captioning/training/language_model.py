@@ -222,9 +222,7 @@ class LanguageModelTask:
             info.world_size,
         )
         steps_per_epoch = streams.num_chunks
-        total_steps = int(
-            min(cfg.trainer.max_steps or math.inf, (cfg.trainer.max_epochs or math.inf) * steps_per_epoch)
-        )
+        total_steps = engine.total_steps(cfg.trainer, steps_per_epoch)
         model = build_language_model(cfg.model, len(vocab)).to(device)
         objective = build_lm_objective(cfg, model)
         engine.warn_if_schedule_barely_moves(objective, total_steps, steps_per_epoch)

@@ -258,17 +258,15 @@ class TrainingTargets:
         off_reference = ~prefix_on_reference(fed, inputs) & real  # (N, T)
         vocab_size = logits.shape[-1]
         completion = oracle = true_prefix = None
-        if self.option != "reference" and self.references is not None:
+        # the optimal-completion sets: the targets of optimal_completion and of the oracle's repair, and the judge
+        # of the invalid share where there is no scene oracle
+        if self.references is not None and (self.option != "reference" or self.scenes is None):
             completion = optimal_completion_sets(
                 fed, *self.references.lookup(image_ids, fed.device), vocab_size, self.eos_id
             )  # (N, T, V)
         if self.scenes is not None:
             wanted = model_fed | off_reference if self.option == "oracle" else model_fed
             oracle, true_prefix = self.scenes.sets(fed, image_ids.tolist(), wanted, vocab_size)
-        elif completion is None and self.references is not None:
-            completion = optimal_completion_sets(
-                fed, *self.references.lookup(image_ids, fed.device), vocab_size, self.eos_id
-            )
         valid = oracle if oracle is not None else completion
         stats = {}
         if valid is not None:
