@@ -267,12 +267,24 @@ def tune(args, sweep: Path, lr_file: Path) -> dict:
             if lr is None:
                 raise SystemExit(f"tuning {row}: no run of the grid validated; see {sweep / 'tune' / row}")
             choices["rows"][row] = {"lr": lr, "grid": grid}
+    runs = [
+        sweep / "tune" / row / f"lr_{lr:g}" / RUN_RECORD
+        for row in args.rows
+        for lr in (args.scst_lrs if row == SELF_CRITICAL else args.lrs)
+    ]
     choices.update(
         {
             "data": args.data,
             "input": args.input,
             "steps": args.steps,
             "scst_steps": args.scst_steps,
+            "validations": args.validations,
+            "warmup_fraction": args.warmup_fraction,
+            "overrides": args.overrides,
+            "jobs": args.jobs,
+            "threads": args.threads,
+            # the summed wall time of the grid's runs (each run's RUN_RECORD): the one-time cost of the tuning
+            "training_seconds": sum(json.loads(r.read_text())["seconds"] for r in runs if r.is_file()),
             "tune_seed": TUNE_SEED,
             "rule": "highest best val/scene/correct (ties: the smaller lr)",
             **provenance(),

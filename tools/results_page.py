@@ -170,11 +170,74 @@ def record_rows_table(table: dict, record: str | None) -> list[str]:
     return lines
 
 
+def _study_number(value: float | None, signed: bool = False) -> str:
+    """Three decimals; magnitudes under 0.001 (an excess error, a slope per position) in two significant digits."""
+    if value is None or value != value:
+        return "-"
+    return format(value, ("+" if signed else "") + (".1e" if 0 < abs(value) < 0.001 else ".3f"))
+
+
+def exposure_study_table(table: dict, record: str | None) -> list[str]:
+    """A tools/exposure_study.py record: per row its mean [95% t interval] and, under it, the difference from the
+    baseline paired by seed [95% t interval] with the Holm-adjusted p; **bold** where that p is below 0.05."""
+    data = load_record(table.get("record", record))
+    metrics = table["metrics"]
+    lines = [
+        "| row | lr | seeds | " + " | ".join(metrics) + " |",
+        "| --- | ---: | ---: |" + " ---: |" * len(metrics),
+    ]
+    for row, cells in data["table"].items():
+        own = []
+        for name in metrics:
+            c, values = cells[name]["own"], list(cells[name]["values"].values())
+            if c is None:
+                own.append(_study_number(values[0]) if values else "-")
+            else:
+                own.append(f"{_study_number(c['mean'])} [{_study_number(c['low'])}, {_study_number(c['high'])}]")
+        seeds = max(len(cells[name]["values"]) for name in metrics)
+        lines.append(f"| {row} | {data['lrs'].get(row) or 'config'} | {seeds} | " + " | ".join(own) + " |")
+        diffs = [cells[name].get("diff") for name in metrics]
+        if all(d is None for d in diffs):
+            continue
+        parts = []
+        for d in diffs:
+            if d is None:
+                parts.append("-")
+                continue
+            text = (
+                f"{_study_number(d['mean'], True)} [{_study_number(d['low'], True)}, "
+                f"{_study_number(d['high'], True)}] (p {d.get('p_holm', d['p']):.2g})"
+            )
+            parts.append(f"**{text}**" if d.get("p_holm", d["p"]) < 0.05 else text)
+        lines.append("| vs baseline | | | " + " | ".join(parts) + " |")
+    return lines
+
+
+def exposure_tuning_table(table: dict, record: str | None) -> list[str]:
+    """A tools/exposure_study.py tuning record: per row the best val/scene/correct (and its step) at each learning
+    rate of the grid, and the rate chosen."""
+    data = load_record(table.get("record", record))
+    rates = sorted({lr for cell in data["rows"].values() for lr in cell["grid"]}, key=float)
+    lines = [
+        "| row | " + " | ".join(f"lr {lr}" for lr in rates) + " | chosen |",
+        "| --- |" + " ---: |" * (len(rates) + 1),
+    ]
+    for row, cell in data["rows"].items():
+        shown = []
+        for lr in rates:
+            best = cell["grid"].get(lr)  # None: not in the row's grid, or no validation
+            shown.append("-" if best is None else f"{best['val/scene/correct']:.3f} (step {best['step']})")
+        lines.append(f"| {row} | " + " | ".join(shown) + f" | {cell['lr']:g} |")
+    return lines
+
+
 TABLES = {
     "values": values_table,
+    "exposure_tuning": exposure_tuning_table,
     "schedule_table": schedule_table,
     "compare_runs": compare_runs_table,
     "record_rows": record_rows_table,
+    "exposure_study": exposure_study_table,
 }
 
 
