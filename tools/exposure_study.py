@@ -446,7 +446,8 @@ def provenance() -> dict:
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain")),
+        # uncommitted changes outside tools/results/ (the study's own records are written there as it goes)
+        "dirty": bool(git("status", "--porcelain", "--", ".", ":(exclude)tools/results")),
         "machine": f"{cpu}, {os.cpu_count()} cores",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
