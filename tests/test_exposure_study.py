@@ -156,3 +156,23 @@ def test_tuning_reads_the_best_validation_and_picks_the_learning_rate(tmp_path):
     assert study.choose_lr(grid) == 0.006
     assert study.choose_lr({"0.003": {"val/scene/correct": 0.9}, "0.006": {"val/scene/correct": 0.9}}) == 0.003
     assert study.choose_lr({"0.003": None}) is None
+
+
+def test_a_table_with_other_settings_than_its_tuning_is_refused(tmp_path, capsys):
+    tuning = {
+        "rows": {"baseline": {"lr": 0.003, "grid": {}}},
+        "data": "synthetic_long",
+        "input": "true_labels",
+        "steps": 300,
+        "validations": 2,
+        "overrides": [],
+    }
+    (tmp_path / "exposure_study_lr_synthetic_long_true_labels.json").write_text(json.dumps(tuning))
+    arguments = ["table", "--data", "synthetic_long", "--input", "true_labels", "--rows", "baseline"]
+    arguments += ["--out-dir", str(tmp_path), "--sweep-dir", str(tmp_path / "sweep"), "--validations", "2"]
+    with pytest.raises(SystemExit) as stop:
+        study.main([*arguments, "--steps", "1000", "--", "model.decoder.attention=false"])
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and "--steps 1000 (tuned with 300)" in message
+    assert "overrides after -- ['model.decoder.attention=false'] (tuned with [])" in message
+    assert not (tmp_path / "sweep").exists()  # nothing trained
