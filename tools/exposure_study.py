@@ -222,6 +222,11 @@ def training_seconds(sweep: Path, rows: Sequence[str], seeds: Sequence[int]) -> 
     return sum(json.loads(p.read_text())["seconds"] for p in paths if p.is_file())
 
 
+def learning_rates(row: str, args) -> list[float]:
+    """The tuning grid of a row: self-critical's own (it continues a trained baseline), the others' shared one."""
+    return args.scst_lrs if row == SELF_CRITICAL else args.lrs
+
+
 def tune(args, sweep: Path, lr_file: Path) -> dict:
     """Train every row at every learning rate of its grid with TUNE_SEED; keep the best on val per row."""
     choices = json.loads(lr_file.read_text()) if lr_file.is_file() else {"rows": {}}
@@ -229,7 +234,7 @@ def tune(args, sweep: Path, lr_file: Path) -> dict:
     for stage in (stage1, [r for r in args.rows if r == SELF_CRITICAL]):
         jobs = []
         for row in stage:
-            for lr in args.scst_lrs if row == SELF_CRITICAL else args.lrs:
+            for lr in learning_rates(row, args):
                 out = sweep / "tune" / row / f"lr_{lr:g}"
                 source = None
                 if row == SELF_CRITICAL:
@@ -260,18 +265,14 @@ def tune(args, sweep: Path, lr_file: Path) -> dict:
         run_jobs(jobs, args)
         for row in stage:
             grid = {}
-            for lr in args.scst_lrs if row == SELF_CRITICAL else args.lrs:
+            for lr in learning_rates(row, args):
                 best = best_validation(sweep / "tune" / row / f"lr_{lr:g}")
                 grid[f"{lr:g}"] = None if best is None else {"val/scene/correct": best[0], "step": best[1]}
             lr = choose_lr(grid)
             if lr is None:
                 raise SystemExit(f"tuning {row}: no run of the grid validated; see {sweep / 'tune' / row}")
             choices["rows"][row] = {"lr": lr, "grid": grid}
-    runs = [
-        sweep / "tune" / row / f"lr_{lr:g}" / RUN_RECORD
-        for row in args.rows
-        for lr in (args.scst_lrs if row == SELF_CRITICAL else args.lrs)
-    ]
+    runs = [sweep / "tune" / row / f"lr_{lr:g}" / RUN_RECORD for row in args.rows for lr in learning_rates(row, args)]
     choices.update(
         {
             "data": args.data,
@@ -470,6 +471,30 @@ def _own(cell: Mapping) -> str:
     return f"{_number(c['mean'])} [{_number(c['low'])}, {_number(c['high'])}]"
 
 
+def _difference(d: Mapping | None) -> str:
+    """difference [interval] (Holm p); **bold** where the Holm-adjusted p is below 0.05."""
+    if d is None:
+        return "-"
+    p = d.get("p_holm", d["p"])
+    text = f"{_number(d['mean'], True)} [{_number(d['low'], True)}, {_number(d['high'], True)}] (p {p:.2g})"
+    return f"**{text}**" if p < 0.05 else text
+
+
+def table_rows(table: Mapping, lrs: Mapping, metrics: Sequence[str]) -> list[str]:
+    """The study's table in Markdown (this record's .md and docs/results.md): per row its mean over seeds [95% t]
+    and, under it, the difference from the baseline paired by seed [95% t] (Holm p)."""
+    lines = ["| row | lr | seeds | " + " | ".join(metrics) + " |", "| --- | ---: | ---: |" + " ---: |" * len(metrics)]
+    for row, cells in table.items():
+        n = max((len(cells[name]["values"]) for name in metrics), default=0)
+        lines.append(
+            f"| {row} | {lrs.get(row) or 'config'} | {n} | " + " | ".join(_own(cells[name]) for name in metrics) + " |"
+        )
+        diffs = [cells[name].get("diff") for name in metrics]
+        if any(d is not None for d in diffs):
+            lines.append("| vs baseline | | | " + " | ".join(_difference(d) for d in diffs) + " |")
+    return lines
+
+
 def format_markdown(table: Mapping, record: Mapping) -> str:
     lines = [
         f"# Exposure-bias study {record['name']}: {record['data']} ({record['input']} input)",
@@ -486,33 +511,12 @@ def format_markdown(table: Mapping, record: Mapping) -> str:
         "Protocol: " + " ".join(record["protocol"]),
         "",
         "Per row: the mean over seeds [95% t interval]; below it, the difference from the baseline paired by "
-        "seed [95% t interval] (Holm-adjusted p). Primary metrics: "
+        "seed [95% t interval] (Holm-adjusted p; **bold** below 0.05). Primary metrics: "
         + ", ".join(name for name, _, _, primary in METRICS if primary)
         + ".",
         "",
-        "| row | lr | seeds | " + " | ".join(name for name, *_ in METRICS) + " |",
-        "| --- | ---: | ---: | " + " | ".join("---:" for _ in METRICS) + " |",
     ]
-    for row, cells in table.items():
-        n = max((len(cells[name]["values"]) for name, *_ in METRICS), default=0)
-        lines.append(
-            f"| {row} | {record['lrs'].get(row) or 'config'} | {n} | "
-            + " | ".join(_own(cells[name]) for name, *_ in METRICS)
-            + " |"
-        )
-        if row != BASELINE:
-            diffs = [cells[name].get("diff") for name, *_ in METRICS]
-            lines.append(
-                "| vs baseline | | | "
-                + " | ".join(
-                    "-"
-                    if d is None
-                    else f"{_number(d['mean'], True)} [{_number(d['low'], True)}, "
-                    f"{_number(d['high'], True)}] (p {d.get('p_holm', d['p']):.3g})"
-                    for d in diffs
-                )
-                + " |"
-            )
+    lines += table_rows(table, record["lrs"], [name for name, *_ in METRICS])
     lines += ["", "Per-position plots: " + (", ".join(f"`{p}`" for p in record.get("plots", [])) or "none"), ""]
     return "\n".join(lines)
 

@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import exposure_study  # noqa: E402  (a tool beside this one: the study's table is drawn by its own code)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tools" / "results"
 INDEX = RESULTS / "index.yaml"
@@ -170,47 +173,10 @@ def record_rows_table(table: dict, record: str | None) -> list[str]:
     return lines
 
 
-def _study_number(value: float | None, signed: bool = False) -> str:
-    """Three decimals; magnitudes under 0.001 (an excess error, a slope per position) in two significant digits."""
-    if value is None or value != value:
-        return "-"
-    return format(value, ("+" if signed else "") + (".1e" if 0 < abs(value) < 0.001 else ".3f"))
-
-
 def exposure_study_table(table: dict, record: str | None) -> list[str]:
-    """A tools/exposure_study.py record: per row its mean [95% t interval] and, under it, the difference from the
-    baseline paired by seed [95% t interval] with the Holm-adjusted p; **bold** where that p is below 0.05."""
+    """A tools/exposure_study.py record, drawn by that tool's own table_rows (the metrics named in the entry)."""
     data = load_record(table.get("record", record))
-    metrics = table["metrics"]
-    lines = [
-        "| row | lr | seeds | " + " | ".join(metrics) + " |",
-        "| --- | ---: | ---: |" + " ---: |" * len(metrics),
-    ]
-    for row, cells in data["table"].items():
-        own = []
-        for name in metrics:
-            c, values = cells[name]["own"], list(cells[name]["values"].values())
-            if c is None:
-                own.append(_study_number(values[0]) if values else "-")
-            else:
-                own.append(f"{_study_number(c['mean'])} [{_study_number(c['low'])}, {_study_number(c['high'])}]")
-        seeds = max(len(cells[name]["values"]) for name in metrics)
-        lines.append(f"| {row} | {data['lrs'].get(row) or 'config'} | {seeds} | " + " | ".join(own) + " |")
-        diffs = [cells[name].get("diff") for name in metrics]
-        if all(d is None for d in diffs):
-            continue
-        parts = []
-        for d in diffs:
-            if d is None:
-                parts.append("-")
-                continue
-            text = (
-                f"{_study_number(d['mean'], True)} [{_study_number(d['low'], True)}, "
-                f"{_study_number(d['high'], True)}] (p {d.get('p_holm', d['p']):.2g})"
-            )
-            parts.append(f"**{text}**" if d.get("p_holm", d["p"]) < 0.05 else text)
-        lines.append("| vs baseline | | | " + " | ".join(parts) + " |")
-    return lines
+    return exposure_study.table_rows(data["table"], data["lrs"], table["metrics"])
 
 
 def exposure_tuning_table(table: dict, record: str | None) -> list[str]:
