@@ -79,6 +79,30 @@ def test_table_holm_families_are_the_primary_and_the_secondary_metrics():
     assert table["a"]["scene/correct"]["own"]["n"] == 4
 
 
+def test_contrasts_pair_each_target_with_the_papers_targets_by_seed():
+    rows = ("baseline", "ss_paper", "ss_optimal_completion", "ss_oracle_repair")  # ss_oracle_mask did not run
+    values = {row: {name: {} for name, *_ in study.METRICS} for row in rows}
+    for seed in range(5):
+        for row, shift in zip(rows, (0.9, 0.5, 0.8, 0.5)):
+            for name, *_ in study.METRICS:
+                values[row][name][seed] = shift + 0.01 * ((seed * 3 + len(row)) % 4)
+    contrasts = study.build_contrasts(values)
+    assert set(contrasts) == {"ss_optimal_completion - ss_paper", "ss_oracle_repair - ss_paper"}
+    primary = [name for name, _, _, p in study.METRICS if p]
+    oc = contrasts["ss_optimal_completion - ss_paper"]["scene/correct"]
+    expected = study.paired_difference(
+        values["ss_optimal_completion"]["scene/correct"], values["ss_paper"]["scene/correct"]
+    )
+    assert set(contrasts["ss_oracle_repair - ss_paper"]) == set(primary)
+    assert oc["mean"] == pytest.approx(expected["mean"]) and oc["seeds"] == [0, 1, 2, 3, 4]
+    raw = {f"{k}\t{n}": cells[n]["p"] for k, cells in contrasts.items() for n in primary}
+    adjusted = {f"{k}\t{n}": cells[n]["p_holm"] for k, cells in contrasts.items() for n in primary}
+    assert adjusted == pytest.approx(study.holm(raw))  # one family: 2 contrasts x 2 primary metrics
+    lines = study.contrast_rows(contrasts)
+    assert lines[0] == "| contrast (same schedule) | " + " | ".join(primary) + " |"
+    assert lines[2].startswith(f"| ss_optimal_completion - ss_paper | **{oc['mean']:+.3f} [")  # bold: p < 0.05
+
+
 @pytest.mark.slow
 def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, capsys):
     """2 rows x 2 seeds x 4 steps, then re-read without training: the finished runs are reused."""
@@ -131,6 +155,12 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
     assert study.main(arguments) == 0  # resumes: nothing to train
     assert "started" not in capsys.readouterr().out
     assert (tmp_path / "sweep" / "baseline" / "seed_0" / "test_metrics.json").stat().st_mtime == stamp
+    record = json.loads((tmp_path / "out" / "exposure_study_synthetic_encoder.json").read_text())
+    assert study.main([*arguments[:1], "--table-only", *arguments[1:]]) == 0  # the table re-read from the runs
+    rebuilt = json.loads((tmp_path / "out" / "exposure_study_synthetic_encoder.json").read_text())
+    assert rebuilt["table"] == record["table"] and "rebuilt_by" in rebuilt and "rebuilt_by" not in record
+    for key in ("date", "seconds", "command", "commit"):  # the provenance of the runs' table stays
+        assert rebuilt[key] == record[key]
     with pytest.raises(SystemExit):  # no tuning file and not --untuned: a clear stop
         study.main([a for a in arguments if a != "--untuned"])
 

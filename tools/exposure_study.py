@@ -78,6 +78,14 @@ METRICS = (
     ("swap gap", "test/exposure_oracle/swap_gap", False, False),
     ("CIDEr", "test/CIDEr", True, False),
 )
+# Contrasts declared beside the comparison with the baseline: the paper's schedule with each other target, against
+# the paper's own targets (the same schedule, so a difference is the targets'), paired by seed; primary metrics only,
+# Holm over contrasts x primary metrics (a family of its own).
+CONTRASTS = (
+    ("ss_optimal_completion", "ss_paper"),
+    ("ss_oracle_repair", "ss_paper"),
+    ("ss_oracle_mask", "ss_paper"),
+)
 TUNE_SEED = 100
 LEVEL = 0.95
 
@@ -368,6 +376,28 @@ def build_table(values: Mapping[str, Mapping[str, Mapping[int, float]]], level: 
     return table
 
 
+def build_contrasts(values: Mapping[str, Mapping[str, Mapping[int, float]]], level: float = LEVEL) -> dict:
+    """The CONTRASTS whose two rows ran: {"row - other": {metric: paired difference with Holm's p}} (primary
+    metrics; one Holm family over them all)."""
+    contrasts: dict[str, dict] = {}
+    family = {}
+    for row, other in CONTRASTS:
+        if row not in values or other not in values:
+            continue
+        key = f"{row} - {other}"
+        contrasts[key] = {}
+        for name, _, _, primary in METRICS:
+            if primary:
+                cell = paired_difference(values[row][name], values[other][name], level)
+                contrasts[key][name] = cell
+                if cell is not None:
+                    family[f"{key}\t{name}"] = cell["p"]
+    for key, adjusted in holm(family).items():
+        contrast, name = key.split("\t")
+        contrasts[contrast][name]["p_holm"] = adjusted
+    return contrasts
+
+
 def rows_needing_seeds(table: Mapping, rows: Sequence[str]) -> list[str]:
     return [
         row
@@ -495,6 +525,15 @@ def table_rows(table: Mapping, lrs: Mapping, metrics: Sequence[str]) -> list[str
     return lines
 
 
+def contrast_rows(contrasts: Mapping) -> list[str]:
+    """The declared contrasts in Markdown: per pair the difference paired by seed [95% t] (Holm p)."""
+    metrics = [name for name, _, _, primary in METRICS if primary]
+    lines = ["| contrast (same schedule) | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
+    for key, cells in contrasts.items():
+        lines.append(f"| {key} | " + " | ".join(_difference(cells.get(name)) for name in metrics) + " |")
+    return lines
+
+
 def format_markdown(table: Mapping, record: Mapping) -> str:
     lines = [
         f"# Exposure-bias study {record['name']}: {record['data']} ({record['input']} input)",
@@ -517,6 +556,14 @@ def format_markdown(table: Mapping, record: Mapping) -> str:
         "",
     ]
     lines += table_rows(table, record["lrs"], [name for name, *_ in METRICS])
+    if record.get("contrasts"):
+        lines += [
+            "",
+            "The targets under the paper's schedule: each row minus ss_paper, paired by seed [95% t interval] "
+            "(Holm over these contrasts x primary metrics).",
+            "",
+            *contrast_rows(record["contrasts"]),
+        ]
     lines += ["", "Per-position plots: " + (", ".join(f"`{p}`" for p in record.get("plots", [])) or "none"), ""]
     return "\n".join(lines)
 
@@ -529,6 +576,10 @@ PROTOCOL = (
         "within its own width of 0."
     ),
     "Holm's correction over rows x primary metrics, and separately over rows x secondary metrics.",
+    (
+        "Contrasts of targets under the paper's schedule (ss_optimal_completion, ss_oracle_repair, ss_oracle_mask, "
+        "each minus ss_paper), paired by seed, primary metrics, Holm over them as a third family."
+    ),
     "Primary metrics declared before the runs: scene/correct and AccErr.",
 )
 
@@ -631,17 +682,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     if not args.table_only:
         table_runs(args, sweep, lrs, seeds, args.rows)
-    table = build_table(collect(sweep, args.rows, range(args.max_seeds)))
-    more = rows_needing_seeds(table, args.rows)
+    values = collect(sweep, args.rows, range(args.max_seeds))
+    more = rows_needing_seeds(build_table(values), args.rows)
     if more and not args.table_only and args.max_seeds > args.seeds:
         table_runs(args, sweep, lrs, list(range(args.seeds, args.max_seeds)), [BASELINE, *more])
-        table = build_table(collect(sweep, args.rows, range(args.max_seeds)))
+        values = collect(sweep, args.rows, range(args.max_seeds))
+    table = build_table(values)
     plots = []
     for row in args.rows:
         curves = mean_curves(sweep, row, range(args.max_seeds))
         if curves is not None:
             path = plot_row(curves, row, args.out_dir / f"exposure_study_{name}" / f"{row}.png").resolve()
             plots.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
+    record_file = args.out_dir / f"exposure_study_{name}.json"
+    if args.table_only and record_file.is_file():  # a table re-read from the same runs: their provenance stays
+        earlier = json.loads(record_file.read_text())
+        where = {key: earlier[key] for key in (*where, "seconds") if key in earlier} | {"rebuilt_by": where}
     record = {
         "name": name,
         "overrides": args.overrides,
@@ -658,13 +714,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": {r: ROWS[r] for r in args.rows},
         "protocol": list(PROTOCOL),
         "seconds": time.perf_counter() - started,
+        **where,
         "training_seconds": training_seconds(sweep, args.rows, range(args.max_seeds)),
         "plots": plots,
-        **where,
         "table": table,
+        "contrasts": build_contrasts(values),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"exposure_study_{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    record_file.write_text(json.dumps(record, indent=2, default=str))
     markdown = format_markdown(table, record)
     (args.out_dir / f"exposure_study_{name}.md").write_text(markdown)
     print(markdown)

@@ -179,6 +179,14 @@ def exposure_study_table(table: dict, record: str | None) -> list[str]:
     return exposure_study.table_rows(data["table"], data["lrs"], table["metrics"])
 
 
+def exposure_contrasts_table(table: dict, record: str | None) -> list[str]:
+    """The declared contrasts of a tools/exposure_study.py record (each target minus the paper's, same schedule)."""
+    data = load_record(table.get("record", record))
+    if not data.get("contrasts"):
+        raise RecordError(f"{table.get('record', record)}: no contrasts (rebuild it with exposure_study --table-only)")
+    return exposure_study.contrast_rows(data["contrasts"])
+
+
 def exposure_tuning_table(table: dict, record: str | None) -> list[str]:
     """A tools/exposure_study.py tuning record: per row the best val/scene/correct (and its step) at each learning
     rate of the grid, and the rate chosen."""
@@ -204,6 +212,7 @@ TABLES = {
     "compare_runs": compare_runs_table,
     "record_rows": record_rows_table,
     "exposure_study": exposure_study_table,
+    "exposure_contrasts": exposure_contrasts_table,
 }
 
 

@@ -182,17 +182,41 @@ class OracleExposureReport:
 # Model side: argmax predictions through the step interface
 
 
-def _predictions(model, state, fed: torch.Tensor, total: int) -> torch.Tensor:
+def _predictions(model, state, fed: torch.Tensor, total: int, states: list | None = None) -> torch.Tensor:
     """Argmax next token after each of `total` steps: steps 0..k-1 are fed fed[:, j] (teacher forcing,
-    fed[:, 0] = <bos>), later steps the previous argmax (greedy). fed (N, k) long; returns (N, total)."""
+    fed[:, 0] = <bos>), later steps the previous argmax (greedy). fed (N, k) long; returns (N, total).
+    `states`: a list that receives the state after each step (the prefix swap continues from them)."""
     predictions = []
     token = fed[:, 0]  # (N,)
     for j in range(total):
         log_probs, state = model.step(token, state)  # (N, V)
+        if states is not None:
+            states.append(state)
         best = never_generated(log_probs, model).argmax(-1)  # (N,)
         predictions.append(best)
         token = fed[:, j + 1] if j + 1 < fed.shape[1] else best
     return torch.stack(predictions, 1)  # (N, total)
+
+
+def _continue_greedy(model, state, first: torch.Tensor, total: int) -> torch.Tensor:
+    """`first` (N,), the argmax already predicted from `state`, then greedy (each step reads the previous argmax)
+    up to `total` predictions in all; a row stops at its <eos> and leaves the batch (<eos> fills the rest).
+    Returns (N, total)."""
+    out = torch.full((first.shape[0], total), model.eos_id, dtype=torch.long, device=first.device)  # (N, total)
+    out[:, 0] = first
+    alive = (first != model.eos_id).nonzero().squeeze(1)  # (A,) rows still writing
+    token, state = first[alive], model.reorder_state(state, alive)
+    for j in range(1, total):
+        if alive.numel() == 0:
+            break
+        log_probs, state = model.step(token, state)  # (A, V)
+        token = never_generated(log_probs, model).argmax(-1)  # (A,)
+        out[alive, j] = token
+        going = token != model.eos_id
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            alive, token, state = alive[keep], token[keep], model.reorder_state(state, keep)
+    return out
 
 
 def _fed(model, rows: Sequence[Sequence[int]], device) -> torch.Tensor:
@@ -389,35 +413,41 @@ def _score_batch(
     tally.images += len(image_ids)
     tally.free_correct += sum(own_correct)
 
-    # Teacher forced: every reference of every image.
+    # Teacher forced: every reference of every image (the states after each word are kept for the prefix swap).
     rows = [(b, r) for b in range(len(image_ids)) for r in range(len(refs[b]))]
-    if rows:
-        encoded = [vocab.encode(refs[b][r], len(refs[b][r])) for b, r in rows]
-        fed = _fed(model, encoded, device)  # (N, 1 + L)
-        index = torch.tensor([b for b, _ in rows], dtype=torch.long, device=device)  # (N,)
-        predicted = _predictions(model, model.reorder_state(state, index), fed, fed.shape[1]).tolist()  # (N, 1 + L)
-        for (b, r), ids in zip(rows, predicted):
-            reference = refs[b][r]
-            tally.add_errors(
-                tally.tf_scored, tally.tf_errors, _walk_reference(oracles[b], reference, _words(vocab, model, ids))
-            )
-            tally.references += 1
-            tally.untrue_references += not oracles[b].is_caption(reference)
+    if not rows:
+        return
+    encoded = [vocab.encode(refs[b][r], len(refs[b][r])) for b, r in rows]
+    fed = _fed(model, encoded, device)  # (N, 1 + L)
+    index = torch.tensor([b for b, _ in rows], dtype=torch.long, device=device)  # (N,)
+    states: list = []  # filled only when there is a prefix swap to run
+    teacher_forced = _predictions(
+        model, model.reorder_state(state, index), fed, fed.shape[1], states if prefix_lengths else None
+    )  # (N, 1 + L)
+    for (b, r), ids in zip(rows, teacher_forced.tolist()):
+        reference = refs[b][r]
+        tally.add_errors(
+            tally.tf_scored, tally.tf_errors, _walk_reference(oracles[b], reference, _words(vocab, model, ids))
+        )
+        tally.references += 1
+        tally.untrue_references += not oracles[b].is_caption(reference)
 
-    # Prefix swap: own k-word greedy prefix (its greedy caption) vs each reference's first k words.
+    # Prefix swap: own k-word greedy prefix (its greedy caption) vs each reference's first k words, continued
+    # greedily from the teacher-forced pass's state after those k words (one pass serves every k).
     for k in prefix_lengths:
-        chosen = [b for b in range(len(image_ids)) if own_true_words[b] >= k and any(len(ref) >= k for ref in refs[b])]
-        swap_rows = [(b, ref) for b in chosen for ref in refs[b] if len(ref) >= k]
+        swap_rows = [i for i, (b, r) in enumerate(rows) if own_true_words[b] >= k and len(refs[b][r]) >= k]
         if not swap_rows:
             continue
-        fed = _fed(model, [vocab.encode(ref[:k], k) for _, ref in swap_rows], device)  # (N, 1 + k)
-        index = torch.tensor([b for b, _ in swap_rows], dtype=torch.long, device=device)  # (N,)
-        predicted = _predictions(model, model.reorder_state(state, index), fed, max_len).tolist()  # (N, max_len)
-        correct: dict[int, list[bool]] = {b: [] for b in chosen}
-        for (b, ref), ids in zip(swap_rows, predicted):
-            caption = ref[:k] + _caption(_words(vocab, model, ids[k:]), max_len - k)
-            correct[b].append(oracles[b].is_caption(caption))
-        tally.swap_images[k] += len(chosen)
-        tally.swap_own[k] += sum(own_correct[b] for b in chosen)
+        chosen = torch.tensor(swap_rows, dtype=torch.long, device=device)  # (S,)
+        continued = _continue_greedy(
+            model, model.reorder_state(states[k], chosen), teacher_forced[chosen, k], max_len - k
+        ).tolist()  # (S, max_len - k)
+        correct: dict[int, list[bool]] = {}
+        for i, ids in zip(swap_rows, continued):
+            b, r = rows[i]
+            caption = refs[b][r][:k] + _caption(_words(vocab, model, ids), max_len - k)
+            correct.setdefault(b, []).append(oracles[b].is_caption(caption))
+        tally.swap_images[k] += len(correct)
+        tally.swap_own[k] += sum(own_correct[b] for b in correct)
         tally.swap_ref[k] += sum(sum(c) / len(c) for c in correct.values())
         tally.swap_captions[k] += len(swap_rows)
