@@ -63,6 +63,16 @@ def test_ten_seeds_where_an_interval_lies_within_its_width_of_zero():
     assert study.needs_more_seeds({"mean": 0.05, "low": 0.01, "high": 0.09})  # width 0.08 >= 0.05
     assert not study.needs_more_seeds({"mean": 0.10, "low": 0.08, "high": 0.12})
     assert not study.needs_more_seeds(None)
+    near, far = {"mean": 0.01, "low": -0.02, "high": 0.04}, {"mean": 0.5, "low": 0.45, "high": 0.55}
+    table = {
+        "baseline": {"scene/correct": {}, "AccErr": {}},
+        "a": {"scene/correct": {"diff": far}, "AccErr": {"diff": near}},  # one primary metric near 0 is enough
+        "b": {"scene/correct": {"diff": far}, "AccErr": {"diff": far}},
+        "c": {"scene/correct": {"diff": far}, "AccErr": {"diff": far}},
+    }
+    assert study.rows_needing_seeds(table, ["baseline", "a", "b", "c"]) == ["a"]
+    contrasts = {"c - b": {"scene/correct": near, "AccErr": far}}  # a contrast near 0: both of its rows
+    assert study.rows_needing_seeds(table, ["baseline", "a", "b", "c"], contrasts) == ["a", "b", "c"]
 
 
 def test_table_holm_families_are_the_primary_and_the_secondary_metrics():

@@ -16,8 +16,9 @@ Protocol (fixed before any run; printed into every table):
   `table --untuned` uses the config's learning rates instead and says so.
 - Checkpoint selection: the best validation checkpoint by val/scene/correct (trainer.monitor on synthetic data),
   validated --validations times per run; the test split is decoded once, with that checkpoint, by beam search.
-- Seeds: 0..4 per row; a row whose interval against the baseline on a primary metric lies within its own width of
-  0 (|diff| <= high - low) gets seeds 5..9 too (--max-seeds), and so does the baseline.
+- Seeds: 0..4 per row; a row whose interval against the baseline, or in a declared contrast (CONTRASTS), on a primary
+  metric lies within its own width of 0 (|diff| <= high - low) gets seeds 5..9 too (--max-seeds), and so does the
+  baseline; --seed-rows limits the extra seeds to the rows it names (the record's seed_rows).
 - Primary metrics (declared): test scene/correct and AccErr (the oracle's accumulated excess error, Arora et al.
   2022, at the last position). Secondary: the oracle excess error, its slope per position, ExAccErr, the prefix
   swap gap, CIDEr.
@@ -398,13 +399,17 @@ def build_contrasts(values: Mapping[str, Mapping[str, Mapping[int, float]]], lev
     return contrasts
 
 
-def rows_needing_seeds(table: Mapping, rows: Sequence[str]) -> list[str]:
-    return [
-        row
-        for row in rows
-        if row != BASELINE
-        and any(needs_more_seeds(table[row][name].get("diff")) for name, _, _, primary in METRICS if primary)
-    ]
+def rows_needing_seeds(table: Mapping, rows: Sequence[str], contrasts: Mapping | None = None) -> list[str]:
+    """The rows (not the baseline, which always gets them) whose primary-metric interval against the baseline, or
+    in a declared contrast (both of its rows), lies within its own width of 0."""
+    primary = [name for name, _, _, is_primary in METRICS if is_primary]
+    near = {
+        row for row in rows if row != BASELINE and any(needs_more_seeds(table[row][n].get("diff")) for n in primary)
+    }
+    for key, cells in (contrasts or {}).items():
+        if any(needs_more_seeds(cells.get(n)) for n in primary):
+            near.update(key.split(" - "))
+    return [row for row in rows if row in near and row != BASELINE]
 
 
 def mean_curves(sweep: Path, row: str, seeds: Sequence[int]) -> dict | None:
@@ -572,8 +577,9 @@ PROTOCOL = (
     "Learning rate per row from the stored val-tuned grid (or the config's, when untuned, as said in the lr column).",
     "Checkpoint: the best val/scene/correct of the run's validations; test decoded once with it (beam search).",
     (
-        "Seeds: --seeds per row, paired across rows; up to --max-seeds for rows whose primary-metric interval lies "
-        "within its own width of 0."
+        "Seeds: --seeds per row, paired across rows; up to --max-seeds for rows whose primary-metric interval "
+        "(against the baseline, or in a declared contrast) lies within its own width of 0 (--seed-rows: only those "
+        "named, as the record's seed_rows says), and for the baseline."
     ),
     "Holm's correction over rows x primary metrics, and separately over rows x secondary metrics.",
     (
@@ -602,6 +608,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per row")
     parser.add_argument("--max-seeds", type=int, default=10, help="seeds for rows whose interval is near 0")
+    parser.add_argument(
+        "--seed-rows",
+        nargs="+",
+        default=None,
+        choices=list(ROWS),
+        help="give the extra seeds up to --max-seeds only to these of the rows that need them (and the baseline)",
+    )
     parser.add_argument(
         "--steps",
         type=int,
@@ -683,7 +696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.table_only:
         table_runs(args, sweep, lrs, seeds, args.rows)
     values = collect(sweep, args.rows, range(args.max_seeds))
-    more = rows_needing_seeds(build_table(values), args.rows)
+    more = rows_needing_seeds(build_table(values), args.rows, build_contrasts(values))
+    if args.seed_rows is not None:  # the extra seeds for these rows only (time): said in the record
+        more = [row for row in more if row in args.seed_rows]
     if more and not args.table_only and args.max_seeds > args.seeds:
         table_runs(args, sweep, lrs, list(range(args.seeds, args.max_seeds)), [BASELINE, *more])
         values = collect(sweep, args.rows, range(args.max_seeds))
@@ -709,6 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": args.threads,
         "seeds": seeds,
         "max_seeds": args.max_seeds,
+        "seed_rows": args.seed_rows,
         "lrs": {r: lrs[r] for r in args.rows},
         "tuned": not args.untuned,
         "rows": {r: ROWS[r] for r in args.rows},
