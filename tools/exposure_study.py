@@ -710,9 +710,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = plot_row(curves, row, args.out_dir / f"exposure_study_{name}" / f"{row}.png").resolve()
             plots.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
     record_file = args.out_dir / f"exposure_study_{name}.json"
-    if args.table_only and record_file.is_file():  # a table re-read from the same runs: their provenance stays
-        earlier = json.loads(record_file.read_text())
+    earlier = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    history = earlier.get("history", [])
+    if args.table_only and earlier:  # a table re-read from the same runs: their provenance stays
         where = {key: earlier[key] for key in (*where, "seconds") if key in earlier} | {"rebuilt_by": where}
+    elif earlier:  # more runs for the same table (more seeds): the earlier commands' provenance and wall clock
+        history = [*history, {key: earlier[key] for key in (*where, "seconds") if key in earlier}]
     record = {
         "name": name,
         "overrides": args.overrides,
@@ -731,6 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "protocol": list(PROTOCOL),
         "seconds": time.perf_counter() - started,
         **where,
+        "history": history,  # the commands that wrote this record before, oldest first (each ran more of its runs)
         "training_seconds": training_seconds(sweep, args.rows, range(args.max_seeds)),
         "plots": plots,
         "table": table,
