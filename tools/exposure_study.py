@@ -696,13 +696,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.table_only:
         table_runs(args, sweep, lrs, seeds, args.rows)
     values = collect(sweep, args.rows, range(args.max_seeds))
-    more = rows_needing_seeds(build_table(values), args.rows, build_contrasts(values))
+    table, contrasts = build_table(values), build_contrasts(values)
+    more = rows_needing_seeds(table, args.rows, contrasts)
     if args.seed_rows is not None:  # the extra seeds for these rows only (time): said in the record
         more = [row for row in more if row in args.seed_rows]
     if more and not args.table_only and args.max_seeds > args.seeds:
         table_runs(args, sweep, lrs, list(range(args.seeds, args.max_seeds)), [BASELINE, *more])
         values = collect(sweep, args.rows, range(args.max_seeds))
-    table = build_table(values)
+        table, contrasts = build_table(values), build_contrasts(values)
     plots = []
     for row in args.rows:
         curves = mean_curves(sweep, row, range(args.max_seeds))
@@ -738,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "training_seconds": training_seconds(sweep, args.rows, range(args.max_seeds)),
         "plots": plots,
         "table": table,
-        "contrasts": build_contrasts(values),
+        "contrasts": contrasts,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     record_file.write_text(json.dumps(record, indent=2, default=str))
