@@ -166,6 +166,9 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
     assert "started" not in capsys.readouterr().out
     again = json.loads((tmp_path / "out" / "exposure_study_synthetic_encoder.json").read_text())
     assert [h["date"] for h in again["history"]] == [record["date"]] and record["history"] == []
+    assert "Earlier, the same study's runs so far" not in markdown
+    markdown = (tmp_path / "out" / "exposure_study_synthetic_encoder.md").read_text()
+    assert f"Earlier, the same study's runs so far: `{record['command']}`" in markdown
     assert (tmp_path / "sweep" / "baseline" / "seed_0" / "test_metrics.json").stat().st_mtime == stamp
     record = again
     assert study.main([*arguments[:1], "--table-only", *arguments[1:]]) == 0  # the table re-read from the runs

@@ -547,11 +547,17 @@ def format_markdown(table: Mapping, record: Mapping) -> str:
         "",
         (
             f"Command: `{record['command']}`; commit {record['commit']}{' (dirty)' if record['dirty'] else ''}; "
-            f"machine: {record['machine']}; {record['date']}; "
-            f"runs: {record['training_seconds']:.0f} s of wall time in all "
+            f"machine: {record['machine']}; {record['date']}; wall clock {record['seconds']:.0f} s; "
+            f"the runs' own times add up to {record['training_seconds']:.0f} s "
             f"({record['steps']} steps each, --jobs {record['jobs']} x --threads {record['threads']})."
         ),
         "",
+        *(
+            f"Earlier, the same study's runs so far: `{past['command']}`; commit {past['commit']}"
+            f"{' (dirty)' if past.get('dirty') else ''}; {past['date']}; wall clock {past['seconds']:.0f} s."
+            for past in record.get("history", [])
+        ),
+        *([""] if record.get("history") else []),
         "Protocol: " + " ".join(record["protocol"]),
         "",
         "Per row: the mean over seeds [95% t interval]; below it, the difference from the baseline paired by "
