@@ -158,6 +158,7 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
     assert len(record["plots"]) == 2 and all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in record["plots"])
     markdown = (tmp_path / "out" / "exposure_study_synthetic_encoder.md").read_text()
     assert "Primary metrics: scene/correct, AccErr" in markdown and "| ss_paper | config | 2 |" in markdown
+    assert "Earlier, the same study's runs so far" not in markdown
     config = json.loads((tmp_path / "sweep" / "ss_paper" / "seed_1" / "config.json").read_text())
     assert config["experiment_name"] == "ss_paper" and config["seed"] == 1
     stamp = (tmp_path / "sweep" / "baseline" / "seed_0" / "test_metrics.json").stat().st_mtime
@@ -166,7 +167,6 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
     assert "started" not in capsys.readouterr().out
     again = json.loads((tmp_path / "out" / "exposure_study_synthetic_encoder.json").read_text())
     assert [h["date"] for h in again["history"]] == [record["date"]] and record["history"] == []
-    assert "Earlier, the same study's runs so far" not in markdown
     markdown = (tmp_path / "out" / "exposure_study_synthetic_encoder.md").read_text()
     assert f"Earlier, the same study's runs so far: `{record['command']}`" in markdown
     assert (tmp_path / "sweep" / "baseline" / "seed_0" / "test_metrics.json").stat().st_mtime == stamp

@@ -539,6 +539,12 @@ def contrast_rows(contrasts: Mapping) -> list[str]:
     return lines
 
 
+def _provenance(entry: Mapping) -> str:
+    """`command`; commit (dirty); date; wall clock: of a record or of one of its `history` entries."""
+    commit = entry["commit"] + (" (dirty)" if entry.get("dirty") else "")
+    return f"`{entry['command']}`; commit {commit}; {entry['date']}; wall clock {entry['seconds']:.0f} s"
+
+
 def format_markdown(table: Mapping, record: Mapping) -> str:
     lines = [
         f"# Exposure-bias study {record['name']}: {record['data']} ({record['input']} input)",
@@ -546,18 +552,15 @@ def format_markdown(table: Mapping, record: Mapping) -> str:
         f"Overrides of every run: `{' '.join(record['overrides']) or 'none'}`.",
         "",
         (
-            f"Command: `{record['command']}`; commit {record['commit']}{' (dirty)' if record['dirty'] else ''}; "
-            f"machine: {record['machine']}; {record['date']}; wall clock {record['seconds']:.0f} s; "
+            f"Command: {_provenance(record)}; machine: {record['machine']}; "
             f"the runs' own times add up to {record['training_seconds']:.0f} s "
             f"({record['steps']} steps each, --jobs {record['jobs']} x --threads {record['threads']})."
         ),
         "",
-        *(
-            f"Earlier, the same study's runs so far: `{past['command']}`; commit {past['commit']}"
-            f"{' (dirty)' if past.get('dirty') else ''}; {past['date']}; wall clock {past['seconds']:.0f} s."
-            for past in record.get("history", [])
-        ),
-        *([""] if record.get("history") else []),
+    ]
+    for past in record.get("history", []):
+        lines += [f"Earlier, the same study's runs so far: {_provenance(past)}.", ""]
+    lines += [
         "Protocol: " + " ".join(record["protocol"]),
         "",
         "Per row: the mean over seeds [95% t interval]; below it, the difference from the baseline paired by "
