@@ -220,4 +220,41 @@ def test_a_table_with_other_settings_than_its_tuning_is_refused(tmp_path, capsys
     message = capsys.readouterr().err
     assert stop.value.code == 2 and "--steps 1000 (tuned with 300)" in message
     assert "overrides after -- ['model.decoder.attention=false'] (tuned with [])" in message
+    with pytest.raises(SystemExit) as stop:  # nor are rows tuned with other settings added to the file
+        study.main(["tune", *arguments[1:], "--steps", "1000"])
+    assert stop.value.code == 2 and "--steps 1000 (tuned with 300)" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()  # nothing trained
+
+
+def test_tuning_one_row_again_keeps_the_others_and_the_earlier_command(tmp_path, monkeypatch):
+    """`tune --rows ss_oracle_repair` after a full tuning: that row's choice is replaced, the others stay, and the
+    earlier command (its cost and rows) moves to the record's history. Training is replaced by fixed val scores."""
+    scores = {"baseline": {"0.003": 0.5, "0.006": 0.6}, "ss_oracle_repair": {"0.003": 0.4, "0.006": 0.3}}
+
+    def fake_runs(jobs, args):
+        for row, _, out, _ in jobs:
+            out.mkdir(parents=True, exist_ok=True)
+            lr = out.name.removeprefix("lr_")
+            line = {"step": args.steps, "val/scene/correct": scores[row][lr]}
+            (out / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+            (out / study.RUN_RECORD).write_text(json.dumps({"seconds": 10.0}))
+        return []
+
+    monkeypatch.setattr(study, "run_jobs", fake_runs)
+    common = ["--data", "synthetic", "--steps", "4", "--lrs", "0.003", "0.006"]
+    common += ["--sweep-dir", str(tmp_path / "sweep"), "--out-dir", str(tmp_path)]
+    assert study.main(["tune", "--rows", "baseline", "ss_oracle_repair", *common]) == 0
+    path = tmp_path / "exposure_study_lr_synthetic_encoder.json"
+    first = json.loads(path.read_text())
+    assert {r: c["lr"] for r, c in first["rows"].items()} == {"baseline": 0.006, "ss_oracle_repair": 0.003}
+    assert first["training_seconds"] == 40.0 and "history" not in first
+    scores["ss_oracle_repair"] = {"0.003": 0.2, "0.006": 0.8}  # the row's targets changed: tuned again
+    for run in (tmp_path / "sweep" / "tune" / "ss_oracle_repair").iterdir():
+        (run / "metrics.jsonl").unlink()
+    assert study.main(["tune", "--rows", "ss_oracle_repair", *common]) == 0
+    again = json.loads(path.read_text())
+    assert {r: c["lr"] for r, c in again["rows"].items()} == {"baseline": 0.006, "ss_oracle_repair": 0.006}
+    assert again["training_seconds"] == 20.0 and again["tuned_rows"] == ["ss_oracle_repair"]
+    assert again["history"] == [
+        {key: first[key] for key in ("command", "commit", "dirty", "machine", "date", "training_seconds", "tuned_rows")}
+    ]

@@ -22,9 +22,11 @@ from captioning.training.objectives import CrossEntropyObjective, shift_right
 from captioning.training.targets import (
     INVALID_SHARE,
     ReferenceTable,
+    SceneGraph,
     SceneTargets,
     TrainingTargets,
     after_model_token,
+    grammar_completion_sets,
     optimal_completion_sets,
     prefix_on_reference,
 )
@@ -145,6 +147,103 @@ def test_oracle_targets_equal_the_oracle_s_next_word_sets():
             checked_true += is_true
             checked_untrue += not is_true
     assert checked_true > 20 and checked_untrue > 20
+
+
+def scene_language(oracle: SceneOracle) -> set[tuple[str, ...]]:
+    """Every true caption of the scene, by expanding each path's alternatives."""
+    return {
+        tuple(w for tokens in choice for w in tokens) for path in oracle.paths for choice in itertools.product(*path)
+    }
+
+
+def brute_force_repairs(prefix, language, vocab) -> set[int]:
+    """The first tokens of the cheapest completions of `prefix` to any caption of `language`: over every caption
+    z and cut j the edit distance from the prefix to z[:j], then z[j] (<eos> at the end) where it is smallest."""
+    best, first = None, set()
+    for caption in language:
+        row = list(range(len(caption) + 1))  # edit distances from the prefix to caption[:j], row by row
+        for i, x in enumerate(prefix, 1):
+            previous, row[0] = row[0], i
+            for j, w in enumerate(caption, 1):
+                previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != w))
+        for j, cost in enumerate(row):
+            token = vocab.eos_id if j == len(caption) else vocab.stoi.get(caption[j], vocab.unk_id)
+            if best is None or cost < best:
+                best, first = cost, {token}
+            elif cost == best:
+                first.add(token)
+    return first
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grammar_repairs_equal_a_brute_force_search_over_every_true_caption(seed):
+    """Scenes small enough to list every true caption; prefixes true for a while, then random words, words of no
+    true caption, <eos>; one scene word missing from the vocabulary (<unk> proposed, matched by nothing). The
+    repair sets equal the first tokens of the cheapest completions to any true caption, and on true prefixes
+    the oracle's next-word sets."""
+    g = random.Random(seed)
+    scenes = []
+    while len(scenes) < 3:
+        oracle = SceneOracle(sample_scene(g))
+        language = scene_language(oracle)
+        if len(language) <= 1000:
+            scenes.append((oracle, language))
+    lacking = g.choice(sorted(scenes[0][0].words()))
+    words = sorted({w for oracle, _ in scenes for w in oracle.words()} - {lacking})
+    vocab = Vocabulary(list(SPECIALS) + words + ["zebra"])
+    rows, graphs, languages, oracles = [], [], [], []
+    for oracle, language in scenes:
+        captions = sorted(language)
+        for _ in range(4):
+            caption = list(g.choice(captions))
+            cut = g.randint(0, len(caption))
+            row = [w if w != lacking else "<unk>" for w in caption[:cut]]
+            row += [g.choice(words + ["zebra", "<eos>"]) for _ in range(g.randint(0, 4))]
+            rows.append(row)
+            graphs.append(SceneGraph(oracle.graph(), vocab))
+            languages.append(language)
+            oracles.append(oracle)
+    steps = 1 + max(len(r) for r in rows)
+    fed = torch.full((len(rows), steps), vocab.eos_id)
+    fed[:, 0] = vocab.bos_id
+    for n, row in enumerate(rows):
+        fed[n, 1 : 1 + len(row)] = torch.tensor([vocab.stoi[w] for w in row])
+    sets = grammar_completion_sets(fed, graphs, len(vocab), vocab.eos_id)
+    assert sets.shape == (len(rows), steps, len(vocab))
+    true_prefixes = 0
+    for n in range(len(rows)):
+        for t in range(steps):
+            prefix = [vocab.itos[i] for i in fed[n, 1 : t + 1].tolist()]
+            got = set(sets[n, t].nonzero().flatten().tolist())
+            assert got == brute_force_repairs(prefix, languages[n], vocab), (n, t)
+            if oracles[n].is_prefix(prefix):
+                state = oracles[n].state(prefix)
+                expected = {vocab.stoi.get(w, vocab.unk_id) for w in oracles[n].next_words(state)}
+                assert got == expected | ({vocab.eos_id} if oracles[n].accepts(state) else set())
+                true_prefixes += 1
+    assert 0 < true_prefixes < len(rows) * steps
+
+
+def test_the_oracle_s_repair_needs_no_references_and_repairs_against_the_grammar():
+    """An untrue prefix whose cheapest repair is a true caption no reference has: the repair asks for its word."""
+    scenes, captions, vocab = scene_data(count=1)
+    ((image_id, scene),) = scenes.items()
+    oracle = SceneOracle(scene)
+    references = {tuple(c) for c in captions[image_id]}
+    unseen = sorted(c for c in scene_language(oracle) if c not in references)
+    caption = next(c for c in unseen if not any(r[:3] == c[:3] for r in references) and len(c) > 4)
+    prefix = [*caption[:3], "zebra"]  # a true start no reference shares, then a word of no true caption
+    vocab = Vocabulary(list(vocab.itos) + ["zebra"])
+    fed = torch.tensor([[vocab.bos_id, *(vocab.stoi[w] for w in prefix)]])
+    option = TrainingTargets("oracle", "repair", scenes=SceneTargets(scenes, vocab))
+    repair = option.scenes.repair_sets(fed, [image_id], torch.tensor([True]), len(vocab))[0, -1]
+    assert vocab.stoi[caption[4]] in set(repair.nonzero().flatten().tolist())  # "zebra" read as a substitution
+    assert set(repair.nonzero().flatten().tolist()) == brute_force_repairs(prefix, scene_language(oracle), vocab)
+    table = ReferenceTable({image_id: [vocab.encode(c, 99) for c in captions[image_id]]}, vocab.pad_id)
+    against_references = optimal_completion_sets(
+        fed, *table.lookup(torch.tensor([image_id]), fed.device), len(vocab), vocab.eos_id
+    )
+    assert not torch.equal(against_references[0, -1], repair)  # what the references alone would have asked
 
 
 # -- the objective ---------------------------------------------------------------------------------------

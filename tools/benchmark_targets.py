@@ -13,7 +13,7 @@ forward, targets, backward, Adam):
     ss_reference             exact scheduled sampling at --teacher-forcing-prob, the paper's targets (with the
                              invalid share computed by the oracle, as every run on scenes logs it)
     ss_optimal_completion    the same feeding, optimal-completion targets over the image's references
-    ss_oracle_repair         oracle targets, untrue prefixes repaired by optimal completion
+    ss_oracle_repair         oracle targets, untrue prefixes repaired against the grammar (every true caption)
     ss_oracle_mask           oracle targets, no loss after an untrue prefix
 
 Writes {"entries": {name: {"seconds_per_step", "captions_per_s", "cost_vs_teacher_forcing"}}, "machine": {...},
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     options = {
         "ss_reference": TrainingTargets("reference", references=table, scenes=scene_targets),
         "ss_optimal_completion": TrainingTargets("optimal_completion", references=table, scenes=scene_targets),
-        "ss_oracle_repair": TrainingTargets("oracle", "repair", table, scene_targets),
-        "ss_oracle_mask": TrainingTargets("oracle", "mask", table, scene_targets),
+        "ss_oracle_repair": TrainingTargets("oracle", "repair", scenes=scene_targets),
+        "ss_oracle_mask": TrainingTargets("oracle", "mask", scenes=scene_targets),
     }
     torch.manual_seed(0)
     features = torch.randn(len(ids), args.feature_dim, device=device)

@@ -282,6 +282,10 @@ def tune(args, sweep: Path, lr_file: Path) -> dict:
                 raise SystemExit(f"tuning {row}: no run of the grid validated; see {sweep / 'tune' / row}")
             choices["rows"][row] = {"lr": lr, "grid": grid}
     runs = [sweep / "tune" / row / f"lr_{lr:g}" / RUN_RECORD for row in args.rows for lr in learning_rates(row, args)]
+    where = provenance()
+    if "commit" in choices:  # rows tuned again or added to an earlier tuning: the earlier commands stay, with cost
+        earlier = {key: choices[key] for key in (*where, "training_seconds", "tuned_rows") if key in choices}
+        choices["history"] = [*choices.get("history", []), earlier]
     choices.update(
         {
             "data": args.data,
@@ -293,11 +297,12 @@ def tune(args, sweep: Path, lr_file: Path) -> dict:
             "overrides": args.overrides,
             "jobs": args.jobs,
             "threads": args.threads,
-            # the summed wall time of the grid's runs (each run's RUN_RECORD): the one-time cost of the tuning
+            # the summed wall time of this command's grid runs (each run's RUN_RECORD); earlier commands' in history
             "training_seconds": sum(json.loads(r.read_text())["seconds"] for r in runs if r.is_file()),
+            "tuned_rows": list(args.rows),
             "tune_seed": TUNE_SEED,
             "rule": "highest best val/scene/correct (ties: the smaller lr)",
-            **provenance(),
+            **where,
         }
     )
     lr_file.parent.mkdir(parents=True, exist_ok=True)
@@ -599,6 +604,25 @@ PROTOCOL = (
 )
 
 
+def other_settings(tuning: Mapping, args) -> list[str]:
+    """The settings given that differ from those the tuning record was made with ('--steps 1000 (tuned with
+    300)', ...)."""
+    settings = {
+        "--data": ("data", args.data),
+        "--input": ("input", args.input),
+        "--steps": ("steps", args.steps),
+        "--scst-steps": ("scst_steps", args.scst_steps),
+        "--validations": ("validations", args.validations),
+        "--warmup-fraction": ("warmup_fraction", args.warmup_fraction),
+        "overrides after --": ("overrides", args.overrides),
+    }
+    return [
+        f"{flag} {given} (tuned with {tuning[key]})"
+        for flag, (key, given) in settings.items()
+        if key in tuning and tuning[key] != given
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -636,7 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scst-lrs", type=float, nargs="+", default=[5e-5, 1e-4, 2e-4])
     parser.add_argument("--scst-steps", type=int, default=400)
     parser.add_argument("--scst-default-lr", type=float, default=1e-4, help="self-critical's lr when --untuned")
-    parser.add_argument("--untuned", action="store_true", help="table: the config's learning rates, no tuning file")
+    parser.add_argument(
+        "--untuned", action="store_true", help="table: the config's learning rates, no tuning file (nor its check)"
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sweep-dir", type=Path, default=None)
@@ -652,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)  # Hydra overrides for every run follow "--"
     args = parser.parse_args(argv[:split])
     args.overrides = argv[split + 1 :]
-    if BASELINE not in args.rows:
+    if args.command == "table" and BASELINE not in args.rows:
         parser.error("--rows must include baseline (every row is compared with it)")
     if not 1 <= args.validations <= args.steps or not 0 <= args.warmup_fraction < 1:
         parser.error("--validations must be in [1, --steps] and --warmup-fraction in [0, 1)")
@@ -660,35 +686,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep = args.sweep_dir or REPO / "multirun" / "exposure_study" / name
     lr_file = args.out_dir / f"exposure_study_lr_{name}.json"
     started, where = time.perf_counter(), provenance()  # before this command writes anything
+    tuning = json.loads(lr_file.read_text()) if lr_file.is_file() else None
+    # the learning rates hold for the settings they were tuned with: a table with others would not be tuned, and
+    # rows tuned with others would not be comparable with the rows already in the file
+    differ = other_settings(tuning, args) if tuning is not None and not args.untuned else []
+    if differ:
+        parser.error(
+            f"{lr_file} was tuned with other settings: {'; '.join(differ)}. Use the tuning's settings, "
+            "or tune these under another --name"
+        )
     if args.command == "tune":
         choices = tune(args, sweep, lr_file)
         print(json.dumps({row: cell["lr"] for row, cell in choices["rows"].items()}, indent=2))
         return 0
     if args.untuned:
         lrs: dict[str, float | None] = {row: None for row in args.rows}
-    elif lr_file.is_file():
-        tuning = json.loads(lr_file.read_text())
+    elif tuning is not None:
         stored = tuning["rows"]
-        # the learning rates hold for the settings they were tuned with: a table with others would not be tuned
-        settings = {
-            "--data": ("data", args.data),
-            "--input": ("input", args.input),
-            "--steps": ("steps", args.steps),
-            "--scst-steps": ("scst_steps", args.scst_steps),
-            "--validations": ("validations", args.validations),
-            "--warmup-fraction": ("warmup_fraction", args.warmup_fraction),
-            "overrides after --": ("overrides", args.overrides),
-        }
-        differ = [
-            f"{flag} {given} (tuned with {tuning[key]})"
-            for flag, (key, given) in settings.items()
-            if key in tuning and tuning[key] != given
-        ]
-        if differ:
-            parser.error(
-                f"{lr_file} was tuned with other settings: {'; '.join(differ)}. Use the tuning's settings, "
-                "or tune these under another --name"
-            )
         missing = [row for row in args.rows if row not in stored]
         if missing:
             parser.error(

@@ -956,3 +956,48 @@ class SceneOracle:
     def words(self) -> set[str]:
         """Every token of every true caption of the scene."""
         return {w for path in self.paths for alts in path for tokens in alts for w in tokens}
+
+    def graph(self) -> TokenGraph:
+        """The same automaton as an acyclic graph with one node per position (see TokenGraph)."""
+        nodes: dict[tuple, int] = {}
+
+        def node(pos: tuple) -> int:
+            return nodes.setdefault(pos, len(nodes))
+
+        edges: list[tuple[int, int, str | None]] = []
+        for p, path in enumerate(self.paths):
+            for k, alts in enumerate(path):
+                after = node((p, k + 1))
+                for a, tokens in enumerate(alts):
+                    if not tokens:
+                        edges.append((node((p, k)), after, None))
+                        continue
+                    places = [(p, k), *((p, k, a, offset) for offset in range(1, len(tokens)))]
+                    ends = [*(node(place) for place in places[1:]), after]
+                    edges += [(node(place), end, word) for place, end, word in zip(places, ends, tokens)]
+        # places in path order: (p, k), then the places inside part k (by offset), then (p, k + 1)
+        place_of = sorted(nodes, key=lambda pos: (pos[0], pos[1], pos[3] if len(pos) == 4 else 0))
+        rank = {nodes[pos]: i for i, pos in enumerate(place_of)}
+        level = [0] * len(nodes)
+        for source, target, _ in sorted(edges, key=lambda edge: rank[edge[0]]):
+            level[target] = max(level[target], level[source] + 1)
+        return TokenGraph(
+            len(nodes),
+            tuple(edges),
+            tuple(nodes[(p, 0)] for p in range(len(self.paths))),
+            tuple(nodes[end] for end in self._ends),
+            tuple(level),
+        )
+
+
+class TokenGraph(NamedTuple):
+    """The true captions of a scene as an acyclic graph: nodes are places in the token automaton, an edge
+    (source, target, word) reads one token (word None: an empty alternative, reading nothing). The true captions
+    are the words along the paths from a node of `starts` to a node of `accepting`; every node lies on one.
+    `level[v]`: the most edges on a path from a start to v, so every edge goes to a higher level."""
+
+    nodes: int
+    edges: tuple[tuple[int, int, str | None], ...]
+    starts: tuple[int, ...]
+    accepting: tuple[int, ...]
+    level: tuple[int, ...]

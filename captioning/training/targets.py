@@ -21,10 +21,10 @@ prefix is the fed words fed[1..t]. Three options:
                       it), the scene oracle's valid next tokens (captioning.scenes.grammar.SceneOracle, exact:
                       the words that keep the prefix true, and <eos> where the prefix is itself a true caption).
                       Once the prefix is untrue, `oracle_untrue` says:
-                        repair  the cheapest repair: the optimal-completion set above, against the image's
-                                reference captions, which are true captions the grammar produced. Exact and
-                                computed on the device; the edit distance to the grammar's whole language would
-                                need a DP over every path of the scene's automaton, per row and position, in Python.
+                        repair  the cheapest repair against the grammar: the optimal-completion set above,
+                                against EVERY true caption of the scene (the grammar's language for it, not only
+                                the image's references). Exact: an edit-distance DP over the scene automaton's
+                                graph (grammar_completion_sets), on the device, for the rows that need it.
                         mask    no loss at that position.
 
 On the reference's own prefix the target stays the reference's word for every option. While nothing fed differs
@@ -52,6 +52,7 @@ the optimal-completion set, a proxy: a word outside every cheapest completion to
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -152,6 +153,86 @@ class ReferenceTable:
         return self.tokens[rows].to(device, non_blocking=True), self.lengths[rows].to(device, non_blocking=True)
 
 
+# -- the cheapest repair against the scene's grammar ----------------------------------------------------------
+class SceneGraph:
+    """One scene's TokenGraph as tensors for the repair (CPU): per edge its source, target, the token id it
+    reads (-1: an empty alternative; -2: a word the vocabulary lacks, which no fed token matches) and the token id
+    it proposes (the word's id, <unk> for a lacking word); per node whether it starts / accepts and its level."""
+
+    def __init__(self, graph, vocab):
+        self.nodes = graph.nodes
+        edges = list(graph.edges)
+        self.source = torch.tensor([e[0] for e in edges], dtype=torch.long)
+        self.target = torch.tensor([e[1] for e in edges], dtype=torch.long)
+        word_ids = [-1 if w is None else vocab.stoi.get(w, -2) for _, _, w in edges]
+        self.reads = torch.tensor(word_ids, dtype=torch.long)
+        self.proposes = torch.tensor([vocab.unk_id if i == -2 else i for i in word_ids], dtype=torch.long)
+        self.start = torch.zeros(graph.nodes, dtype=torch.bool)
+        self.start[list(graph.starts)] = True
+        self.accepting = torch.zeros(graph.nodes, dtype=torch.bool)
+        self.accepting[list(graph.accepting)] = True
+        self.level = torch.tensor(graph.level, dtype=torch.long)
+
+
+def grammar_completion_sets(fed: torch.Tensor, graphs: Sequence[SceneGraph], vocab_size: int, eos_id: int):
+    """fed (N, T) token ids, <bos> first; graphs: row n's scene -> (N, T, V) bool: at position t the tokens that
+    begin a minimum-edit-distance completion of fed[n, 1:t + 1] to ANY true caption of the scene (<eos>: the
+    prefix repaired into a whole caption). The optimal_completion_sets of the scene's whole language, computed on
+    the device for all rows at once on the union of their graphs.
+
+    D[v], per node, is the edit distance from the fed prefix to the nearest word sequence that reaches v from a
+    start; the cheapest completion costs min_v D[v] and begins with a word read from any v reaching the minimum
+    (<eos> where v accepts), by the argument of optimal_completion_sets, path by path. One fed word y updates D:
+    D'[v] = min(D[v] + 1 (y deleted), min over edges u -v-> reading w of D[u] + [w != y]), then the insertions
+    D[v] = min(D'[v], D[u] + 1 over the edges u -> v (+ 0 for an empty alternative)), level by level."""
+    device, (n, steps) = fed.device, fed.shape
+    offsets = torch.tensor([0, *itertools.accumulate(g.nodes for g in graphs)])
+    edge_row = torch.cat([torch.full((len(g.source),), r) for r, g in enumerate(graphs)])
+    node_row = torch.cat([torch.full((g.nodes,), r) for r, g in enumerate(graphs)]).to(device)
+    source = torch.cat([g.source + offsets[r] for r, g in enumerate(graphs)])
+    target = torch.cat([g.target + offsets[r] for r, g in enumerate(graphs)])
+    reads, proposes = torch.cat([g.reads for g in graphs]), torch.cat([g.proposes for g in graphs])
+    start, accepting = torch.cat([g.start for g in graphs]).to(device), torch.cat([g.accepting for g in graphs])
+    level = torch.cat([g.level for g in graphs])
+    # the insertions, level by level: the edges into each level, (source, target, cost)
+    by_level = level[target].argsort(stable=True)
+    counts = torch.bincount(level[target], minlength=int(level.max()) + 1).tolist()
+    insertions = [
+        (source[i].to(device), target[i].to(device), (reads[i] != -1).long().to(device))
+        for i in by_level.split(counts)
+        if len(i)
+    ]
+    word = reads != -1  # the edges that read a token (-2: one no fed token matches)
+    read_source, read_target = source[word].to(device), target[word].to(device)
+    read_token, read_row = reads[word].to(device), edge_row[word].to(device)
+    # where each proposal lands in the flattened (N * V) sets: the words read from a node, <eos> where it accepts
+    proposer = torch.cat([read_source, accepting.nonzero().flatten().to(device)])
+    proposal = torch.cat(
+        [read_row * vocab_size + proposes[word].to(device), node_row[accepting.to(device)] * vocab_size + eos_id]
+    )
+    never = torch.iinfo(torch.long).max // 4  # not reached yet (only before the first insertions)
+
+    def insert(distance: torch.Tensor) -> torch.Tensor:  # in place: a level's sources are final before it
+        for src, dst, cost in insertions:
+            distance.scatter_reduce_(0, dst, distance.index_select(0, src) + cost, "amin")
+        return distance
+
+    distance = insert(torch.where(start, 0, never))
+    distances = [distance]
+    for t in range(1, steps):
+        mismatch = (read_token != fed[:, t].index_select(0, read_row)).long()
+        step = (distance + 1).scatter_reduce_(0, read_target, distance.index_select(0, read_source) + mismatch, "amin")
+        distance = insert(step)
+        distances.append(distance)
+    stacked = torch.stack(distances, 1)  # (nodes, T)
+    best = torch.full((n, steps), never, dtype=torch.long, device=device)
+    best.scatter_reduce_(0, node_row[:, None].expand(-1, steps), stacked, "amin")  # (N, T)
+    optimal = stacked == best.index_select(0, node_row)  # (nodes, T)
+    sets = torch.zeros(n * vocab_size, steps, dtype=torch.long, device=device)
+    sets.scatter_add_(0, proposal[:, None].expand(-1, steps), optimal.index_select(0, proposer).long())
+    return sets.view(n, vocab_size, steps).transpose(1, 2) > 0  # (N, T, V)
+
+
 # -- the scene oracle --------------------------------------------------------------------------------------
 class SceneTargets:
     """The scene oracle's valid next tokens for fed prefixes (synthetic data). `scenes`: image id -> scene."""
@@ -159,6 +240,7 @@ class SceneTargets:
     def __init__(self, scenes: Mapping[int, object], vocab):
         self.scenes, self.vocab = scenes, vocab
         self._oracles: dict[int, SceneOracle] = {}
+        self._graphs: dict[int, SceneGraph] = {}
 
     def oracle(self, image_id: int) -> SceneOracle:
         if image_id not in self._oracles:
@@ -166,6 +248,22 @@ class SceneTargets:
                 raise ValueError(f"schedule.targets=oracle: image {image_id} has no scene")
             self._oracles[image_id] = SceneOracle(self.scenes[image_id])
         return self._oracles[image_id]
+
+    def graph(self, image_id: int) -> SceneGraph:
+        if image_id not in self._graphs:
+            self._graphs[image_id] = SceneGraph(self.oracle(image_id).graph(), self.vocab)
+        return self._graphs[image_id]
+
+    def repair_sets(self, fed: torch.Tensor, image_ids: Sequence[int], rows: torch.Tensor, vocab_size: int):
+        """fed (N, T), image_ids, rows (N,) bool: the rows to repair -> (N, T, V) bool: the first tokens of the
+        cheapest repairs of the fed prefixes into true captions of the scene (grammar_completion_sets; only in
+        `rows`, empty elsewhere)."""
+        sets = torch.zeros(*fed.shape, vocab_size, dtype=torch.bool, device=fed.device)
+        chosen = rows.nonzero().flatten()
+        if len(chosen):
+            graphs = [self.graph(int(image_ids[i])) for i in chosen.tolist()]
+            sets[chosen] = grammar_completion_sets(fed[chosen], graphs, vocab_size, self.vocab.eos_id)
+        return sets
 
     def _valid_ids(self, oracle: SceneOracle, state) -> list[int]:
         ids = [self.vocab.stoi.get(word, self.vocab.unk_id) for word in oracle.next_words(state)]
@@ -210,8 +308,8 @@ def set_cross_entropy(log_probs: torch.Tensor, sets: torch.Tensor) -> torch.Tens
 class TrainingTargets:
     """What the loss asks after the fed prefix (module docstring): `option` reference | optimal_completion |
     oracle, `oracle_untrue` repair | mask. `references`: the training images' ReferenceTable (needed by
-    optimal_completion, by oracle with repair, and for the invalid share without scenes); `scenes`: SceneTargets
-    (needed by oracle; on synthetic data it judges the invalid share)."""
+    optimal_completion, and for the invalid share without scenes); `scenes`: SceneTargets (needed by oracle; on
+    synthetic data it judges the invalid share)."""
 
     def __init__(
         self,
@@ -222,8 +320,7 @@ class TrainingTargets:
         pad_id: int = 0,
         eos_id: int = 2,
     ):
-        needs_references = option == "optimal_completion" or (option == "oracle" and oracle_untrue == "repair")
-        if needs_references and references is None:
+        if option == "optimal_completion" and references is None:
             raise ValueError(f"schedule.targets={option}: needs the training references")
         if option == "oracle" and scenes is None:
             raise ValueError(
@@ -257,16 +354,19 @@ class TrainingTargets:
             return self.reference_loss(logits, targets), {}
         off_reference = ~prefix_on_reference(fed, inputs) & real  # (N, T)
         vocab_size = logits.shape[-1]
-        completion = oracle = true_prefix = None
-        # the optimal-completion sets: the targets of optimal_completion and of the oracle's repair, and the judge
-        # of the invalid share where there is no scene oracle
-        if self.references is not None and (self.option != "reference" or self.scenes is None):
+        completion = oracle = true_prefix = repair = None
+        # the optimal-completion sets: the targets of optimal_completion, and the judge of the invalid share where
+        # there is no scene oracle
+        if self.references is not None and (self.option == "optimal_completion" or self.scenes is None):
             completion = optimal_completion_sets(
                 fed, *self.references.lookup(image_ids, fed.device), vocab_size, self.eos_id
             )  # (N, T, V)
         if self.scenes is not None:
             wanted = model_fed | off_reference if self.option == "oracle" else model_fed
             oracle, true_prefix = self.scenes.sets(fed, image_ids.tolist(), wanted, vocab_size)
+            if self.option == "oracle" and self.oracle_untrue == "repair":  # the repairs, where the prefix is untrue
+                untrue = off_reference & ~true_prefix  # (N, T)
+                repair = self.scenes.repair_sets(fed, image_ids.tolist(), untrue.any(1), vocab_size)
         valid = oracle if oracle is not None else completion
         stats = {}
         if valid is not None:
@@ -274,22 +374,23 @@ class TrainingTargets:
             stats[INVALID_SHARE] = (model_fed & ~judged).sum() / model_fed.sum().clamp(min=1)
         if self.option == "reference":
             return self.reference_loss(logits, targets), stats
-        return self.set_loss(logits, targets, real, off_reference, completion, oracle, true_prefix), stats
+        sets = {"optimal_completion": completion, "oracle": oracle, "repair": repair}
+        return self.set_loss(logits, targets, real, off_reference, sets, true_prefix), stats
 
     def reference_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The paper's loss, exactly as plain teacher forcing computes it."""
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.pad_id)
 
-    def set_loss(self, logits, targets, real, off_reference, completion, oracle, true_prefix) -> torch.Tensor:
+    def set_loss(self, logits, targets, real, off_reference, sets, true_prefix) -> torch.Tensor:
         """The mean over the counted positions of the reference's cross-entropy on the reference's prefix and
-        the set's (module docstring) off it."""
+        the set's (module docstring) off it. `sets`: optimal_completion / oracle / repair -> (N, T, V) or None."""
         counted = real  # (N, T)
         if self.option == "optimal_completion":
-            sets = completion
+            sets = sets["optimal_completion"]
         elif self.oracle_untrue == "repair":
-            sets = torch.where(true_prefix.unsqueeze(-1), oracle, completion)  # (N, T, V)
+            sets = torch.where(true_prefix.unsqueeze(-1), sets["oracle"], sets["repair"])  # (N, T, V)
         else:
-            sets = oracle
+            sets = sets["oracle"]
             counted = real & ~(off_reference & ~true_prefix)  # no loss after an untrue prefix
         log_probs = F.log_softmax(logits.float(), -1)  # (N, T, V)
         reference = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
@@ -316,11 +417,7 @@ def build_training_targets(cfg, records, vocab) -> TrainingTargets | None:
     data = OmegaConf.select(cfg, "data")
     scenes = load_scene_truth(data) if data is not None else None
     scene_targets = SceneTargets(scenes, vocab) if scenes is not None else None
-    needs_references = (
-        options["targets"] == "optimal_completion"
-        or scene_targets is None
-        or (options["targets"] == "oracle" and options["oracle_untrue"] == "repair")
-    )
+    needs_references = options["targets"] == "optimal_completion" or scene_targets is None
     references = ReferenceTable.from_records(records, vocab, int(data.max_len)) if needs_references else None
     return TrainingTargets(
         options["targets"], options["oracle_untrue"], references, scene_targets, vocab.pad_id, vocab.eos_id
