@@ -35,28 +35,34 @@ EOS = 2
 
 
 # -- optimal completion: brute force -----------------------------------------------------------------------
-def edit_distance(a, b) -> int:
+def edit_distances(a, b) -> list[int]:
+    """The edit distances from a to each prefix b[:j] (j = 0..len(b))."""
     row = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         previous, row[0] = row[0], i
         for j, y in enumerate(b, 1):
             previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
-    return row[-1]
+    return row
+
+
+def cheapest(candidates) -> set[int]:
+    """(cost, token) pairs -> the tokens of the smallest cost."""
+    candidates = list(candidates)
+    best = min(cost for cost, _ in candidates)
+    return {token for cost, token in candidates if cost == best}
 
 
 def brute_force_first_tokens(prefix, references, alphabet, longest) -> set[int]:
     """Every completion (words of `alphabet`, up to `longest` of them, then <eos>): the first tokens (<eos> for the
     empty one) of those whose edit distance to the nearest reference is the smallest."""
-    best, first = None, set()
-    for length in range(longest + 1):
-        for completion in itertools.product(alphabet, repeat=length):
-            cost = min(edit_distance(list(prefix) + list(completion), ref) for ref in references)
-            token = completion[0] if completion else EOS
-            if best is None or cost < best:
-                best, first = cost, {token}
-            elif cost == best:
-                first.add(token)
-    return first
+    return cheapest(
+        (
+            min(edit_distances(list(prefix) + list(completion), ref)[-1] for ref in references),
+            completion[0] if completion else EOS,
+        )
+        for length in range(longest + 1)
+        for completion in itertools.product(alphabet, repeat=length)
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -159,20 +165,11 @@ def scene_language(oracle: SceneOracle) -> set[tuple[str, ...]]:
 def brute_force_repairs(prefix, language, vocab) -> set[int]:
     """The first tokens of the cheapest completions of `prefix` to any caption of `language`: over every caption
     z and cut j the edit distance from the prefix to z[:j], then z[j] (<eos> at the end) where it is smallest."""
-    best, first = None, set()
-    for caption in language:
-        row = list(range(len(caption) + 1))  # edit distances from the prefix to caption[:j], row by row
-        for i, x in enumerate(prefix, 1):
-            previous, row[0] = row[0], i
-            for j, w in enumerate(caption, 1):
-                previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != w))
-        for j, cost in enumerate(row):
-            token = vocab.eos_id if j == len(caption) else vocab.stoi.get(caption[j], vocab.unk_id)
-            if best is None or cost < best:
-                best, first = cost, {token}
-            elif cost == best:
-                first.add(token)
-    return first
+    return cheapest(
+        (cost, vocab.eos_id if j == len(caption) else vocab.stoi.get(caption[j], vocab.unk_id))
+        for caption in language
+        for j, cost in enumerate(edit_distances(prefix, caption))
+    )
 
 
 @pytest.mark.parametrize("seed", range(3))

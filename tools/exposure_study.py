@@ -661,7 +661,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scst-steps", type=int, default=400)
     parser.add_argument("--scst-default-lr", type=float, default=1e-4, help="self-critical's lr when --untuned")
     parser.add_argument(
-        "--untuned", action="store_true", help="table: the config's learning rates, no tuning file (nor its check)"
+        "--untuned",
+        action="store_true",
+        help="table: the config's learning rates, no tuning file (nor the check of its settings)",
     )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
