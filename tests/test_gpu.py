@@ -238,3 +238,27 @@ def test_preempted_gpu_run_with_graphs_resumes_like_a_straight_run(tiny_data_roo
     resumed, again = relative_difference(straight, model("resumed")), relative_difference(straight, model("again"))
     print("relative differences to the straight run: resumed", resumed, "again", again)
     assert resumed <= max(3 * again, 1e-6)
+
+
+def test_target_sets_on_cuda_equal_the_cpu_ones():
+    """The optimal-completion sets and the oracle's repairs against the grammar, computed on the device."""
+    import random
+
+    from captioning.data.vocab import SPECIALS, Vocabulary
+    from captioning.scenes.generator import sample_scene
+    from captioning.scenes.grammar import SceneOracle
+    from captioning.training.targets import SceneGraph, grammar_completion_sets, optimal_completion_sets
+
+    g = random.Random(0)
+    oracles = [SceneOracle(sample_scene(g)) for _ in range(4)]
+    vocab = Vocabulary(list(SPECIALS) + sorted({w for o in oracles for w in o.words()}))
+    graphs = [SceneGraph(o.graph(), vocab) for o in oracles for _ in range(3)]
+    fed = torch.randint(4, len(vocab), (len(graphs), 12), generator=torch.Generator().manual_seed(0))
+    fed[:, 0] = vocab.bos_id
+    cpu = grammar_completion_sets(fed, graphs, len(vocab), vocab.eos_id)
+    assert torch.equal(grammar_completion_sets(fed.cuda(), graphs, len(vocab), vocab.eos_id).cpu(), cpu)
+    references = fed[:, None, 1:].repeat(1, 2, 1)  # two references per row, the second cut shorter
+    lengths = torch.tensor([[11, 6]]).repeat(len(graphs), 1)
+    cpu = optimal_completion_sets(fed, references, lengths, len(vocab), vocab.eos_id)
+    on_device = optimal_completion_sets(fed.cuda(), references.cuda(), lengths.cuda(), len(vocab), vocab.eos_id)
+    assert torch.equal(on_device.cpu(), cpu)
