@@ -236,9 +236,10 @@ def learning_rates(row: str, args) -> list[float]:
     return args.scst_lrs if row == SELF_CRITICAL else args.lrs
 
 
-def tune(args, sweep: Path, lr_file: Path) -> dict:
-    """Train every row at every learning rate of its grid with TUNE_SEED; keep the best on val per row."""
-    choices = json.loads(lr_file.read_text()) if lr_file.is_file() else {"rows": {}}
+def tune(args, sweep: Path, lr_file: Path, earlier: dict | None, where: Mapping) -> dict:
+    """Train every row at every learning rate of its grid with TUNE_SEED; keep the best on val per row.
+    `earlier`: the tuning record already in lr_file (its other rows stay); `where`: this command's provenance."""
+    choices = earlier or {"rows": {}}
     stage1 = [row for row in args.rows if row != SELF_CRITICAL]
     for stage in (stage1, [r for r in args.rows if r == SELF_CRITICAL]):
         jobs = []
@@ -282,10 +283,9 @@ def tune(args, sweep: Path, lr_file: Path) -> dict:
                 raise SystemExit(f"tuning {row}: no run of the grid validated; see {sweep / 'tune' / row}")
             choices["rows"][row] = {"lr": lr, "grid": grid}
     runs = [sweep / "tune" / row / f"lr_{lr:g}" / RUN_RECORD for row in args.rows for lr in learning_rates(row, args)]
-    where = provenance()
     if "commit" in choices:  # rows tuned again or added to an earlier tuning: the earlier commands stay, with cost
-        earlier = {key: choices[key] for key in (*where, "training_seconds", "tuned_rows") if key in choices}
-        choices["history"] = [*choices.get("history", []), earlier]
+        past = {key: choices[key] for key in (*where, "training_seconds", "tuned_rows") if key in choices}
+        choices["history"] = [*choices.get("history", []), past]
     choices.update(
         {
             "data": args.data,
@@ -691,14 +691,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     tuning = json.loads(lr_file.read_text()) if lr_file.is_file() else None
     # the learning rates hold for the settings they were tuned with: a table with others would not be tuned, and
     # rows tuned with others would not be comparable with the rows already in the file
-    differ = other_settings(tuning, args) if tuning is not None and not args.untuned else []
+    untuned_table = args.command == "table" and args.untuned  # reads no tuning, so nothing to check against
+    differ = other_settings(tuning, args) if tuning is not None and not untuned_table else []
     if differ:
         parser.error(
             f"{lr_file} was tuned with other settings: {'; '.join(differ)}. Use the tuning's settings, "
             "or tune these under another --name"
         )
     if args.command == "tune":
-        choices = tune(args, sweep, lr_file)
+        choices = tune(args, sweep, lr_file, tuning, where)
         print(json.dumps({row: cell["lr"] for row, cell in choices["rows"].items()}, indent=2))
         return 0
     if args.untuned:
