@@ -114,18 +114,22 @@ def test_contrasts_pair_each_target_with_the_papers_targets_by_seed():
 
 
 @pytest.mark.slow
-def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, capsys):
-    """2 rows x 2 seeds x 4 steps, then re-read without training: the finished runs are reused."""
+def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, capsys, monkeypatch):
+    """2 rows x 2 seeds x 4 steps, then re-read without training: the finished runs are reused. The runs read the
+    scenes' true labels (no CNN)."""
+    monkeypatch.setenv("CAPTIONING_CACHE", str(tmp_path / "cache"))
     overrides = [
         o
         for o in tiny_overrides(tiny_data_root)
-        if not o.startswith(("trainer.max_steps=", "trainer.val_every_n_steps="))
+        if not o.startswith(("trainer.max_steps=", "trainer.val_every_n_steps=", "model.encoder."))
     ]
     arguments = [
         "table",
         "--untuned",
         "--data",
         "synthetic",
+        "--input",
+        "true_labels",
         "--rows",
         "baseline",
         "ss_paper",
@@ -147,7 +151,7 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
         *overrides,
     ]
     assert study.main(arguments) == 0
-    record = json.loads((tmp_path / "out" / "exposure_study_synthetic_encoder.json").read_text())
+    record = json.loads((tmp_path / "out" / "exposure_study_synthetic_true_labels.json").read_text())
     table = record["table"]
     assert set(table) == {"baseline", "ss_paper"}
     assert sorted(table["baseline"]["scene/correct"]["values"]) == ["0", "1"]
@@ -156,7 +160,7 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
     run = json.loads((tmp_path / "sweep" / "ss_paper" / "seed_0" / "study_run.json").read_text())
     assert run["returncode"] == 0 and "experiment=scheduled_sampling" in run["command"]
     assert len(record["plots"]) == 2 and all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in record["plots"])
-    markdown = (tmp_path / "out" / "exposure_study_synthetic_encoder.md").read_text()
+    markdown = (tmp_path / "out" / "exposure_study_synthetic_true_labels.md").read_text()
     assert "Primary metrics: scene/correct, AccErr" in markdown and "| ss_paper | config | 2 |" in markdown
     assert "Earlier, the same study's runs so far" not in markdown
     config = json.loads((tmp_path / "sweep" / "ss_paper" / "seed_1" / "config.json").read_text())
@@ -165,14 +169,14 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
     capsys.readouterr()
     assert study.main(arguments) == 0  # resumes: nothing to train
     assert "started" not in capsys.readouterr().out
-    again = json.loads((tmp_path / "out" / "exposure_study_synthetic_encoder.json").read_text())
+    again = json.loads((tmp_path / "out" / "exposure_study_synthetic_true_labels.json").read_text())
     assert [h["date"] for h in again["history"]] == [record["date"]] and record["history"] == []
-    markdown = (tmp_path / "out" / "exposure_study_synthetic_encoder.md").read_text()
+    markdown = (tmp_path / "out" / "exposure_study_synthetic_true_labels.md").read_text()
     assert f"Earlier, the same study's runs so far: `{record['command']}`" in markdown
     assert (tmp_path / "sweep" / "baseline" / "seed_0" / "test_metrics.json").stat().st_mtime == stamp
     record = again
     assert study.main([*arguments[:1], "--table-only", *arguments[1:]]) == 0  # the table re-read from the runs
-    rebuilt = json.loads((tmp_path / "out" / "exposure_study_synthetic_encoder.json").read_text())
+    rebuilt = json.loads((tmp_path / "out" / "exposure_study_synthetic_true_labels.json").read_text())
     assert rebuilt["table"] == record["table"] and "rebuilt_by" in rebuilt and "rebuilt_by" not in record
     for key in ("date", "seconds", "command", "commit"):  # the provenance of the runs' table stays
         assert rebuilt[key] == record[key]
@@ -248,6 +252,9 @@ def test_tuning_one_row_again_keeps_the_others_and_the_earlier_command(tmp_path,
     first = json.loads(path.read_text())
     assert {r: c["lr"] for r, c in first["rows"].items()} == {"baseline": 0.006, "ss_oracle_repair": 0.003}
     assert first["training_seconds"] == 40.0 and "history" not in first
+    with pytest.raises(SystemExit, match=r"ss_oracle_repair: already tuned .* delete its folder .*ss_oracle_repair"):
+        study.main(["tune", "--rows", "ss_oracle_repair", *common])  # its finished runs would only be read again
+    assert json.loads(path.read_text()) == first
     scores["ss_oracle_repair"] = {"0.003": 0.2, "0.006": 0.8}  # the row's targets changed: tuned again
     for run in (tmp_path / "sweep" / "tune" / "ss_oracle_repair").iterdir():
         (run / "metrics.jsonl").unlink()

@@ -236,10 +236,32 @@ def learning_rates(row: str, args) -> list[float]:
     return args.scst_lrs if row == SELF_CRITICAL else args.lrs
 
 
+def row_steps(row: str, args) -> int:
+    """A row's training steps: self-critical's own (it continues a trained baseline), the others' shared ones."""
+    return args.scst_steps if row == SELF_CRITICAL else args.steps
+
+
 def tune(args, sweep: Path, lr_file: Path, earlier: dict | None, where: Mapping) -> dict:
     """Train every row at every learning rate of its grid with TUNE_SEED; keep the best on val per row.
     `earlier`: the tuning record already in lr_file (its other rows stay); `where`: this command's provenance."""
     choices = earlier or {"rows": {}}
+    # a row already chosen whose grid runs are all finished would only be read again: its runs are reused as they
+    # are, whatever code trained them, so tuning it "again" would change nothing but the record's history
+    done = [
+        row
+        for row in args.rows
+        if row in choices["rows"]
+        and all(
+            tuning_finished(sweep / "tune" / row / f"lr_{lr:g}", row_steps(row, args))
+            for lr in learning_rates(row, args)
+        )
+    ]
+    if done:
+        raise SystemExit(
+            f"{', '.join(done)}: already tuned in {lr_file}, and every run of the grid is finished in "
+            f"{sweep / 'tune'}; finished runs are reused, not trained again. To tune a row again (its code changed), "
+            f"delete its folder {sweep / 'tune' / done[0]} (and its table runs, {sweep / done[0]}) first"
+        )
     stage1 = [row for row in args.rows if row != SELF_CRITICAL]
     for stage in (stage1, [r for r in args.rows if r == SELF_CRITICAL]):
         jobs = []
@@ -261,8 +283,7 @@ def tune(args, sweep: Path, lr_file: Path, earlier: dict | None, where: Mapping)
                         / "checkpoints"
                         / "best.pt"
                     )
-                steps = args.scst_steps if row == SELF_CRITICAL else args.steps
-                if not tuning_finished(out, steps):
+                if not tuning_finished(out, row_steps(row, args)):
                     jobs.append(
                         (
                             row,
