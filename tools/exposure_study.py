@@ -236,6 +236,11 @@ def learning_rates(row: str, args) -> list[float]:
     return args.scst_lrs if row == SELF_CRITICAL else args.lrs
 
 
+def tune_run_dir(sweep: Path, row: str, lr: float) -> Path:
+    """The folder of `row`'s tuning run at learning rate `lr`."""
+    return sweep / "tune" / row / f"lr_{lr:g}"
+
+
 def row_steps(row: str, args) -> int:
     """A row's training steps: self-critical's own (it continues a trained baseline), the others' shared ones."""
     return args.scst_steps if row == SELF_CRITICAL else args.steps
@@ -251,10 +256,7 @@ def tune(args, sweep: Path, lr_file: Path, earlier: dict | None, where: Mapping)
         row
         for row in args.rows
         if row in choices["rows"]
-        and all(
-            tuning_finished(sweep / "tune" / row / f"lr_{lr:g}", row_steps(row, args))
-            for lr in learning_rates(row, args)
-        )
+        and all(tuning_finished(tune_run_dir(sweep, row, lr), row_steps(row, args)) for lr in learning_rates(row, args))
     ]
     if done:
         raise SystemExit(
@@ -267,7 +269,7 @@ def tune(args, sweep: Path, lr_file: Path, earlier: dict | None, where: Mapping)
         jobs = []
         for row in stage:
             for lr in learning_rates(row, args):
-                out = sweep / "tune" / row / f"lr_{lr:g}"
+                out = tune_run_dir(sweep, row, lr)
                 source = None
                 if row == SELF_CRITICAL:
                     if BASELINE not in choices["rows"]:
@@ -275,14 +277,7 @@ def tune(args, sweep: Path, lr_file: Path, earlier: dict | None, where: Mapping)
                             "tuning self_critical continues the tuned baseline: tune baseline first "
                             "(--rows baseline self_critical)"
                         )
-                    source = (
-                        sweep
-                        / "tune"
-                        / BASELINE
-                        / f"lr_{choices['rows'][BASELINE]['lr']:g}"
-                        / "checkpoints"
-                        / "best.pt"
-                    )
+                    source = tune_run_dir(sweep, BASELINE, choices["rows"][BASELINE]["lr"]) / "checkpoints" / "best.pt"
                 if not tuning_finished(out, row_steps(row, args)):
                     jobs.append(
                         (
@@ -297,13 +292,13 @@ def tune(args, sweep: Path, lr_file: Path, earlier: dict | None, where: Mapping)
         for row in stage:
             grid = {}
             for lr in learning_rates(row, args):
-                best = best_validation(sweep / "tune" / row / f"lr_{lr:g}")
+                best = best_validation(tune_run_dir(sweep, row, lr))
                 grid[f"{lr:g}"] = None if best is None else {"val/scene/correct": best[0], "step": best[1]}
             lr = choose_lr(grid)
             if lr is None:
                 raise SystemExit(f"tuning {row}: no run of the grid validated; see {sweep / 'tune' / row}")
             choices["rows"][row] = {"lr": lr, "grid": grid}
-    runs = [sweep / "tune" / row / f"lr_{lr:g}" / RUN_RECORD for row in args.rows for lr in learning_rates(row, args)]
+    runs = [tune_run_dir(sweep, row, lr) / RUN_RECORD for row in args.rows for lr in learning_rates(row, args)]
     if "commit" in choices:  # rows tuned again or added to an earlier tuning: the earlier commands stay, with cost
         past = {key: choices[key] for key in (*where, "training_seconds", "tuned_rows") if key in choices}
         choices["history"] = [*choices.get("history", []), past]
