@@ -33,6 +33,20 @@ def choice(cfg, key: str, choices: tuple) -> None:
     require(value in choices, key, f"must be one of {list(choices)}", value)
 
 
+def metric_list(cfg, key: str) -> None:
+    """`key`: COCO metrics to compute, a non-empty list of BLEU, METEOR, ROUGE-L and CIDEr without repeats."""
+    from captioning.metrics.coco import DEFAULT_METRICS
+
+    value = OmegaConf.select(cfg, key)
+    items = list(value) if OmegaConf.is_list(value) else None
+    require(
+        bool(items) and all(m in DEFAULT_METRICS for m in items) and len(set(items)) == len(items),
+        key,
+        f"must be a non-empty list of {list(DEFAULT_METRICS)} without repeats",
+        OmegaConf.to_container(value) if OmegaConf.is_config(value) else value,
+    )
+
+
 def number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from captioning.checks import metric_list
 from captioning.cli import exit_on_user_error
 from captioning.config import ConfigError, config_dir, validate_decode
 from captioning.data import build as data_build
@@ -44,6 +45,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         raise ConfigError("ensemble and compare_decoders cannot be combined in one job")
     if cfg.split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test (got {cfg.split!r})")
+    metric_list(cfg, "metrics")
     from captioning.metrics import check_java
 
     check_java()
@@ -83,6 +85,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
                 data_root=cfg.data_root,
                 ensemble=list(cfg.ensemble or []),
                 spice=cfg.spice,
+                metrics=tuple(cfg.metrics),
                 batch_size=cfg.batch_size,
             )
             report_evaluation(evaluation, out_dir, logger)
@@ -135,6 +138,7 @@ def compare_decoders(cfg: DictConfig, checkpoint: Path, out_dir: Path, logger) -
             records=records,
             data_root=cfg.data_root,
             spice=cfg.spice,
+            metrics=tuple(cfg.metrics),
             batch_size=cfg.batch_size,
             exposure=exposure,
         )  # the probe does not depend on the decoder: once

@@ -86,7 +86,12 @@ def test_train_then_eval_console_scripts_agree(tiny_data_root, tmp_path):
 
     evaluated = run(
         script("captioning-eval")
-        + [f"checkpoint={tmp_path}/run/checkpoints/best.pt", "decode.beam_size=2", f"hydra.run.dir={tmp_path}/eval"],
+        + [
+            f"checkpoint={tmp_path}/run/checkpoints/best.pt",
+            "decode.beam_size=2",
+            "metrics=[BLEU,ROUGE-L,CIDEr]",
+            f"hydra.run.dir={tmp_path}/eval",
+        ],
         tmp_path,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

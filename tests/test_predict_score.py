@@ -110,6 +110,18 @@ def test_compare_decoders_side_by_side(checkpoint, tmp_path, capsys):
     assert logged["columns"] == ["image", "beam", "diverse_beam", "references"] and len(logged["rows"]) == 10
 
 
+def test_eval_computes_the_metrics_asked_for(checkpoint, tmp_path):
+    from captioning.config import ConfigError
+    from captioning.evaluate import evaluate
+
+    cfg = compose([f"checkpoint={checkpoint}", "device=cpu", "metrics=[CIDEr,ROUGE-L]"], config_name="eval")
+    result = evaluate(cfg, tmp_path)
+    coco_figures = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert {k.removeprefix("test/") for k in result} & coco_figures == {"CIDEr", "ROUGE-L"}
+    with pytest.raises(ConfigError, match=r"^metrics must be a non-empty list"):
+        evaluate(compose([f"checkpoint={checkpoint}", "metrics=[CIDEr,SPICE]"], config_name="eval"), tmp_path)
+
+
 def test_compare_decoders_rejects_bad_names_and_combinations(checkpoint, tmp_path):
     from captioning.config import ConfigError
     from captioning.evaluate import evaluate

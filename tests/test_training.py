@@ -20,7 +20,10 @@ pytestmark = [requires_java(), pytest.mark.java]
 
 
 def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
-    cfg = compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=20", "trainer.val_every_n_steps=10"])
+    cfg = compose(
+        tiny_overrides(tiny_data_root)
+        + ["trainer.max_steps=20", "trainer.val_every_n_steps=10", "trainer.metrics=[BLEU,METEOR,ROUGE-L,CIDEr]"]
+    )
     summary = train(cfg, tmp_path)
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert all("step" in r and r["train/teacher_forcing_prob"] == 1.0 for r in records)
@@ -79,6 +82,26 @@ def test_tiny_run_trains_validates_and_evaluates(tiny_data_root, tmp_path):
     # Evaluating the best checkpoint again reproduces the training run's figures exactly.
     again = evaluate_checkpoint(tmp_path / "checkpoints" / "best.pt", "test", cfg.decode, device=torch.device("cpu"))
     assert again.keyed() == test
+
+
+def test_trainer_metrics_choose_what_validation_and_the_test_compute(tiny_data_root, tmp_path):
+    """trainer.metrics=[BLEU,CIDEr]: validation and the final test give BLEU-1..4 and CIDEr only, and no METEOR JVM
+    is started."""
+    from captioning.metrics import coco
+
+    coco.close_meteor()  # another test of this process may have left one running
+    cfg = compose(tiny_overrides(tiny_data_root) + ["trainer.max_steps=3", "trainer.metrics=[BLEU,CIDEr]"])
+    summary = train(cfg, tmp_path)
+    coco_figures = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    expected = coco_figures - {"METEOR", "ROUGE-L"}
+    val = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "val/CIDEr" in r]
+    assert len(val) == 1 and {k.removeprefix("val/") for k in val[0]} & coco_figures == expected
+    test = {k.removeprefix("test/") for k in summary["test"]}
+    assert test & coco_figures == expected
+    assert {k.removeprefix("most_common_caption/") for k in test if k.startswith("most_common")} & coco_figures == (
+        expected
+    )
+    assert coco._shared_meteor is None
 
 
 def _param_vector(path):

@@ -76,10 +76,17 @@ def references_of(records: list[ImageRecord], image_ids) -> dict[int, list[str]]
     return {i: [c for c in by_id[i] if c.strip()] for i in image_ids}
 
 
-def score(references: dict[int, list[str]], predictions: dict[int, str], spice: bool = False) -> dict[str, float]:
+def score(
+    references: dict[int, list[str]],
+    predictions: dict[int, str],
+    spice: bool = False,
+    metrics: tuple[str, ...] | None = None,
+) -> dict[str, float]:
+    """The COCO `metrics` (None: all but SPICE; `spice` adds it)."""
     from captioning.metrics import score_captions
+    from captioning.metrics.coco import DEFAULT_METRICS
 
-    return score_captions(references, predictions, spice=spice)
+    return score_captions(references, predictions, spice=spice, metrics=tuple(metrics or DEFAULT_METRICS))
 
 
 def most_common_caption(train_records: list[ImageRecord]) -> str:
@@ -90,13 +97,17 @@ def most_common_caption(train_records: list[ImageRecord]) -> str:
 
 
 def score_with_baseline(
-    references: dict[int, list[str]], predictions: dict[int, str], train_records: list[ImageRecord], spice: bool = False
+    references: dict[int, list[str]],
+    predictions: dict[int, str],
+    train_records: list[ImageRecord],
+    spice: bool = False,
+    metrics: tuple[str, ...] | None = None,
 ) -> tuple[dict[str, float], dict[str, float], str]:
     """The predictions' metrics, the metrics of the trivial reference that gives every image the most common
     training caption, and that caption."""
     caption = most_common_caption(train_records)
-    baseline = score(references, {i: caption for i in predictions}, spice=spice)
-    return score(references, predictions, spice=spice), baseline, caption
+    baseline = score(references, {i: caption for i in predictions}, spice, metrics)
+    return score(references, predictions, spice, metrics), baseline, caption
 
 
 def write_results(path: Path, captions: dict[int, list[tuple[str, float]]]) -> None:

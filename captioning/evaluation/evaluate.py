@@ -136,13 +136,14 @@ def evaluate_model(
     info: DistInfo = SINGLE_PROCESS,
     score_now: bool = True,
     spice: bool = False,
+    metrics: tuple[str, ...] | None = None,
     batch_size: int | None = None,
     exposure: ExposureProbes | None = None,
 ) -> Evaluation | None:
-    """Decode `records[split]` with the `decode` config and score it (`score_now`), next to the most common
-    training caption (`records["train"]`). Under DDP every rank decodes its shard; rank 0 alone scores and gets
-    the Evaluation (the others None). `exposure`: the probes already run on this model and split (they do not
-    depend on the decoder)."""
+    """Decode `records[split]` with the `decode` config and score it (`score_now`: the COCO `metrics`, None: all
+    but SPICE), next to the most common training caption (`records["train"]`). Under DDP every rank decodes its
+    shard; rank 0 alone scores and gets the Evaluation (the others None). `exposure`: the probes already run on
+    this model and split (they do not depend on the decoder)."""
     from captioning.decoding.checks import decode_kwargs
 
     if split not in records:
@@ -160,12 +161,16 @@ def evaluate_model(
         exposure = run_exposure_probes(model, vocab, loader, cfg_data.max_len, device, scenes, split_records)
     evaluation = Evaluation(split, decode_cfg.strategy, params, captions, exposure, split_records)
     if score_now:
-        score_evaluation(evaluation, records["train"], spice, scenes)
+        score_evaluation(evaluation, records["train"], spice, scenes, metrics)
     return evaluation
 
 
 def score_evaluation(
-    evaluation: Evaluation, train_records: list[ImageRecord], spice: bool = False, scenes: dict | None = None
+    evaluation: Evaluation,
+    train_records: list[ImageRecord],
+    spice: bool = False,
+    scenes: dict | None = None,
+    metrics: tuple[str, ...] | None = None,
 ) -> None:
     """COCO metrics of the top captions, the most-common-caption reference and, for n-best decoders, diversity;
     with `scenes` (synthetic data), the scene truth of both (`scene/correct` ...)."""
@@ -173,7 +178,7 @@ def score_evaluation(
 
     predictions = evaluation.predictions
     references = references_of(evaluation.records, predictions)
-    metrics, baseline, baseline_caption = score_with_baseline(references, predictions, train_records, spice)
+    metrics, baseline, baseline_caption = score_with_baseline(references, predictions, train_records, spice, metrics)
     nbest = {i: [c for c, _ in hyps] for i, hyps in evaluation.captions.items()}
     if max(len(v) for v in nbest.values()) > 1:
         metrics.update(diversity_report(nbest, references))
@@ -205,6 +210,7 @@ def evaluate_checkpoint(
     ensemble: list | None = None,
     score_now: bool = True,
     spice: bool = False,
+    metrics: tuple[str, ...] | None = None,
     batch_size: int | None = None,
     exposure: ExposureProbes | None = None,
 ) -> Evaluation | None:
@@ -227,6 +233,7 @@ def evaluate_checkpoint(
         info=info,
         score_now=score_now,
         spice=spice,
+        metrics=metrics,
         batch_size=batch_size,
         exposure=exposure,
     )

@@ -68,7 +68,8 @@ class CaptionValidator:
             if self.deferred:  # scored later, where Java is (tools/score_runs.py)
                 write_results(self.run_dir / "val_results" / f"step_{step:08d}.json", captions)
             else:
-                metrics = {f"val/{k}": v for k, v in score_or_record_failure(records, predictions).items()}
+                scores = score_or_record_failure(records, predictions, tuple(cfg.trainer.metrics))
+                metrics = {f"val/{k}": v for k, v in scores.items()}
             if self.scenes is not None:  # synthetic data: the exact truth, no Java needed
                 metrics.update({f"val/{k}": v for k, v in scene_truth(predictions, self.scenes).items()})
             if self.reference_loader is None:
@@ -94,14 +95,14 @@ class CaptionValidator:
         return dist_utils.gather_objects(metrics, info)[0]
 
 
-def score_or_record_failure(records, predictions: dict[int, str]) -> dict[str, float]:
-    """The COCO scores; if a Java process (the PTB tokenizer, METEOR) dies, once more with a fresh METEOR, and if
+def score_or_record_failure(records, predictions: dict[int, str], metrics: tuple[str, ...]) -> dict[str, float]:
+    """The COCO `metrics`; if a Java process (the PTB tokenizer, METEOR) dies, once more with a fresh METEOR, and if
     that fails too, {"scoring_failed": 1.0}: the validation is recorded as failed and training goes on."""
     from captioning.metrics import close_meteor
 
     for attempt in (1, 2):
         try:
-            return score(references_of(records, predictions), predictions)
+            return score(references_of(records, predictions), predictions, metrics=metrics)
         except (RuntimeError, OSError, BrokenPipeError) as e:
             close_meteor()  # the next call starts a new JVM
             log.warning("validation scoring failed (attempt %d of 2): %s", attempt, e)

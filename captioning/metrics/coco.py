@@ -53,6 +53,13 @@ SPICE_CORENLP_JAR = SPICE_DIR / "lib" / "stanford-corenlp-3.6.0.jar"  # fetched 
 
 DEFAULT_METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr")
 KNOWN_METRICS = DEFAULT_METRICS + ("SPICE",)
+
+
+def figures_of(metric: str) -> tuple[str, ...]:
+    """The figures one metric gives: BLEU-1..BLEU-4 for BLEU, its own name for the others."""
+    return tuple(f"BLEU-{n}" for n in range(1, 5)) if metric == "BLEU" else (metric,)
+
+
 # Characters Python treats as line boundaries, plus tab. The Java lexer ends a line at several of
 # them, which would break the one-caption-per-line protocol; the rest it treats as whitespace (or,
 # for U+0085, as an ellipsis that is then removed as punctuation), so a space gives the same tokens.

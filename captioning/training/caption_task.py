@@ -224,6 +224,7 @@ class CaptionTask:
             info=run.info,
             records=self.records,
             score_now=not self.validator.deferred,
+            metrics=tuple(self.cfg.trainer.metrics),
         )
         if evaluation is None:  # not rank 0
             return {}

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from captioning.checks import (
     check_target_arguments,
     choice,
+    metric_list,
     number,
     positive_int,
     require,
@@ -150,6 +151,17 @@ def validate_trainer(cfg: DictConfig) -> None:
             resume,
         )
     require(str(t.monitor).startswith("val/"), "trainer.monitor", "must be a val/ metric such as val/CIDEr", t.monitor)
+    metric_list(cfg, "trainer.metrics")
+    from captioning.metrics.coco import DEFAULT_METRICS, figures_of
+
+    monitored = str(t.monitor).removeprefix("val/")
+    left_out = [m for m in DEFAULT_METRICS if monitored in figures_of(m) and m not in t.metrics]
+    require(
+        not left_out,
+        "trainer.monitor",
+        f"is a {left_out[0] if left_out else ''} figure, which trainer.metrics={list(t.metrics)} does not compute",
+        t.monitor,
+    )
 
 
 def validate_optim(cfg: DictConfig) -> None:
