@@ -33,16 +33,14 @@ def choice(cfg, key: str, choices: tuple) -> None:
     require(value in choices, key, f"must be one of {list(choices)}", value)
 
 
-def metric_list(cfg, key: str) -> None:
-    """`key`: COCO metrics to compute, a non-empty list of BLEU, METEOR, ROUGE-L and CIDEr without repeats."""
-    from captioning.metrics.coco import DEFAULT_METRICS
-
+def subset(cfg, key: str, choices: tuple) -> None:
+    """`key`: a non-empty list of `choices` without repeats (e.g. the COCO metrics to compute)."""
     value = OmegaConf.select(cfg, key)
     items = list(value) if OmegaConf.is_list(value) else None
     require(
-        bool(items) and all(m in DEFAULT_METRICS for m in items) and len(set(items)) == len(items),
+        bool(items) and all(item in choices for item in items) and len(set(items)) == len(items),
         key,
-        f"must be a non-empty list of {list(DEFAULT_METRICS)} without repeats",
+        f"must be a non-empty list of {list(choices)} without repeats",
         OmegaConf.to_container(value) if OmegaConf.is_config(value) else value,
     )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from captioning.checks import metric_list
+from captioning.checks import subset
 from captioning.cli import exit_on_user_error
 from captioning.config import ConfigError, config_dir, validate_decode
 from captioning.data import build as data_build
@@ -45,7 +45,9 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         raise ConfigError("ensemble and compare_decoders cannot be combined in one job")
     if cfg.split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test (got {cfg.split!r})")
-    metric_list(cfg, "metrics")
+    from captioning.metrics.coco import DEFAULT_METRICS
+
+    subset(cfg, "metrics", DEFAULT_METRICS)
     from captioning.metrics import check_java
 
     check_java()

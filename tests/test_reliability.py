@@ -182,11 +182,11 @@ def test_a_scorer_that_dies_is_restarted_once_then_the_validation_is_recorded_as
 ):
     real_score, calls = validation.score, {"n": 0}
 
-    def flaky(references, predictions):  # the 1st validation: dies once; the 2nd: dies twice
+    def flaky(references, predictions, **options):  # the 1st validation: dies once; the 2nd: dies twice
         calls["n"] += 1
         if calls["n"] in (1, 3, 4):
             raise RuntimeError("METEOR process exited unexpectedly (exit code 137)")
-        return real_score(references, predictions)
+        return real_score(references, predictions, **options)
 
     monkeypatch.setattr(validation, "score", flaky)
     cfg = compose(

@@ -88,6 +88,9 @@ CONTRASTS = (
     ("ss_oracle_mask", "ss_paper"),
 )
 TUNE_SEED = 100
+# The COCO metrics every run computes: the table reads CIDEr only, and METEOR would cost each run the start of its
+# Java process and a share of the cores while it runs (captioning/metrics/coco.py). Before the user's overrides.
+RUN_METRICS = "trainer.metrics=[BLEU,ROUGE-L,CIDEr]"
 LEVEL = 0.95
 
 
@@ -157,6 +160,7 @@ def common_overrides(args) -> list[str]:
         *INPUTS[args.input],
         f"trainer.max_steps={args.steps}",
         f"trainer.val_every_n_steps={max(1, args.steps // args.validations)}",
+        RUN_METRICS,
         *args.overrides,
     ]
 
@@ -173,7 +177,7 @@ def train_job(row: str, seed: int, out: Path, lr: float | None, args, source: Pa
             args.scst_steps,
             lr or args.scst_default_lr,
             args.threads,
-            [f"data={args.data}", *INPUTS[args.input], *args.overrides],
+            [f"data={args.data}", *INPUTS[args.input], RUN_METRICS, *args.overrides],
         )
         command = [c for c in command if not c.startswith(("objective.init_from=", "hydra.run.dir="))]
         return command + [f"objective.init_from={source}", f"hydra.run.dir={out}"]
@@ -482,6 +486,15 @@ def plot_row(curves: Mapping, row: str, path: Path) -> Path:
 
 
 # -- records --------------------------------------------------------------------------------------------------------
+def cpu_isa() -> str:
+    """The vector instructions torch's CPU kernels use here and whether the CPU computes bf16 natively: machines of
+    one name differ in both, and so do their float results."""
+    import torch
+
+    bf16 = "native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no native bf16"
+    return f"{torch.backends.cpu.get_cpu_capability()}, {bf16}"
+
+
 def provenance() -> dict:
     def git(*arguments: str) -> str:
         try:
@@ -505,7 +518,7 @@ def provenance() -> dict:
         "commit": git("rev-parse", "HEAD"),
         # uncommitted changes outside tools/results/ (the study's own records are written there as it goes)
         "dirty": bool(git("status", "--porcelain", "--", ".", ":(exclude)tools/results")),
-        "machine": f"{cpu}, {os.cpu_count()} cores",
+        "machine": f"{cpu}, {os.cpu_count()} cores, {cpu_isa()}",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

@@ -178,14 +178,14 @@ def score_evaluation(
 
     predictions = evaluation.predictions
     references = references_of(evaluation.records, predictions)
-    metrics, baseline, baseline_caption = score_with_baseline(references, predictions, train_records, spice, metrics)
+    scores, baseline, baseline_caption = score_with_baseline(references, predictions, train_records, spice, metrics)
     nbest = {i: [c for c, _ in hyps] for i, hyps in evaluation.captions.items()}
     if max(len(v) for v in nbest.values()) > 1:
-        metrics.update(diversity_report(nbest, references))
+        scores.update(diversity_report(nbest, references))
     if scenes is not None:
-        metrics.update(scene_truth(predictions, scenes))
+        scores.update(scene_truth(predictions, scenes))
         baseline.update(scene_truth({i: baseline_caption for i in predictions}, scenes))
-    evaluation.metrics, evaluation.baseline, evaluation.baseline_caption = metrics, baseline, baseline_caption
+    evaluation.metrics, evaluation.baseline, evaluation.baseline_caption = scores, baseline, baseline_caption
 
 
 def scene_truth(predictions: dict[int, str], scenes: dict) -> dict[str, float]:

@@ -10,10 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 from captioning.checks import (
     check_target_arguments,
     choice,
-    metric_list,
     number,
     positive_int,
     require,
+    subset,
 )
 from captioning.data.checks import validate_text_data
 from captioning.errors import ConfigError
@@ -151,8 +151,9 @@ def validate_trainer(cfg: DictConfig) -> None:
             resume,
         )
     require(str(t.monitor).startswith("val/"), "trainer.monitor", "must be a val/ metric such as val/CIDEr", t.monitor)
-    metric_list(cfg, "trainer.metrics")
     from captioning.metrics.coco import DEFAULT_METRICS, figures_of
+
+    subset(cfg, "trainer.metrics", DEFAULT_METRICS)
 
     monitored = str(t.monitor).removeprefix("val/")
     left_out = [m for m in DEFAULT_METRICS if monitored in figures_of(m) and m not in t.metrics]
