@@ -52,7 +52,7 @@ def tiny_overrides(root: Path) -> list[str]:
     """A run that trains in seconds on CPU: a tiny CNN (ShuffleNet v2 x0.5, 0.3M parameters, 6x faster than the
     default ResNet-18 here) trained end to end from the JPEGs (no scene-label pretraining: tests of it add it
     back), tiny decoder without attention (the averaged feature has no parts), tiny data, and no METEOR (its JVM
-    takes ~5 s to start in every process that scores). Tests about the CNN itself use the default encoder, tests of
+    takes seconds to start in every process that scores). Tests about the CNN itself use the default encoder, tests of
     the METEOR figures ask for it."""
     return [
         f"data.root={root}",

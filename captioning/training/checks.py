@@ -154,7 +154,6 @@ def validate_trainer(cfg: DictConfig) -> None:
     from captioning.metrics.coco import DEFAULT_METRICS, figures_of
 
     subset(cfg, "trainer.metrics", DEFAULT_METRICS)
-
     monitored = str(t.monitor).removeprefix("val/")
     left_out = [m for m in DEFAULT_METRICS if monitored in figures_of(m) and m not in t.metrics]
     require(
