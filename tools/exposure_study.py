@@ -491,8 +491,10 @@ def cpu_isa() -> str:
     one name differ in both, and so do their float results."""
     import torch
 
-    bf16 = "native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no native bf16"
-    return f"{torch.backends.cpu.get_cpu_capability()}, {bf16}"
+    from captioning.scenes.pretraining import resolve_precision
+
+    native = resolve_precision("auto", torch.device("cpu")) == "bf16"
+    return f"{torch.backends.cpu.get_cpu_capability()}, {'native bf16' if native else 'no native bf16'}"
 
 
 def provenance() -> dict:
