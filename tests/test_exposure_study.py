@@ -159,10 +159,11 @@ def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, cap
     assert {"command", "commit", "dirty", "machine", "date"} <= set(record) and record["training_seconds"] > 0
     run = json.loads((tmp_path / "sweep" / "ss_paper" / "seed_0" / "study_run.json").read_text())
     assert run["returncode"] == 0 and "experiment=scheduled_sampling" in run["command"]
+    assert run["machine"] == study.machine() and record["run_machines"] == {study.machine(): 4}
     assert len(record["plots"]) == 2 and all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in record["plots"])
     markdown = (tmp_path / "out" / "exposure_study_synthetic_true_labels.md").read_text()
     assert "Primary metrics: scene/correct, AccErr" in markdown and "| ss_paper | config | 2 |" in markdown
-    assert "Earlier, the same study's runs so far" not in markdown
+    assert "Earlier, the same study's runs so far" not in markdown and "machine" not in markdown.split("Protocol")[1]
     config = json.loads((tmp_path / "sweep" / "ss_paper" / "seed_1" / "config.json").read_text())
     assert config["experiment_name"] == "ss_paper" and config["seed"] == 1
     stamp = (tmp_path / "sweep" / "baseline" / "seed_0" / "test_metrics.json").stat().st_mtime
@@ -205,6 +206,26 @@ def test_tuning_reads_the_best_validation_and_picks_the_learning_rate(tmp_path):
     assert study.choose_lr(grid) == 0.006
     assert study.choose_lr({"0.003": {"val/scene/correct": 0.9}, "0.006": {"val/scene/correct": 0.9}}) == 0.003
     assert study.choose_lr({"0.003": None}) is None
+
+
+def test_a_table_counts_its_runs_per_machine_and_says_when_they_differ(tmp_path):
+    """A table resumed on another machine mixes float results (AVX2 against AVX-512): the record counts the runs per
+    machine from each run's RUN_RECORD, and the table says so; runs from before the per-run record are counted."""
+    machines = {("baseline", 0): "CPU A, 2 cores, AVX512", ("baseline", 1): "CPU B, 2 cores, AVX2"}
+    machines |= {("ss_paper", 0): "CPU A, 2 cores, AVX512", ("ss_paper", 1): None}
+    for (row, seed), name in machines.items():
+        out = study.st.run_dir(tmp_path, row, seed)
+        out.mkdir(parents=True)
+        (out / study.RUN_RECORD).write_text(json.dumps({"seconds": 1.0} | ({"machine": name} if name else {})))
+    counts = study.run_machines(tmp_path, ["baseline", "ss_paper"], range(3))  # seed 2: no run, not counted
+    assert counts == {"CPU A, 2 cores, AVX512": 2, "CPU B, 2 cores, AVX2": 1, study.NOT_RECORDED: 1}
+    line = study.machine_lines(counts)[0]
+    assert line.startswith("**The runs ran on more than one machine**") and "1 on CPU B, 2 cores, AVX2" in line
+    one = study.run_machines(tmp_path, ["ss_paper"], range(2))
+    assert study.machine_lines(one)[0] == (
+        "1 of the runs predate the study's record of each run's machine; the other 1 ran on CPU A, 2 cores, AVX512."
+    )
+    assert study.machine_lines({"CPU A, 2 cores, AVX512": 4}) == []
 
 
 def test_a_table_with_other_settings_than_its_tuning_is_refused(tmp_path, capsys):

@@ -224,9 +224,32 @@ def run_jobs(jobs: list[tuple[str, int, Path, list[str]]], args) -> list[dict]:
     commands = {str(out): command for _, _, out, command in jobs}
     for record in done:
         (Path(record["dir"]) / RUN_RECORD).write_text(
-            json.dumps({**record, "command": commands[record["dir"]], "jobs": args.jobs, "threads": args.threads})
+            json.dumps(
+                {
+                    **record,
+                    "command": commands[record["dir"]],
+                    "jobs": args.jobs,
+                    "threads": args.threads,
+                    "machine": machine(),
+                }
+            )
         )
     return done
+
+
+NOT_RECORDED = "not recorded (runs before the study wrote each run's machine)"
+
+
+def run_machines(sweep: Path, rows: Sequence[str], seeds: Sequence[int]) -> dict[str, int]:
+    """How many of the table's finished runs ran on each machine (CPU, cores, vector instructions), as their
+    RUN_RECORDs give it. A table resumed on another machine mixes them: each run is still a valid seed, but a rerun
+    on one machine gives other figures for the runs made on the other (their float results differ)."""
+    counts: dict[str, int] = {}
+    for path in (st.run_dir(sweep, row, seed) / RUN_RECORD for row in rows for seed in seeds):
+        if path.is_file():
+            name = json.loads(path.read_text()).get("machine", NOT_RECORDED)
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def training_seconds(sweep: Path, rows: Sequence[str], seeds: Sequence[int]) -> float:
@@ -497,15 +520,8 @@ def cpu_isa() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()}, {'native bf16' if native else 'no native bf16'}"
 
 
-def provenance() -> dict:
-    def git(*arguments: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *arguments], cwd=REPO, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-
+def machine() -> str:
+    """This machine as the records name it: CPU model, cores, vector instructions and bf16."""
     cpu = platform.processor() or "unknown"
     try:
         cpu = next(
@@ -515,12 +531,24 @@ def provenance() -> dict:
         )
     except (OSError, StopIteration):
         pass
+    return f"{cpu}, {os.cpu_count()} cores, {cpu_isa()}"
+
+
+def provenance() -> dict:
+    def git(*arguments: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *arguments], cwd=REPO, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "commit": git("rev-parse", "HEAD"),
         # uncommitted changes outside tools/results/ (the study's own records are written there as it goes)
         "dirty": bool(git("status", "--porcelain", "--", ".", ":(exclude)tools/results")),
-        "machine": f"{cpu}, {os.cpu_count()} cores, {cpu_isa()}",
+        "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -581,6 +609,22 @@ def _provenance(entry: Mapping) -> str:
     return f"`{entry['command']}`; commit {commit}; {entry['date']}; wall clock {entry['seconds']:.0f} s"
 
 
+def machine_lines(machines: Mapping[str, int]) -> list[str]:
+    """The table's line on where its runs ran (run_machines), when that is not simply the record's machine."""
+    recorded = [name for name in machines if name != NOT_RECORDED]
+    if len(recorded) > 1:
+        runs = "; ".join(f"{count} on {name}" for name, count in machines.items())
+        return [
+            "**The runs ran on more than one machine**, so a rerun on one of them gives other figures for the "
+            f"others' runs: {runs}.",
+            "",
+        ]
+    if NOT_RECORDED in machines:
+        others = f"; the other {machines[recorded[0]]} ran on {recorded[0]}" if recorded else ""
+        return [f"{machines[NOT_RECORDED]} of the runs predate the study's record of each run's machine{others}.", ""]
+    return []
+
+
 def format_markdown(table: Mapping, record: Mapping) -> str:
     lines = [
         f"# Exposure-bias study {record['name']}: {record['data']} ({record['input']} input)",
@@ -596,6 +640,7 @@ def format_markdown(table: Mapping, record: Mapping) -> str:
     ]
     for past in record.get("history", []):
         lines += [f"Earlier, the same study's runs so far: {_provenance(past)}.", ""]
+    lines += machine_lines(record.get("run_machines", {}))
     lines += [
         "Protocol: " + " ".join(record["protocol"]),
         "",
@@ -767,6 +812,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if curves is not None:
             path = plot_row(curves, row, args.out_dir / f"exposure_study_{name}" / f"{row}.png").resolve()
             plots.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
+    machines = run_machines(sweep, args.rows, range(args.max_seeds))
+    if len(set(machines) - {NOT_RECORDED}) > 1:
+        print(f"warning: this table's runs ran on more than one machine: {machines}", file=sys.stderr)
     record_file = args.out_dir / f"exposure_study_{name}.json"
     earlier = json.loads(record_file.read_text()) if record_file.is_file() else {}
     history = earlier.get("history", [])
@@ -794,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **where,
         "history": history,  # the commands that wrote this record before, oldest first (each ran more of its runs)
         "training_seconds": training_seconds(sweep, args.rows, range(args.max_seeds)),
+        "run_machines": machines,
         "plots": plots,
         "table": table,
         "contrasts": contrasts,
