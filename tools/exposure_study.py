@@ -222,6 +222,7 @@ RUN_RECORD = "study_run.json"  # per run: its command, exit code and wall time, 
 def run_jobs(jobs: list[tuple[str, int, Path, list[str]]], args) -> list[dict]:
     done = st.run_all(jobs, args.jobs, args.threads) if jobs else []
     commands = {str(out): command for _, _, out, command in jobs}
+    here = machine()
     for record in done:
         (Path(record["dir"]) / RUN_RECORD).write_text(
             json.dumps(
@@ -230,7 +231,7 @@ def run_jobs(jobs: list[tuple[str, int, Path, list[str]]], args) -> list[dict]:
                     "command": commands[record["dir"]],
                     "jobs": args.jobs,
                     "threads": args.threads,
-                    "machine": machine(),
+                    "machine": here,
                 }
             )
         )
@@ -609,10 +610,15 @@ def _provenance(entry: Mapping) -> str:
     return f"`{entry['command']}`; commit {commit}; {entry['date']}; wall clock {entry['seconds']:.0f} s"
 
 
+def mixed_machines(machines: Mapping[str, int]) -> bool:
+    """Whether run_machines names more than one recorded machine."""
+    return len(set(machines) - {NOT_RECORDED}) > 1
+
+
 def machine_lines(machines: Mapping[str, int]) -> list[str]:
     """The table's line on where its runs ran (run_machines), when that is not simply the record's machine."""
     recorded = [name for name in machines if name != NOT_RECORDED]
-    if len(recorded) > 1:
+    if mixed_machines(machines):
         runs = "; ".join(f"{count} on {name}" for name, count in machines.items())
         return [
             "**The runs ran on more than one machine**, so a rerun on one of them gives other figures for the "
@@ -813,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = plot_row(curves, row, args.out_dir / f"exposure_study_{name}" / f"{row}.png").resolve()
             plots.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
     machines = run_machines(sweep, args.rows, range(args.max_seeds))
-    if len(set(machines) - {NOT_RECORDED}) > 1:
+    if mixed_machines(machines):
         print(f"warning: this table's runs ran on more than one machine: {machines}", file=sys.stderr)
     record_file = args.out_dir / f"exposure_study_{name}.json"
     earlier = json.loads(record_file.read_text()) if record_file.is_file() else {}
