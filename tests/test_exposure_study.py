@@ -113,6 +113,37 @@ def test_contrasts_pair_each_target_with_the_papers_targets_by_seed():
     assert lines[2].startswith(f"| ss_optimal_completion - ss_paper | **{oc['mean']:+.3f} [")  # bold: p < 0.05
 
 
+def test_the_overview_puts_one_metric_of_several_tables_side_by_side():
+    def study_record(shifts: dict, seeds: dict) -> dict:
+        values = {row: {name: {} for name, *_ in study.METRICS} for row in shifts}
+        for row, shift in shifts.items():
+            for seed in range(seeds.get(row, 4)):
+                for name, *_ in study.METRICS:
+                    values[row][name][seed] = shift + 0.01 * ((seed * 5 + len(row)) % 3)
+        return {"table": study.build_table(values), "contrasts": study.build_contrasts(values)}
+
+    first = study_record({"baseline": 0.9, "ss_paper": 0.5, "ss_optimal_completion": 0.8}, {})
+    second = study_record({"baseline": 0.4, "ss_paper": 0.3, "ocd": 0.1}, {"ocd": 3})  # another table's rows
+    lines = study.overview_rows({"A": first, "B": second}, "scene/correct")
+    assert lines[0] == "| scene/correct | A | B |"
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
+    assert list(rows) == [
+        "baseline",
+        "ss_paper - baseline",
+        "ss_optimal_completion - baseline",
+        "ocd - baseline",
+        "ss_optimal_completion - ss_paper",
+    ]
+    own = first["table"]["baseline"]["scene/correct"]["own"]
+    assert rows["baseline"][0] == f"{own['mean']:.3f} [{own['low']:.3f}, {own['high']:.3f}]"
+    paper = second["table"]["ss_paper"]["scene/correct"]["diff"]
+    assert rows["ss_paper - baseline"][1].startswith(f"**{paper['mean']:+.3f} [")
+    assert rows["ocd - baseline"][0] == "-" and rows["ocd - baseline"][1].endswith(", 3 seeds |")
+    assert rows["ss_optimal_completion - baseline"][1] == "- |"  # B has no such row
+    oc = first["contrasts"]["ss_optimal_completion - ss_paper"]["scene/correct"]
+    assert rows["ss_optimal_completion - ss_paper"][0].startswith(f"**{oc['mean']:+.3f} [")
+
+
 @pytest.mark.slow
 def test_the_study_command_on_a_tiny_configuration(tiny_data_root, tmp_path, capsys, monkeypatch):
     """2 rows x 2 seeds x 4 steps, then re-read without training: the finished runs are reused. The runs read the

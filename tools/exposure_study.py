@@ -604,6 +604,32 @@ def contrast_rows(contrasts: Mapping) -> list[str]:
     return lines
 
 
+def overview_rows(studies: Mapping[str, Mapping], metric: str) -> list[str]:
+    """One metric across several study records (a column per record, e.g. per data set): the baseline's mean
+    [95% t] and every other row's difference from it paired by seed [95% t] (Holm p, as in each record), then the
+    declared contrasts; a row a record lacks is '-'. Seeds differing from the record's most are written after it."""
+    rows = list(dict.fromkeys(row for study in studies.values() for row in study["table"]))
+    contrasts = list(dict.fromkeys(key for study in studies.values() for key in study.get("contrasts") or {}))
+    lines = [f"| {metric} | " + " | ".join(studies) + " |", "| --- |" + " ---: |" * len(studies)]
+
+    def shown(study: Mapping, row: str) -> str:
+        cells = study["table"].get(row)
+        if cells is None or metric not in cells:
+            return "-"
+        text = _own(cells[metric]) if row == "baseline" else _difference(cells[metric].get("diff"))
+        seeds = len(cells[metric]["values"])
+        most = max(len(c[metric]["values"]) for c in study["table"].values() if metric in c)
+        return text if seeds == most else f"{text}, {seeds} seeds"
+
+    for row in rows:
+        label = row if row == "baseline" else f"{row} - baseline"
+        lines.append(f"| {label} | " + " | ".join(shown(study, row) for study in studies.values()) + " |")
+    for key in contrasts:
+        cells = [_difference((study.get("contrasts") or {}).get(key, {}).get(metric)) for study in studies.values()]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _provenance(entry: Mapping) -> str:
     """`command`; commit (dirty); date; wall clock: of a record or of one of its `history` entries."""
     commit = entry["commit"] + (" (dirty)" if entry.get("dirty") else "")

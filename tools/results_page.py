@@ -187,6 +187,12 @@ def exposure_contrasts_table(table: dict, record: str | None) -> list[str]:
     return exposure_study.contrast_rows(data["contrasts"])
 
 
+def exposure_overview_table(table: dict, record: str | None) -> list[str]:
+    """One metric across several tools/exposure_study.py records (`studies`: {column label: record file})."""
+    studies = {label: load_record(name) for label, name in table["studies"].items()}
+    return exposure_study.overview_rows(studies, table["metric"])
+
+
 def exposure_tuning_table(table: dict, record: str | None) -> list[str]:
     """A tools/exposure_study.py tuning record: per row the best val/scene/correct (and its step) at each learning
     rate of the grid, and the rate chosen."""
@@ -213,6 +219,7 @@ TABLES = {
     "record_rows": record_rows_table,
     "exposure_study": exposure_study_table,
     "exposure_contrasts": exposure_contrasts_table,
+    "exposure_overview": exposure_overview_table,
 }
 
 
@@ -221,7 +228,10 @@ def entry_lines(entry: dict) -> list[str]:
     if entry["status"] == "superseded":
         lines += ["", f"**Superseded**: {entry['superseded_by'].strip()}"]
     record = entry.get("record")
-    files = [record] + list(entry.get("also", [])) if record else list(entry.get("also", []))
+    files = ([record] if record else []) + list(entry.get("also", []))
+    files = list(
+        dict.fromkeys(files + [f for table in entry.get("tables", []) for f in table.get("studies", {}).values()])
+    )
     lines += [
         "",
         f"- date: {field(entry, 'date')}",
