@@ -37,6 +37,7 @@ statistics are those of tools/schedule_table.py (t distribution, mean and standa
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import math
@@ -245,18 +246,18 @@ def run_machines(sweep: Path, rows: Sequence[str], seeds: Sequence[int]) -> dict
     """How many of the table's finished runs ran on each machine (CPU, cores, vector instructions), as their
     RUN_RECORDs give it. A table resumed on another machine mixes them: each run is still a valid seed, but a rerun
     on one machine gives other figures for the runs made on the other (their float results differ)."""
-    counts: dict[str, int] = {}
-    for path in (st.run_dir(sweep, row, seed) / RUN_RECORD for row in rows for seed in seeds):
-        if path.is_file():
-            name = json.loads(path.read_text()).get("machine", NOT_RECORDED)
-            counts[name] = counts.get(name, 0) + 1
-    return counts
+    return dict(collections.Counter(run.get("machine", NOT_RECORDED) for run in run_records(sweep, rows, seeds)))
 
 
 def training_seconds(sweep: Path, rows: Sequence[str], seeds: Sequence[int]) -> float:
     """The summed wall time of the table's finished runs (as their RUN_RECORDs give it)."""
+    return sum(run["seconds"] for run in run_records(sweep, rows, seeds))
+
+
+def run_records(sweep: Path, rows: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+    """The RUN_RECORDs of the table's finished runs (rows x seeds; a run without one has not finished)."""
     paths = [st.run_dir(sweep, row, seed) / RUN_RECORD for row in rows for seed in seeds]
-    return sum(json.loads(p.read_text())["seconds"] for p in paths if p.is_file())
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
 
 
 def learning_rates(row: str, args) -> list[float]:
@@ -610,20 +611,22 @@ def overview_rows(studies: Mapping[str, Mapping], metric: str) -> list[str]:
     declared contrasts; a row a record lacks is '-'. Seeds differing from the record's most are written after it."""
     rows = list(dict.fromkeys(row for study in studies.values() for row in study["table"]))
     contrasts = list(dict.fromkeys(key for study in studies.values() for key in study.get("contrasts") or {}))
+    most = {
+        label: max(len(c[metric]["values"]) for c in s["table"].values() if metric in c) for label, s in studies.items()
+    }
     lines = [f"| {metric} | " + " | ".join(studies) + " |", "| --- |" + " ---: |" * len(studies)]
 
-    def shown(study: Mapping, row: str) -> str:
-        cells = study["table"].get(row)
+    def shown(label: str, row: str) -> str:
+        cells = studies[label]["table"].get(row)
         if cells is None or metric not in cells:
             return "-"
         text = _own(cells[metric]) if row == "baseline" else _difference(cells[metric].get("diff"))
         seeds = len(cells[metric]["values"])
-        most = max(len(c[metric]["values"]) for c in study["table"].values() if metric in c)
-        return text if seeds == most else f"{text}, {seeds} seeds"
+        return text if seeds == most[label] else f"{text}, {seeds} seeds"
 
     for row in rows:
-        label = row if row == "baseline" else f"{row} - baseline"
-        lines.append(f"| {label} | " + " | ".join(shown(study, row) for study in studies.values()) + " |")
+        name = row if row == "baseline" else f"{row} - baseline"
+        lines.append(f"| {name} | " + " | ".join(shown(label, row) for label in studies) + " |")
     for key in contrasts:
         cells = [_difference((study.get("contrasts") or {}).get(key, {}).get(metric)) for study in studies.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
